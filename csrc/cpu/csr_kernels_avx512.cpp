@@ -1,0 +1,19 @@
+// AVX-512 build of the CSR kernels (x86-64 only; chosen at run time, see dispatch.cpp).
+#include "kernel_api.h"
+#if defined(__x86_64__)
+#include <cstdint>
+#include <cstring>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#define SPARSE_T5_ISA_NS avx512
+#define SPARSE_T5_ISA_NAME "avx512"
+#define SPARSE_T5_TABLE_FN avx512_kernels
+// Two accumulator sets: 8 independent zmm FMA chains cover the FMA latency x throughput.
+#define SPARSE_T5_ACC_SETS 2
+#include "csr_kernels_impl.h"
+#pragma GCC pop_options
+#else
+namespace sparse_t5 { namespace cpu {
+const KernelTable& avx512_kernels() { return baseline_kernels(); }
+}}
+#endif

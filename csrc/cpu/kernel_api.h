@@ -1,0 +1,70 @@
+// Torch-free interface between the op bindings (csrc/*.cpp) and the CPU kernels (csrc/cpu/*).
+//
+// Why torch-free: the kernels are compiled once per instruction set (baseline SSE2, AVX2, AVX-512)
+// with `#pragma GCC target`, and chosen at run time. Any inline function from a shared header that
+// such a file instantiates could be emitted with AVX-512 code and then picked by the linker for
+// every caller (an ODR clash that crashes older CPUs). So the ISA files see only this header and
+// their own code, all inside an ISA-specific namespace.
+#pragma once
+
+#include <cstdint>
+
+namespace sparse_t5 {
+namespace cpu {
+
+// Storage dtype of activations, values and bias. Compute is fp32 for fp32/bf16 and fp64 for fp64.
+enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
+
+// A row-compressed (CSR) weight of shape [out_features, in_features].
+struct CsrView {
+  const void* values;      // [nnz], dtype `dtype`
+  const int32_t* row_ptr;  // [out_features + 1]
+  const void* col_idx;     // [nnz], int16 when col_idx_is_int16 else int32
+  bool col_idx_is_int16;
+  int64_t out_features;
+  int64_t in_features;
+  int64_t nnz;
+};
+
+// Parallel loop provided by the binding layer (at::parallel_for, so torch.set_num_threads holds).
+// run(n, ctx, body) calls body(ctx, begin, end) over disjoint chunks covering [0, n).
+struct Parallel {
+  void (*run)(int64_t n, void* ctx, void (*body)(void* ctx, int64_t begin, int64_t end));
+  int num_threads;
+};
+
+// Token-tile panels: a [T, F] activation is repacked as [ceil(T / tile)][F][tile] in the compute
+// dtype, zero-padded past T, so that a feature's tokens within a tile are contiguous.
+// Workspace pointers below are panels of that shape; tile = vectors_per_tile * lanes, where lanes
+// is 16 for fp32 compute and 8 for fp64 compute (one 64-byte vector).
+inline int64_t lanes_for(DType dt) { return dt == DType::kFloat64 ? 8 : 16; }
+inline int64_t panel_elements(int64_t tokens, int64_t features, int64_t tile) {
+  return (tokens + tile - 1) / tile * tile * features;
+}
+
+// One table of entry points per instruction set.
+struct KernelTable {
+  const char* name;
+  // y[T, out] = x[T, in] @ W^T (+ bias[out]).  x_panels: workspace for x.
+  void (*csr_forward)(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias,
+                      void* y, void* x_panels, int vectors_per_tile, const Parallel& par);
+  // dx[T, in] = dy[T, out] @ W.  Each thread owns whole token tiles of dx: no atomics.
+  void (*csr_backward_input)(const CsrView& w, DType dt, const void* dy, int64_t tokens, void* dx,
+                             void* dy_panels, void* dx_panels, int vectors_per_tile,
+                             const Parallel& par);
+  // dvalues[k] = sum_t dy[t, row(k)] * x[t, col(k)]  (dW sampled at the nonzeros).
+  void (*csr_sddmm)(const CsrView& w, DType dt, const void* dy, const void* x, int64_t tokens,
+                    void* dvalues, void* dy_panels, void* x_panels, void* dvalues_acc,
+                    int vectors_per_tile, const Parallel& par);
+};
+
+const KernelTable& baseline_kernels();
+const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
+
+// The best table this CPU supports, or the one named by SPARSE_T5_CPU_ISA
+// (baseline | avx2 | avx512), which lets tests run every variant on one machine.
+const KernelTable& active_kernels();
+
+}  // namespace cpu
+}  // namespace sparse_t5

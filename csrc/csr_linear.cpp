@@ -1,0 +1,235 @@
+// CPU bodies of the CSR ops: argument checks, workspace, and the call into the kernel variant
+// chosen for this CPU (csrc/cpu/csr_kernels_impl.h). Schemas: registration.cpp.
+//
+// Every assumption the kernels make is checked here with TORCH_CHECK_* so that bad input raises a
+// Python exception (ValueError for shapes and CSR structure, TypeError for dtypes) and never
+// reaches a kernel: column indices and row pointers are validated on every call, which costs
+// O(nnz + out) against the O(nnz * tokens) product.
+#include "csr_linear.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/kernel_api.h"
+#include "cpu/parallel.h"
+
+namespace sparse_t5 {
+namespace {
+
+cpu::DType kernel_dtype(const at::Tensor& t, const char* what) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cpu::DType::kFloat32;
+    case at::kDouble: return cpu::DType::kFloat64;
+    case at::kBFloat16: return cpu::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "sparse_t5: ", what, " must be float32, float64 or bfloat16, got ",
+                       t.scalar_type());
+  }
+  return cpu::DType::kFloat32;  // unreachable
+}
+
+at::ScalarType compute_dtype(cpu::DType dt) {
+  return dt == cpu::DType::kFloat64 ? at::kDouble : at::kFloat;
+}
+
+void check_cpu(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "sparse_t5: ", what,
+                    " must be on the CPU for the CPU kernel, got device ", t.device());
+}
+
+// Checks the CSR structure the kernels rely on. Column order within a row is not needed for
+// memory safety and is validated by sparse_t5.formats.CSRWeight.validate instead.
+void check_values(const at::Tensor& values) {
+  check_cpu(values, "values");
+  TORCH_CHECK_VALUE(values.dim() == 1, "sparse_t5: values must be 1-D, got shape ",
+                    values.sizes());
+}
+
+// nnz: the length values must have (col_idx's own length is checked against it).
+void check_csr(int64_t nnz, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+               int64_t out_features, int64_t in_features) {
+  TORCH_CHECK_VALUE(out_features >= 0 && in_features >= 0,
+                    "sparse_t5: out_features and in_features must be >= 0, got ", out_features,
+                    " and ", in_features);
+  check_cpu(row_ptr, "row_ptr");
+  check_cpu(col_idx, "col_idx");
+  TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kInt, "sparse_t5: row_ptr must be int32, got ",
+                   row_ptr.scalar_type());
+  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.size(0) == out_features + 1,
+                    "sparse_t5: row_ptr must have shape [out_features + 1] = [", out_features + 1,
+                    "], got ", row_ptr.sizes());
+  TORCH_CHECK_TYPE(col_idx.scalar_type() == at::kInt || col_idx.scalar_type() == at::kShort,
+                   "sparse_t5: col_idx must be int16 or int32, got ", col_idx.scalar_type());
+  TORCH_CHECK_VALUE(col_idx.scalar_type() == at::kInt || in_features <= 32768,
+                    "sparse_t5: int16 col_idx holds at most 32768 columns, in_features is ",
+                    in_features);
+  TORCH_CHECK_VALUE(col_idx.dim() == 1 && col_idx.size(0) == nnz,
+                    "sparse_t5: col_idx must have shape [nnz] = [", nnz, "] like values, got ",
+                    col_idx.sizes());
+  TORCH_CHECK_VALUE(row_ptr.is_contiguous() && col_idx.is_contiguous(),
+                    "sparse_t5: row_ptr and col_idx must be contiguous");
+
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(rp[0] == 0, "sparse_t5: invalid CSR: row_ptr[0] must be 0, got ", rp[0]);
+  TORCH_CHECK_VALUE(rp[out_features] == nnz, "sparse_t5: invalid CSR: row_ptr[-1] must equal nnz (",
+                    nnz, "), got ", rp[out_features]);
+  for (int64_t r = 0; r < out_features; ++r) {
+    TORCH_CHECK_VALUE(rp[r] <= rp[r + 1], "sparse_t5: invalid CSR: row_ptr decreases at row ", r,
+                      " (", rp[r], " > ", rp[r + 1], ")");
+  }
+  auto check_cols = [&](auto* cols) {
+    for (int64_t k = 0; k < nnz; ++k) {
+      const int64_t c = cols[k];
+      TORCH_CHECK_VALUE(c >= 0 && c < in_features, "sparse_t5: invalid CSR: col_idx[", k, "] = ",
+                        c, " is outside [0, in_features = ", in_features, ")");
+    }
+  };
+  if (col_idx.scalar_type() == at::kShort) {
+    check_cols(col_idx.data_ptr<int16_t>());
+  } else {
+    check_cols(col_idx.data_ptr<int32_t>());
+  }
+}
+
+// Checks a [..., features] activation and returns its number of tokens (product of leading dims).
+int64_t check_activation(const at::Tensor& t, const char* what, int64_t features,
+                         const char* feature_name, at::ScalarType values_dtype) {
+  check_cpu(t, what);
+  TORCH_CHECK_VALUE(t.dim() >= 1, "sparse_t5: ", what, " must have at least 1 dimension");
+  TORCH_CHECK_VALUE(t.size(-1) == features, "sparse_t5: ", what, " has ", t.size(-1),
+                    " features in its last dimension but the weight's ", feature_name, " is ",
+                    features, " (", what, " shape ", t.sizes(), ")");
+  TORCH_CHECK_TYPE(t.scalar_type() == values_dtype, "sparse_t5: ", what, " dtype ",
+                   t.scalar_type(), " does not match values dtype ", values_dtype);
+  int64_t tokens = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) tokens *= t.size(d);
+  return tokens;
+}
+
+std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+// values may be undefined (the sddmm reads only the structure).
+cpu::CsrView csr_view(const at::Tensor& values, const at::Tensor& row_ptr,
+                      const at::Tensor& col_idx, int64_t out_features, int64_t in_features) {
+  cpu::CsrView w;
+  w.values = values.defined() ? values.data_ptr() : nullptr;
+  w.row_ptr = row_ptr.data_ptr<int32_t>();
+  w.col_idx = col_idx.data_ptr();
+  w.col_idx_is_int16 = col_idx.scalar_type() == at::kShort;
+  w.out_features = out_features;
+  w.in_features = in_features;
+  w.nnz = col_idx.size(0);
+  return w;
+}
+
+// Vectors (of 64 bytes) per token tile. Wider tiles amortise the per-nonzero index load; narrower
+// ones waste less padding on few tokens. `min_tiles` asks for enough tiles to keep every thread
+// busy when tiles are the only parallel axis (backward_input).
+int vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t min_tiles) {
+  const int64_t lanes = cpu::lanes_for(dt);
+  for (int nv : {4, 2}) {
+    const int64_t tile = nv * lanes;
+    if (tokens > (nv / 2) * lanes && (tokens + tile - 1) / tile >= min_tiles) return nv;
+  }
+  return 1;
+}
+
+at::Tensor panels(int64_t tokens, int64_t features, int nv, cpu::DType dt) {
+  const int64_t tile = nv * cpu::lanes_for(dt);
+  return at::empty({cpu::panel_elements(tokens, features, tile)},
+                   at::TensorOptions().dtype(compute_dtype(dt)));
+}
+
+}  // namespace
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx, int64_t out_features, int64_t in_features,
+                          const std::optional<at::Tensor>& bias) {
+  check_values(values);
+  check_csr(values.size(0), row_ptr, col_idx, out_features, in_features);
+  const cpu::DType dt = kernel_dtype(values, "values");
+  const int64_t tokens = check_activation(x, "x", in_features, "in_features", values.scalar_type());
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_features,
+                      "sparse_t5: bias must have shape [out_features] = [", out_features, "], got ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "sparse_t5: bias dtype ",
+                     bias->scalar_type(), " does not match values dtype ", values.scalar_type());
+  }
+  at::Tensor y = at::empty(with_last_dim(x.sizes(), out_features), x.options());
+  if (tokens == 0 || out_features == 0) return y;
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor vc = values.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int nv = vectors_per_tile(tokens, dt, 1);
+  at::Tensor x_panels = panels(tokens, in_features, nv, dt);
+  cpu::active_kernels().csr_forward(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt,
+                                    xc.data_ptr(), tokens, bc.defined() ? bc.data_ptr() : nullptr,
+                                    y.data_ptr(), x_panels.data_ptr(), nv, cpu::aten_parallel());
+  return y;
+}
+
+at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                         const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                         int64_t out_features, int64_t in_features) {
+  check_values(values);
+  check_csr(values.size(0), row_ptr, col_idx, out_features, in_features);
+  const cpu::DType dt = kernel_dtype(values, "values");
+  const int64_t tokens =
+      check_activation(grad_out, "grad_out", out_features, "out_features", values.scalar_type());
+  at::Tensor dx = at::empty(with_last_dim(grad_out.sizes(), in_features), grad_out.options());
+  if (tokens == 0 || in_features == 0) return dx;
+
+  const at::Tensor gc = grad_out.contiguous();
+  const at::Tensor vc = values.contiguous();
+  const int nv = vectors_per_tile(tokens, dt, at::get_num_threads());
+  at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
+  at::Tensor dx_panels = panels(tokens, in_features, nv, dt);
+  cpu::active_kernels().csr_backward_input(
+      csr_view(vc, row_ptr, col_idx, out_features, in_features), dt, gc.data_ptr(), tokens,
+      dx.data_ptr(), dy_panels.data_ptr(), dx_panels.data_ptr(), nv, cpu::aten_parallel());
+  return dx;
+}
+
+at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
+                         const at::Tensor& col_idx, int64_t out_features, int64_t in_features) {
+  TORCH_CHECK_VALUE(col_idx.dim() == 1, "sparse_t5: col_idx must be 1-D, got shape ",
+                    col_idx.sizes());
+  check_csr(col_idx.size(0), row_ptr, col_idx, out_features, in_features);
+  const cpu::DType dt = kernel_dtype(x, "x");
+  const int64_t tokens = check_activation(x, "x", in_features, "in_features", x.scalar_type());
+  check_activation(grad_out, "grad_out", out_features, "out_features", x.scalar_type());
+  TORCH_CHECK_VALUE(x.sizes().slice(0, x.dim() - 1) == grad_out.sizes().slice(0, grad_out.dim() - 1),
+                    "sparse_t5: grad_out and x must have the same leading dimensions, got ",
+                    grad_out.sizes(), " and ", x.sizes());
+  const int64_t nnz = col_idx.size(0);
+  at::Tensor dvalues = at::empty({nnz}, x.options());
+  if (nnz == 0) return dvalues;
+  if (tokens == 0) return dvalues.zero_();
+
+  const at::Tensor gc = grad_out.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const int nv = vectors_per_tile(tokens, dt, 1);
+  at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
+  at::Tensor x_panels = panels(tokens, in_features, nv, dt);
+  at::Tensor acc = at::empty({nnz}, at::TensorOptions().dtype(compute_dtype(dt)));
+  cpu::active_kernels().csr_sddmm(
+      csr_view(at::Tensor(), row_ptr, col_idx, out_features, in_features), dt, gc.data_ptr(),
+      xc.data_ptr(), tokens, dvalues.data_ptr(), dy_panels.data_ptr(), x_panels.data_ptr(),
+      acc.data_ptr(), nv, cpu::aten_parallel());
+  return dvalues;
+}
+
+}  // namespace sparse_t5
+
+TORCH_LIBRARY_IMPL(sparse_t5, CPU, m) {
+  m.impl("csr_linear", &sparse_t5::csr_linear_cpu);
+  m.impl("csr_linear_backward_input", &sparse_t5::csr_linear_backward_input_cpu);
+  m.impl("csr_sddmm", &sparse_t5::csr_sddmm_cpu);
+}

@@ -1,0 +1,20 @@
+// CPU bodies of the CSR ops (schemas in registration.cpp). Exposed for the C++ unit tests.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace sparse_t5 {
+
+at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                          const at::Tensor& col_idx, int64_t out_features, int64_t in_features,
+                          const std::optional<at::Tensor>& bias);
+
+at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                         const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                         int64_t out_features, int64_t in_features);
+
+at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
+                         const at::Tensor& col_idx, int64_t out_features, int64_t in_features);
+
+}  // namespace sparse_t5

@@ -1,0 +1,30 @@
+// Every sparse_t5:: op schema, defined in exactly one place (extension-cpp's rule: never define a
+// schema twice, and never in Python too). CPU bodies are registered next to their kernels
+// (csr_linear.cpp); CUDA bodies are Triton kernels registered from Python
+// (triton_kernels/, sparse_t5/ops/); fake (meta) and autograd rules are in sparse_t5/ops/.
+#include <torch/library.h>
+
+#include "cpu/kernel_api.h"
+
+namespace sparse_t5 {
+namespace {
+std::string cpu_isa() { return cpu::active_kernels().name; }
+}  // namespace
+}  // namespace sparse_t5
+
+TORCH_LIBRARY(sparse_t5, m) {
+  // y[..., out] = x[..., in] @ W^T + bias, W given as CSR (values, row_ptr, col_idx).
+  m.def(
+      "csr_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, int out_features, "
+      "int in_features, Tensor? bias=None) -> Tensor");
+  // dx[..., in] = grad_out[..., out] @ W  (the transposed product, for the input gradient).
+  m.def(
+      "csr_linear_backward_input(Tensor grad_out, Tensor values, Tensor row_ptr, Tensor col_idx, "
+      "int out_features, int in_features) -> Tensor");
+  // dvalues[k] = sum over tokens of grad_out[t, row(k)] * x[t, col(k)]  (dW at the nonzeros only).
+  m.def(
+      "csr_sddmm(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, int out_features, "
+      "int in_features) -> Tensor");
+  // Name of the CPU kernel variant in use: baseline | avx2 | avx512 (SPARSE_T5_CPU_ISA overrides).
+  m.def("cpu_isa() -> str", &sparse_t5::cpu_isa);
+}
