@@ -1,1 +1,8 @@
+"""sparse_t5 ops, registered under torch.ops.sparse_t5.
 
+One module per op family, each with its fake rule and autograd next to a typed wrapper:
+  csr_linear.py   CSR forward, dX (transposed product) and dvalues (SDDMM)
+"""
+from .csr_linear import cpu_isa, csr_linear
+
+__all__ = ["csr_linear", "cpu_isa"]

@@ -1,0 +1,169 @@
+"""Compressed weight formats.
+
+CSR (compressed sparse row) for unstructured sparsity, as plain tensors so that the ops, the
+optimizer and checkpoints see nothing but ordinary tensors (torchao's block-sparse ops did the same):
+
+    values   [nnz]              fp32 / bf16 / fp16 / fp64, the kept weights in row-major order
+    row_ptr  [out_features + 1] int32, row r's nonzeros are values[row_ptr[r]:row_ptr[r + 1]]
+    col_idx  [nnz]              int16 when in_features <= 32768, else int32; strictly increasing
+                                within a row
+
+Index overhead is 2 bytes per nonzero (int16) plus 4 bytes per row: there is deliberately no
+transposed copy of the index (GUIDE §1: it would cost 6-8 more bytes per nonzero); the dX kernel
+scatters by column instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INT16_MAX_COLUMNS = 32768  # column ids 0..32767 fit in int16
+
+
+def index_dtype_for(in_features: int) -> torch.dtype:
+    """The narrowest column-index dtype that addresses `in_features` columns."""
+    return torch.int16 if in_features <= INT16_MAX_COLUMNS else torch.int32
+
+
+@dataclass
+class CSRWeight:
+    """A [out_features, in_features] weight in CSR form. See the module docstring for the layout."""
+
+    values: torch.Tensor
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        total = self.shape[0] * self.shape[1]
+        return self.nnz / total if total else 0.0
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        index_dtype: torch.dtype | None = None,
+    ) -> "CSRWeight":
+        """Compress `weight` keeping the positions where `mask` is True.
+
+        Every masked position is stored, even if its weight is 0: the pattern is what training
+        keeps, and a zero weight may grow. With no mask, the nonzeros of `weight` are kept.
+        """
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        if weight.dtype not in VALUE_DTYPES:
+            raise TypeError(f"weight dtype must be one of {VALUE_DTYPES}, got {weight.dtype}")
+        if mask is None:
+            mask = weight != 0
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        out_features, in_features = weight.shape
+        index_dtype = index_dtype or index_dtype_for(in_features)
+        if index_dtype == torch.int16 and in_features > INT16_MAX_COLUMNS:
+            raise ValueError(f"int16 col_idx addresses at most {INT16_MAX_COLUMNS} columns, in_features is {in_features}")
+        counts = mask.sum(dim=1, dtype=torch.int64)
+        row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=weight.device)
+        torch.cumsum(counts, dim=0, out=row_ptr[1:])
+        if int(row_ptr[-1]) > torch.iinfo(torch.int32).max:
+            raise ValueError("too many nonzeros for an int32 row_ptr")
+        cols = mask.nonzero(as_tuple=True)[1]  # row-major order, so sorted within each row
+        return cls(
+            values=weight.detach()[mask].contiguous(),
+            row_ptr=row_ptr.to(torch.int32),
+            col_idx=cols.to(index_dtype).contiguous(),
+            shape=(out_features, in_features),
+        )
+
+    def row_indices(self) -> torch.Tensor:
+        """The row of every nonzero, [nnz] int64."""
+        counts = (self.row_ptr[1:] - self.row_ptr[:-1]).to(torch.int64)
+        return torch.repeat_interleave(torch.arange(self.out_features, device=self.row_ptr.device), counts)
+
+    def mask(self) -> torch.Tensor:
+        """The boolean [out_features, in_features] pattern."""
+        m = torch.zeros(self.shape, dtype=torch.bool, device=self.values.device)
+        m[self.row_indices(), self.col_idx.to(torch.int64)] = True
+        return m
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        dense[self.row_indices(), self.col_idx.to(torch.int64)] = self.values.detach()
+        return dense
+
+    def validate(self) -> None:
+        """Raise ValueError (TypeError for a wrong dtype) naming the first fault found."""
+        validate_csr(self.values, self.row_ptr, self.col_idx, self.shape)
+
+
+def validate_csr(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, shape) -> None:
+    """Check a CSR triple against the layout in this module's docstring."""
+    if len(shape) != 2 or shape[0] < 0 or shape[1] < 0:
+        raise ValueError(f"invalid CSR: shape must be (out_features, in_features) >= 0, got {tuple(shape)}")
+    out_features, in_features = int(shape[0]), int(shape[1])
+    if values.dtype not in VALUE_DTYPES:
+        raise TypeError(f"invalid CSR: values dtype must be one of {VALUE_DTYPES}, got {values.dtype}")
+    if row_ptr.dtype != torch.int32:
+        raise TypeError(f"invalid CSR: row_ptr must be int32, got {row_ptr.dtype}")
+    if col_idx.dtype not in (torch.int16, torch.int32):
+        raise TypeError(f"invalid CSR: col_idx must be int16 or int32, got {col_idx.dtype}")
+    if col_idx.dtype == torch.int16 and in_features > INT16_MAX_COLUMNS:
+        raise ValueError(
+            f"invalid CSR: int16 col_idx addresses at most {INT16_MAX_COLUMNS} columns, in_features is {in_features}"
+        )
+    if values.dim() != 1 or col_idx.dim() != 1 or row_ptr.dim() != 1:
+        raise ValueError(
+            "invalid CSR: values, row_ptr and col_idx must be 1-D, got shapes "
+            f"{tuple(values.shape)}, {tuple(row_ptr.shape)}, {tuple(col_idx.shape)}"
+        )
+    if not (values.device == row_ptr.device == col_idx.device):
+        raise ValueError(
+            f"invalid CSR: values, row_ptr and col_idx must share a device, got "
+            f"{values.device}, {row_ptr.device}, {col_idx.device}"
+        )
+    if row_ptr.numel() != out_features + 1:
+        raise ValueError(f"invalid CSR: row_ptr has length {row_ptr.numel()}, expected out_features + 1 = {out_features + 1}")
+    nnz = values.numel()
+    if col_idx.numel() != nnz:
+        raise ValueError(f"invalid CSR: col_idx has {col_idx.numel()} entries but values has {nnz}")
+    rp = row_ptr.to(torch.int64)
+    if int(rp[0]) != 0:
+        raise ValueError(f"invalid CSR: row_ptr[0] must be 0, got {int(rp[0])}")
+    if int(rp[-1]) != nnz:
+        raise ValueError(f"invalid CSR: row_ptr[-1] = {int(rp[-1])} must equal nnz = {nnz}")
+    steps = rp[1:] - rp[:-1]
+    if bool((steps < 0).any()):
+        row = int((steps < 0).nonzero()[0])
+        raise ValueError(f"invalid CSR: row_ptr is not monotone: row_ptr[{row}] > row_ptr[{row + 1}]")
+    if nnz == 0:
+        return
+    cols = col_idx.to(torch.int64)
+    bad = (cols < 0) | (cols >= in_features)
+    if bool(bad.any()):
+        k = int(bad.nonzero()[0])
+        raise ValueError(f"invalid CSR: col_idx[{k}] = {int(cols[k])} is outside [0, in_features = {in_features})")
+    # Within a row, each column must be greater than the previous one (sorted, no duplicates).
+    starts_row = torch.zeros(nnz, dtype=torch.bool, device=cols.device)
+    nonempty_starts = rp[:-1][steps > 0]
+    starts_row[nonempty_starts] = True
+    not_increasing = (cols[1:] <= cols[:-1]) & ~starts_row[1:]
+    if bool(not_increasing.any()):
+        k = int(not_increasing.nonzero()[0]) + 1
+        kind = "duplicated" if int(cols[k]) == int(cols[k - 1]) else "unsorted"
+        raise ValueError(f"invalid CSR: columns {kind} within a row at col_idx[{k}] = {int(cols[k])}")

@@ -1,0 +1,384 @@
+"""CSR sparse linear: ops and SparseLinear against the dense masked reference.
+
+Kernel: csrc/cpu/csr_kernels_impl.h. Binding: csrc/csr_linear.cpp. Python: sparse_t5/ops/csr_linear.py.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_t5 import CSRWeight, SparseLinear
+from sparse_t5.formats import validate_csr
+from sparse_t5.ops import cpu_isa, csr_linear
+
+# Relative tolerance per dtype, against a reference computed in fp64 from the same (rounded) inputs.
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+SPARSITIES = [0.0, 0.2, 0.5, 0.9, 0.99, 1.0]
+# (leading shape of x, in_features, out_features)
+SHAPES = [
+    ((5,), 123, 77),        # awkward sizes, fewer tokens than one tile
+    ((3, 7), 123, 77),      # 3-D input
+    ((2, 100), 64, 96),     # several token tiles, the last one partial
+    ((40,), 1, 33),         # a single input column
+    ((40,), 50, 1),         # a single output row
+    ((1,), 512, 48),        # one token (generation)
+]
+
+
+def random_mask(out_features, in_features, sparsity, generator):
+    if sparsity == 0.0:
+        return torch.ones(out_features, in_features, dtype=torch.bool)
+    return torch.rand(out_features, in_features, generator=generator) >= sparsity
+
+
+def assert_close_rel(actual, expected, dtype, what):
+    expected = expected.to(torch.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    scale = max(expected.abs().max().item(), 1e-30)
+    err = (actual.to(torch.float64) - expected).abs().max().item()
+    assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3e} > {RTOL[dtype]:.0e} x {scale:.3e}"
+
+
+def check_against_dense(lead, in_features, out_features, sparsity, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    mask = random_mask(out_features, in_features, sparsity, g)
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    layer = SparseLinear.from_dense(weight, mask, bias=b)
+    x = torch.randn(*lead, in_features, generator=g).to(dtype).requires_grad_()
+    y = layer(x)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(dy)
+
+    # Reference: dense masked weight, autograd, in fp64 on the same rounded inputs.
+    w_ref = (weight * mask).to(torch.float64).requires_grad_()
+    x_ref = x.detach().to(torch.float64).requires_grad_()
+    b_ref = b.to(torch.float64).requires_grad_() if bias else None
+    y_ref = F.linear(x_ref, w_ref, b_ref)
+    y_ref.backward(dy.to(torch.float64))
+
+    assert y.shape == y_ref.shape and y.dtype == dtype
+    assert_close_rel(y.detach(), y_ref, dtype, "forward")
+    assert_close_rel(x.grad, x_ref.grad, dtype, "grad x")
+    assert_close_rel(layer.values.grad, w_ref.grad[mask], dtype, "grad values")
+    if bias:
+        assert_close_rel(layer.bias.grad, b_ref.grad, dtype, "grad bias")
+    return layer
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("lead,in_features,out_features", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_dense_masked_reference(lead, in_features, out_features, sparsity, dtype):
+    layer = check_against_dense(lead, in_features, out_features, sparsity, dtype)
+    expected_nnz = round((1 - sparsity) * in_features * out_features) if sparsity in (0.0, 1.0) else None
+    if expected_nnz is not None:
+        assert layer.nnz == expected_nnz
+
+
+def test_empty_rows_and_no_bias():
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(64, 80, generator=g) > 0.5
+    mask[::3] = False  # every third row empty
+    weight = torch.randn(64, 80, generator=g)
+    layer = SparseLinear.from_dense(weight, mask)
+    x = torch.randn(70, 80, generator=g, requires_grad=True)
+    y = layer(x)
+    ref = F.linear(x, weight * mask)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(y[:, ::3] == 0)
+
+
+def test_int32_column_index_path():
+    check_against_dense((9,), 70, 20, 0.5, torch.float32)  # int16 default
+    g = torch.Generator().manual_seed(2)
+    weight, mask = torch.randn(20, 70, generator=g), torch.rand(20, 70, generator=g) > 0.5
+    layer = SparseLinear.from_dense(weight, mask, index_dtype=torch.int32)
+    assert layer.col_idx.dtype == torch.int32
+    x = torch.randn(9, 70, generator=g)
+    torch.testing.assert_close(layer(x), F.linear(x, weight * mask), rtol=1e-5, atol=1e-5)
+
+
+def test_wide_layer_uses_int32_columns():
+    in_features = 40000  # beyond int16's 32768 columns
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(3, in_features, generator=g)
+    mask = torch.rand(3, in_features, generator=g) > 0.99
+    layer = SparseLinear.from_dense(weight, mask)
+    assert layer.col_idx.dtype == torch.int32
+    x = torch.randn(4, in_features, generator=g)
+    torch.testing.assert_close(layer(x), F.linear(x, weight * mask), rtol=1e-5, atol=1e-4)
+
+
+def test_non_contiguous_inputs_are_handled():
+    g = torch.Generator().manual_seed(4)
+    weight, mask = torch.randn(30, 40, generator=g), torch.rand(30, 40, generator=g) > 0.5
+    layer = SparseLinear.from_dense(weight, mask)
+    x = torch.randn(40, 25, generator=g).t()  # [25, 40], transposed view
+    assert not x.is_contiguous()
+    torch.testing.assert_close(layer(x), F.linear(x, weight * mask), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(30, 25, generator=g).t()
+    dx = torch.ops.sparse_t5.csr_linear_backward_input(dy, layer.values, layer.row_ptr, layer.col_idx, 30, 40)
+    torch.testing.assert_close(dx, dy @ (weight * mask), rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_fp64():
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(7, 11, generator=g, dtype=torch.float64)
+    mask = torch.rand(7, 11, generator=g) > 0.4
+    w = CSRWeight.from_dense(weight, mask)
+    x = torch.randn(2, 3, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    values = w.values.clone().requires_grad_()
+    bias = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: csr_linear(x, v, w.row_ptr, w.col_idx, 7, 11, b), (x, values, bias)
+    )
+
+
+def test_opcheck_every_op():
+    g = torch.Generator().manual_seed(6)
+    weight, mask = torch.randn(24, 40, generator=g), torch.rand(24, 40, generator=g) > 0.5
+    w = CSRWeight.from_dense(weight, mask)
+    x = torch.randn(3, 5, 40, generator=g)
+    dy = torch.randn(3, 5, 24, generator=g)
+    values = w.values.clone().requires_grad_()
+    bias = torch.randn(24, generator=g, requires_grad=True)
+    ops = torch.ops.sparse_t5
+    torch.library.opcheck(ops.csr_linear.default, (x.requires_grad_(), values, w.row_ptr, w.col_idx, 24, 40, bias))
+    torch.library.opcheck(ops.csr_linear.default, (x.detach(), w.values, w.row_ptr, w.col_idx, 24, 40, None))
+    torch.library.opcheck(ops.csr_linear_backward_input.default, (dy, w.values, w.row_ptr, w.col_idx, 24, 40))
+    torch.library.opcheck(ops.csr_sddmm.default, (dy, x.detach(), w.row_ptr, w.col_idx, 24, 40))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(7)
+    layer = SparseLinear.from_dense(torch.randn(16, 32, generator=g), torch.rand(16, 32, generator=g) > 0.5,
+                                    bias=torch.randn(16, generator=g))
+
+    def step(x):
+        return torch.relu(layer(x)).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 32, generator=g)
+    loss = compiled(x)
+    loss.backward()
+    grad_compiled = layer.values.grad.clone()
+    layer.values.grad = None
+    step(x).backward()
+    torch.testing.assert_close(loss, step(x))
+    torch.testing.assert_close(grad_compiled, layer.values.grad)
+
+
+def test_adamw_keeps_pattern_and_zeros():
+    g = torch.Generator().manual_seed(8)
+    weight, mask = torch.randn(32, 48, generator=g), torch.rand(32, 48, generator=g) > 0.7
+    layer = SparseLinear.from_dense(weight, mask, bias=torch.zeros(32))
+    params = dict(layer.named_parameters())
+    assert set(params) == {"values", "bias"}
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, betas=(0.9, 0.98))
+    for _ in range(5):
+        opt.zero_grad()
+        layer(torch.randn(16, 48, generator=g)).pow(2).mean().backward()
+        opt.step()
+    dense = layer.to_dense()
+    assert torch.equal(layer.mask(), mask)
+    assert torch.all(dense[~mask] == 0)
+    assert not torch.equal(dense[mask], weight[mask])  # the kept weights did train
+    state = opt.state[layer.values]
+    assert state["exp_avg"].numel() == state["exp_avg_sq"].numel() == int(mask.sum())
+
+
+def test_properties_and_memory():
+    g = torch.Generator().manual_seed(9)
+    mask = torch.rand(64, 128, generator=g) > 0.75
+    layer = SparseLinear.from_dense(torch.randn(64, 128, generator=g), mask, bias=torch.zeros(64))
+    nnz = int(mask.sum())
+    assert layer.nnz == nnz
+    assert layer.sparsity == pytest.approx(1 - nnz / (64 * 128))
+    # fp32 values + int16 columns + int32 row pointers + fp32 bias
+    assert layer.memory_bytes() == 4 * nnz + 2 * nnz + 4 * 65 + 4 * 64
+    assert (layer.col_idx.element_size()) <= 2  # <= 2.5 bytes of index per nonzero
+    assert not any(p.shape == (64, 128) for p in layer.parameters())
+    assert not any(b.shape == (64, 128) for b in layer.buffers())
+    torch.testing.assert_close(layer.to_linear().weight, layer.to_dense())
+
+
+def test_state_dict_round_trip_exact():
+    g = torch.Generator().manual_seed(10)
+    a = SparseLinear.from_dense(torch.randn(20, 30, generator=g), torch.rand(20, 30, generator=g) > 0.5,
+                                bias=torch.randn(20, generator=g))
+    sd = a.state_dict()
+    assert set(sd) == {"values", "row_ptr", "col_idx", "bias"}
+    b = SparseLinear.empty(30, 20, nnz=3, bias=True)  # different nnz: adopts the checkpoint's structure
+    b.load_state_dict(sd)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, sd[k]) and v.dtype == sd[k].dtype, k
+    x = torch.randn(5, 30, generator=g)
+    assert torch.equal(a(x), b(x))
+
+
+def test_load_state_dict_rejects_corrupt_structure():
+    a = SparseLinear.from_dense(torch.randn(4, 6), torch.rand(4, 6) > 0.3)
+    sd = a.state_dict()
+    sd["col_idx"] = sd["col_idx"].clone()
+    sd["col_idx"][0] = 99
+    with pytest.raises(ValueError, match="corrupt sparse weight.*outside"):
+        SparseLinear.empty(6, 4, nnz=1, bias=False).load_state_dict(sd)
+
+
+# ---- validation of the format ------------------------------------------------------------------
+def valid_triple():
+    w = CSRWeight.from_dense(torch.randn(4, 6), torch.tensor([[1, 0, 1, 0, 0, 1],
+                                                             [0, 0, 0, 0, 0, 0],
+                                                             [1, 1, 0, 0, 1, 0],
+                                                             [0, 0, 0, 1, 0, 0]], dtype=torch.bool))
+    return w.values, w.row_ptr, w.col_idx, (4, 6)
+
+
+def corrupt(field, fn):
+    values, row_ptr, col_idx, shape = valid_triple()
+    parts = {"values": values.clone(), "row_ptr": row_ptr.clone(), "col_idx": col_idx.clone()}
+    parts[field] = fn(parts[field])
+    return parts["values"], parts["row_ptr"], parts["col_idx"], shape
+
+
+@pytest.mark.parametrize("field,fn,exc,message", [
+    ("row_ptr", lambda t: t[:-1], ValueError, "row_ptr has length"),
+    ("row_ptr", lambda t: torch.tensor([0, 3, 2, 6, 7], dtype=torch.int32), ValueError, "not monotone"),
+    ("row_ptr", lambda t: t + 1, ValueError, r"row_ptr\[0\] must be 0"),
+    ("row_ptr", lambda t: torch.tensor([0, 3, 3, 6, 6], dtype=torch.int32), ValueError, "must equal nnz"),
+    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 1, 7, t).to(t.dtype), ValueError, "outside"),
+    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 0, -1, t).to(t.dtype), ValueError, "outside"),
+    ("col_idx", lambda t: t[[1, 0, 2, 3, 4, 5, 6]], ValueError, "unsorted"),
+    ("col_idx", lambda t: t[[0, 0, 2, 3, 4, 5, 6]], ValueError, "duplicated"),
+    ("col_idx", lambda t: t[:-1], ValueError, "col_idx has 6 entries"),
+    ("values", lambda t: t[:-1], ValueError, "col_idx has 7 entries but values has 6"),
+    ("values", lambda t: t.to(torch.int32), TypeError, "values dtype"),
+    ("row_ptr", lambda t: t.to(torch.int64), TypeError, "row_ptr must be int32"),
+    ("col_idx", lambda t: t.to(torch.int64), TypeError, "col_idx must be int16 or int32"),
+])
+def test_format_validation_names_the_fault(field, fn, exc, message):
+    validate_csr(*valid_triple())  # the unmodified triple is valid
+    with pytest.raises(exc, match=message):
+        validate_csr(*corrupt(field, fn))
+
+
+def test_from_dense_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        CSRWeight.from_dense(torch.randn(3, 4, 5))
+    with pytest.raises(ValueError, match="mask shape"):
+        CSRWeight.from_dense(torch.randn(3, 4), torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="dtype"):
+        CSRWeight.from_dense(torch.ones(3, 4, dtype=torch.int64))
+
+
+# ---- the C++ op rejects bad input instead of crashing -----------------------------------------------
+@pytest.mark.parametrize("case,exc,message", [
+    ("x_features", ValueError, "features in its last dimension"),
+    ("x_dtype", TypeError, "does not match values dtype"),
+    ("int_values", TypeError, "float32, float64 or bfloat16"),
+    ("col_out_of_range", ValueError, "outside"),
+    ("row_ptr_decreasing", ValueError, "decreases"),
+    ("row_ptr_short", ValueError, "row_ptr must have shape"),
+    ("row_ptr_last", ValueError, "must equal nnz"),
+    ("col_len", ValueError, "col_idx must have shape"),
+    ("bias_shape", ValueError, "bias must have shape"),
+    ("int16_too_wide", ValueError, "int16 col_idx holds at most"),
+    ("int64_row_ptr", TypeError, "row_ptr must be int32"),
+])
+def test_cpp_op_checks(case, exc, message):
+    values, row_ptr, col_idx, (out_f, in_f) = valid_triple()
+    x = torch.randn(2, in_f)
+    bias = None
+    if case == "x_features":
+        x = torch.randn(2, in_f + 1)
+    elif case == "x_dtype":
+        x = x.double()
+    elif case == "int_values":
+        values, x = values.to(torch.int32), x.to(torch.int32)
+    elif case == "col_out_of_range":
+        col_idx = col_idx.clone()
+        col_idx[-1] = 1000
+    elif case == "row_ptr_decreasing":
+        row_ptr = torch.tensor([0, 3, 1, 6, 7], dtype=torch.int32)
+    elif case == "row_ptr_short":
+        row_ptr = row_ptr[:-1]
+    elif case == "row_ptr_last":
+        row_ptr = row_ptr.clone()
+        row_ptr[-1] = 100
+    elif case == "col_len":
+        col_idx = col_idx[:-1]
+    elif case == "bias_shape":
+        bias = torch.zeros(out_f + 1)
+    elif case == "int16_too_wide":
+        in_f, x = 40000, torch.randn(2, 40000)
+    elif case == "int64_row_ptr":
+        row_ptr = row_ptr.long()
+    with pytest.raises(exc, match=message):
+        torch.ops.sparse_t5.csr_linear(x, values, row_ptr, col_idx, out_f, in_f, bias)
+
+
+def test_backward_ops_check_input():
+    values, row_ptr, col_idx, (out_f, in_f) = valid_triple()
+    with pytest.raises(ValueError, match="features in its last dimension"):
+        torch.ops.sparse_t5.csr_linear_backward_input(torch.randn(2, out_f + 2), values, row_ptr, col_idx, out_f, in_f)
+    with pytest.raises(ValueError, match="same leading dimensions"):
+        torch.ops.sparse_t5.csr_sddmm(torch.randn(3, out_f), torch.randn(2, in_f), row_ptr, col_idx, out_f, in_f)
+    bad = col_idx.clone()
+    bad[0] = -5
+    with pytest.raises(ValueError, match="outside"):
+        torch.ops.sparse_t5.csr_sddmm(torch.randn(2, out_f), torch.randn(2, in_f), row_ptr, bad, out_f, in_f)
+
+
+# ---- every compiled kernel variant -----------------------------------------------------------------
+_VARIANT_CHECK = """
+import torch, torch.nn.functional as F
+from sparse_t5 import SparseLinear, cpu_isa
+assert cpu_isa() == "{isa}", cpu_isa()
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for T, i, o in ((5, 123, 77), (130, 64, 40), (33, 16, 32)):
+        w = torch.randn(o, i, generator=g).to(dtype); m = torch.rand(o, i, generator=g) > 0.5
+        layer = SparseLinear.from_dense(w, m, bias=torch.randn(o, generator=g).to(dtype))
+        x = torch.randn(T, i, generator=g).to(dtype).requires_grad_()
+        y = layer(x); y.sum().backward()
+        ref = F.linear(x.detach().double(), (w * m).double(), layer.bias.detach().double())
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert (y.double() - ref).abs().max() <= tol * ref.abs().max(), (dtype, T)
+        gx = torch.ones(T, o, dtype=torch.float64) @ (w * m).double()
+        assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), (dtype, T)
+        gv = (torch.ones(T, o, dtype=torch.float64).t() @ x.detach().double())[m]
+        assert (layer.values.grad.double() - gv).abs().max() <= tol * gv.abs().max(), (dtype, T)
+print("ok")
+"""
+
+
+def _supported_isas():
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    isas = ["baseline"]
+    if " avx2" in flags and " fma" in flags:
+        isas.append("avx2")
+    if all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+        isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_kernel_variant(isa):
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    env = dict(os.environ, SPARSE_T5_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", _VARIANT_CHECK.format(isa=isa)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_default_variant_is_the_best_supported():
+    assert cpu_isa() == _supported_isas()[-1] or "SPARSE_T5_CPU_ISA" in os.environ
