@@ -1,0 +1,66 @@
+"""Shared benchmark plumbing: collect median times per (group, provider) and print speed ratios
+measured in this one run (absolute times vary between machines; ratios taken side by side are
+what we report). Run: pytest benches/ [-k csr_linear] ; results: benches/results/<suite>.json
+"""
+import json
+import os
+import platform
+from collections import defaultdict
+
+import pytest
+import torch
+
+_RESULTS = defaultdict(dict)  # group -> provider -> median seconds
+
+
+@pytest.fixture
+def record(benchmark):
+    """record(group, provider, fn): benchmark fn and keep its median for the ratio table."""
+
+    def _record(group, provider, fn, rounds=10, warmup=2):
+        benchmark.group = group
+        benchmark.extra_info["provider"] = provider
+        benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
+        _RESULTS[group][provider] = benchmark.stats.stats.median
+
+    return _record
+
+
+def machine_info():
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from sparse_t5 import cpu_isa
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "kernel_isa": cpu_isa()}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _RESULTS:
+        return
+    tr = terminalreporter
+    tr.section("speed ratios (baseline time / provider time; > 1 means faster than the baseline)")
+    rows = []
+    for group in sorted(_RESULTS):
+        times = _RESULTS[group]
+        base = times.get("dense")
+        line = {"group": group, **{f"{p}_ms": t * 1e3 for p, t in times.items()}}
+        if base:
+            line.update({f"{p}_vs_dense": base / t for p, t in times.items() if p != "dense"})
+        if "torch_sparse" in times:
+            line.update({f"{p}_vs_torch_sparse": times["torch_sparse"] / t
+                         for p, t in times.items() if p not in ("dense", "torch_sparse")})
+        rows.append(line)
+        ratios = "  ".join(f"{k}={v:.2f}x" for k, v in line.items() if k.endswith(("_vs_dense", "_vs_torch_sparse")))
+        tr.write_line(f"{group:<48} {ratios}")
+    out = os.environ.get("SPARSE_T5_BENCH_JSON", os.path.join(os.path.dirname(__file__), "results", "latest.json"))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"machine": machine_info(), "results": rows}, f, indent=1)
+    tr.write_line(f"wrote {out}")
