@@ -82,6 +82,19 @@ def test_matches_dense_masked_reference(lead, in_features, out_features, sparsit
         assert layer.nnz == expected_nnz
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_without_bias(dtype):
+    check_against_dense((4, 9), 40, 24, 0.5, dtype, bias=False)
+    # and through the raw op called without its optional argument
+    g = torch.Generator().manual_seed(11)
+    w = CSRWeight.from_dense(torch.randn(6, 5, generator=g), torch.rand(6, 5, generator=g) > 0.5)
+    v = w.values.clone().requires_grad_()
+    x = torch.randn(3, 5, generator=g, requires_grad=True)
+    torch.ops.sparse_t5.csr_linear(x, v, w.row_ptr, w.col_idx, 6, 5).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(3, 6) @ w.to_dense())
+    assert v.grad.shape == v.shape
+
+
 def test_empty_rows_and_no_bias():
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(64, 80, generator=g) > 0.5

@@ -70,10 +70,11 @@ def _csr_linear_backward(ctx, grad_out):
         dx = _ops.csr_linear_backward_input(grad_out, values, row_ptr, col_idx, ctx.out_features, ctx.in_features)
     if ctx.needs_input_grad[1]:
         dvalues = _ops.csr_sddmm(grad_out, x, row_ptr, col_idx, ctx.out_features, ctx.in_features)
-    if ctx.needs_input_grad[6]:
+    # needs_input_grad has an entry for bias only when the call passed one.
+    if len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]:
         # Sum in fp32 so that a bf16 bias gradient over many tokens does not lose precision.
         dbias = grad_out.reshape(-1, ctx.out_features).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return dx, dvalues, None, None, None, None, dbias
+    return (dx, dvalues, None, None, None, None, dbias)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd(
