@@ -178,7 +178,7 @@ def test_torch_compile_fullgraph():
     def step(x):
         return torch.relu(layer(x)).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)  # default backend: Inductor
     x = torch.randn(4, 32, generator=g)
     loss = compiled(x)
     loss.backward()
