@@ -5,7 +5,10 @@ nonzeros carry weights, gradients and optimizer state.
 """
 from .formats import CSRWeight
 from .layers import SparseLinear
+from .modeling_t5 import SparseT5ForConditionalGeneration
 from .ops import cpu_isa, csr_linear
+from .pruning import GradualPruner, cubic_sparsity, magnitude_keep
 
-__all__ = ["CSRWeight", "SparseLinear", "csr_linear", "cpu_isa"]
+__all__ = ["CSRWeight", "SparseLinear", "SparseT5ForConditionalGeneration", "GradualPruner", "cubic_sparsity",
+           "magnitude_keep", "csr_linear", "cpu_isa"]
 __version__ = "0.1.0"

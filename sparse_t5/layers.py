@@ -71,11 +71,10 @@ class SparseLinear(nn.Module):
         Until then its nonzeros are the first `nnz` positions in row-major order, all zero."""
         if not 0 <= nnz <= in_features * out_features:
             raise ValueError(f"nnz must be in [0, {in_features * out_features}], got {nnz}")
-        flat = torch.arange(nnz, device=device)
-        rows, cols = flat // max(in_features, 1), flat % max(in_features, 1)
-        counts = torch.bincount(rows, minlength=out_features)
-        row_ptr = torch.zeros(out_features + 1, dtype=torch.int64, device=device)
-        torch.cumsum(counts, 0, out=row_ptr[1:])
+        # Arithmetic only (no bincount), so this also runs on the meta device.
+        width = max(in_features, 1)
+        row_ptr = (torch.arange(out_features + 1, device=device) * width).clamp_(max=nnz)
+        cols = torch.arange(nnz, device=device) % width
         weight = CSRWeight(
             values=torch.zeros(nnz, dtype=dtype, device=device),
             row_ptr=row_ptr.to(torch.int32),

@@ -1,0 +1,800 @@
+"""SparseT5ForConditionalGeneration: a T5 whose Linear layers can be sparse, a drop-in for
+Hugging Face's T5ForConditionalGeneration.
+
+Module names are HF's (`shared`, `encoder.block.{i}.layer.{j}.SelfAttention.q`, `EncDecAttention`,
+`DenseReluDense.wi / wi_0 / wi_1 / wo`, `layer_norm`, `final_layer_norm`, `lm_head`), so any HF T5
+checkpoint (t5, t5 v1.1, flan-t5) loads with no missing or unexpected keys. The math follows HF's
+modeling_t5: RMS layer norm without mean or bias, no 1/sqrt(d) attention scaling, relative
+position buckets computed by block 0 and shared by the stack, bidirectional in the encoder,
+causal in the decoder, decoder output scaled by d_model^-0.5 when the embeddings are tied.
+
+Linear layers start as nn.Linear; `sparsify()` replaces the targeted ones with `SparseLinear`
+(weights, gradients and optimizer state for the nonzeros only). Checkpoints written by
+`save_pretrained` hold the compressed tensors and the sparsity layout (config key `sparse_t5`);
+`from_pretrained` rebuilds that layout on the meta device first, so no dense weight is ever
+materialised for a sparse layer.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, T5Config
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
+
+from .layers import SparseLinear
+from .pruning import (check_sparsity, magnitude_keep, remap_optimizer_state_, select_targets,
+                      shrink_sparse_linear_)
+
+WEIGHTS_NAME = "model.safetensors"
+LAYOUT_KEY = "sparse_t5"  # config key holding {"format_version", "layers": {name: {...}}}
+SPARSE_FORMATS = {"csr": SparseLinear}
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    return module.values.dtype if isinstance(module, SparseLinear) else module.weight.dtype
+
+
+def lm_head_is_tied(config: T5Config) -> bool:
+    """Whether lm_head shares `shared.weight` (T5 v1) or is its own matrix (v1.1, flan-t5).
+    transformers >= 5 records this as scale_decoder_outputs (and always sets tie_word_embeddings)."""
+    return bool(getattr(config, "scale_decoder_outputs", config.tie_word_embeddings))
+
+
+def _activation(name: str):
+    if name == "relu":
+        return F.relu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "silu":
+        return F.silu
+    raise ValueError(f"unsupported dense_act_fn {name!r}")
+
+
+class T5LayerNorm(nn.Module):
+    """RMS norm: scale only, no mean subtraction, no bias; variance accumulated in fp32."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return self.weight * hidden_states
+
+
+class T5DenseActDense(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = _activation(config.dense_act_fn)
+
+    def forward(self, hidden_states):
+        hidden_states = self.dropout(self.act(self.wi(hidden_states)))
+        return self.wo(hidden_states.to(weight_dtype(self.wo)))
+
+
+class T5DenseGatedActDense(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.act = _activation(config.dense_act_fn)
+
+    def forward(self, hidden_states):
+        hidden_states = self.act(self.wi_0(hidden_states)) * self.wi_1(hidden_states)
+        hidden_states = self.dropout(hidden_states)
+        return self.wo(hidden_states.to(weight_dtype(self.wo)))
+
+
+class T5LayerFF(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.DenseReluDense = T5DenseGatedActDense(config) if config.is_gated_act else T5DenseActDense(config)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states):
+        return hidden_states + self.dropout(self.DenseReluDense(self.layer_norm(hidden_states)))
+
+
+def relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
+    """Mesh TensorFlow's bucketing of (memory - query) positions: exact for small distances,
+    logarithmic up to max_distance, clipped beyond."""
+    buckets = 0
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).to(torch.long) * num_buckets
+        relative_position = torch.abs(relative_position)
+    else:
+        relative_position = -torch.min(relative_position, torch.zeros_like(relative_position))
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    if_large = max_exact + (
+        torch.log(relative_position.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
+    return buckets + torch.where(is_small, relative_position, if_large)
+
+
+class T5Attention(nn.Module):
+    def __init__(self, config: T5Config, has_relative_attention_bias: bool = False, layer_idx: int = 0):
+        super().__init__()
+        self.is_decoder = config.is_decoder
+        self.has_relative_attention_bias = has_relative_attention_bias
+        self.relative_attention_num_buckets = config.relative_attention_num_buckets
+        self.relative_attention_max_distance = config.relative_attention_max_distance
+        self.n_heads = config.num_heads
+        self.key_value_proj_dim = config.d_kv
+        self.inner_dim = self.n_heads * self.key_value_proj_dim
+        self.dropout = config.dropout_rate
+        self.layer_idx = layer_idx
+        self.q = nn.Linear(config.d_model, self.inner_dim, bias=False)
+        self.k = nn.Linear(config.d_model, self.inner_dim, bias=False)
+        self.v = nn.Linear(config.d_model, self.inner_dim, bias=False)
+        self.o = nn.Linear(self.inner_dim, config.d_model, bias=False)
+        if has_relative_attention_bias:
+            self.relative_attention_bias = nn.Embedding(self.relative_attention_num_buckets, self.n_heads)
+
+    def compute_bias(self, query_length, key_length, device, past_length=0):
+        """[1, heads, query_length, key_length] learned bias for the relative positions."""
+        context = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past_length
+        memory = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
+        buckets = relative_position_bucket(memory - context, bidirectional=not self.is_decoder,
+                                           num_buckets=self.relative_attention_num_buckets,
+                                           max_distance=self.relative_attention_max_distance)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
+
+    def _split_heads(self, x):
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.key_value_proj_dim).transpose(1, 2)
+
+    def forward(self, hidden_states, bias, key_value_states=None, cache=None, output_attentions=False):
+        """bias: [batch or 1, heads or 1, q, k] additive (relative positions + mask).
+        cache: the stack's DynamicCache for self-attention, or for cross-attention a
+        (DynamicCache, is_updated dict) pair, both from an EncoderDecoderCache."""
+        query = self._split_heads(self.q(hidden_states))
+        if key_value_states is None:  # self-attention
+            key = self._split_heads(self.k(hidden_states))
+            value = self._split_heads(self.v(hidden_states))
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
+        else:  # cross-attention: keys/values of the encoder output are computed once per sequence
+            cross_cache, is_updated = cache if cache is not None else (None, None)
+            if cross_cache is not None and is_updated.get(self.layer_idx, False):
+                key, value = _cached_kv(cross_cache, self.layer_idx)
+            else:
+                key = self._split_heads(self.k(key_value_states))
+                value = self._split_heads(self.v(key_value_states))
+                if cross_cache is not None:
+                    key, value = cross_cache.update(key, value, self.layer_idx)
+                    is_updated[self.layer_idx] = True
+        dropout = self.dropout if self.training else 0.0
+        if output_attentions:
+            scores = torch.matmul(query, key.transpose(2, 3)) + bias
+            weights = F.dropout(F.softmax(scores.float(), dim=-1).type_as(scores), p=dropout, training=self.training)
+            out = torch.matmul(weights, value)
+        else:
+            # T5 does not scale q.k by 1/sqrt(d) (it is folded into the initialisation).
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias.to(query.dtype),
+                                                 dropout_p=dropout, scale=1.0)
+            weights = None
+        out = out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], self.inner_dim)
+        return self.o(out), weights
+
+
+def _cached_kv(cache, layer_idx):
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
+
+
+class T5LayerSelfAttention(nn.Module):
+    def __init__(self, config, has_relative_attention_bias=False, layer_idx=0):
+        super().__init__()
+        self.SelfAttention = T5Attention(config, has_relative_attention_bias, layer_idx)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, bias, cache=None, output_attentions=False):
+        out, weights = self.SelfAttention(self.layer_norm(hidden_states), bias, cache=cache,
+                                          output_attentions=output_attentions)
+        return hidden_states + self.dropout(out), weights
+
+
+class T5LayerCrossAttention(nn.Module):
+    def __init__(self, config, layer_idx=0):
+        super().__init__()
+        self.EncDecAttention = T5Attention(config, has_relative_attention_bias=False, layer_idx=layer_idx)
+        self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, hidden_states, key_value_states, bias, cache=None, output_attentions=False):
+        out, weights = self.EncDecAttention(self.layer_norm(hidden_states), bias, key_value_states=key_value_states,
+                                            cache=cache, output_attentions=output_attentions)
+        return hidden_states + self.dropout(out), weights
+
+
+def _clamp_fp16(hidden_states):
+    # As HF: keep fp16 activations finite so that fp16 training does not overflow to inf.
+    if hidden_states.dtype == torch.float16:
+        big = torch.finfo(torch.float16).max
+        clamp = torch.where(torch.isinf(hidden_states).any(), big - 1000, big)
+        hidden_states = torch.clamp(hidden_states, min=-clamp, max=clamp)
+    return hidden_states
+
+
+class T5Block(nn.Module):
+    def __init__(self, config, has_relative_attention_bias=False, layer_idx=0):
+        super().__init__()
+        self.is_decoder = config.is_decoder
+        self.layer = nn.ModuleList([T5LayerSelfAttention(config, has_relative_attention_bias, layer_idx)])
+        if self.is_decoder:
+            self.layer.append(T5LayerCrossAttention(config, layer_idx))
+        self.layer.append(T5LayerFF(config))
+
+    def forward(self, hidden_states, self_bias, encoder_hidden_states=None, cross_bias=None,
+                self_cache=None, cross_cache=None, output_attentions=False):
+        hidden_states, self_weights = self.layer[0](hidden_states, self_bias, cache=self_cache,
+                                                    output_attentions=output_attentions)
+        hidden_states = _clamp_fp16(hidden_states)
+        cross_weights = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            hidden_states, cross_weights = self.layer[1](hidden_states, encoder_hidden_states, cross_bias,
+                                                         cache=cross_cache, output_attentions=output_attentions)
+            hidden_states = _clamp_fp16(hidden_states)
+        hidden_states = _clamp_fp16(self.layer[-1](hidden_states))
+        return hidden_states, self_weights, cross_weights
+
+
+class T5Stack(nn.Module):
+    main_input_name = "input_ids"  # read by GenerationMixin on the encoder
+
+    def __init__(self, config: T5Config, embed_tokens: nn.Embedding):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = embed_tokens
+        self.is_decoder = config.is_decoder
+        self.block = nn.ModuleList(
+            [T5Block(config, has_relative_attention_bias=i == 0, layer_idx=i) for i in range(config.num_layers)]
+        )
+        self.final_layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        # Set by PreTrainedModel.gradient_checkpointing_enable() (via _set_gradient_checkpointing).
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                inputs_embeds=None, past_key_values=None, use_cache=None, output_attentions=False,
+                output_hidden_states=False, return_dict=True, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        dtype, device = inputs_embeds.dtype, inputs_embeds.device
+        min_value = torch.finfo(dtype).min
+
+        cache = None
+        if self.is_decoder and (use_cache or past_key_values is not None):
+            cache = past_key_values
+            if cache is None:
+                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        past_length = cache.get_seq_length() if cache is not None else 0
+        key_length = past_length + length
+
+        # Additive mask [batch, 1, q, k]: padding, plus causality in the decoder.
+        if attention_mask is None:
+            keep = torch.ones(batch, key_length, dtype=torch.bool, device=device)
+        else:
+            keep = attention_mask.to(device=device, dtype=torch.bool)
+            if keep.shape[-1] == length and past_length > 0:
+                keep = torch.cat([torch.ones(batch, past_length, dtype=torch.bool, device=device), keep], -1)
+        keep = keep[:, None, None, :]
+        if self.is_decoder:
+            q_pos = torch.arange(length, device=device)[:, None] + past_length
+            k_pos = torch.arange(key_length, device=device)[None, :]
+            keep = keep & (k_pos <= q_pos)[None, None]
+        mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, min_value)
+
+        # Block 0 owns the relative attention bias; every block uses the same position bias.
+        attention = self.block[0].layer[0].SelfAttention
+        self_bias = attention.compute_bias(length, key_length, device, past_length).to(dtype) + mask
+
+        cross_bias = None
+        if self.is_decoder and encoder_hidden_states is not None:
+            enc_len = encoder_hidden_states.shape[1]
+            if encoder_attention_mask is None:
+                cross_bias = torch.zeros(batch, 1, 1, enc_len, dtype=dtype, device=device)
+            else:
+                enc_keep = encoder_attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+                cross_bias = torch.zeros(enc_keep.shape, dtype=dtype, device=device).masked_fill(~enc_keep, min_value)
+
+        self_cache = cache.self_attention_cache if cache is not None else None
+        cross_cache = (cache.cross_attention_cache, cache.is_updated) if cache is not None else None
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden, all_self, all_cross = [], [], []
+        for block in self.block:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            if self.gradient_checkpointing and self.training and cache is None:
+                hidden_states, w_self, w_cross = self._gradient_checkpointing_func(
+                    block.__call__, hidden_states, self_bias, encoder_hidden_states, cross_bias, None, None,
+                    output_attentions)
+            else:
+                hidden_states, w_self, w_cross = block(hidden_states, self_bias, encoder_hidden_states, cross_bias,
+                                                       self_cache, cross_cache, output_attentions)
+            if output_attentions:
+                all_self.append(w_self)
+                all_cross.append(w_cross)
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_self) if output_attentions else None,
+            cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
+        )
+
+
+class SparseT5PreTrainedModel(PreTrainedModel):
+    config_class = T5Config
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    main_input_name = "input_ids"
+    _no_split_modules = ["T5Block"]
+    _supports_cache_class = True
+    _supports_static_cache = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """HF's T5 initialisation (Mesh TensorFlow's), so random-init training matches HF."""
+        factor = self.config.initializer_factor
+        d_model, d_kv, n_heads, d_ff = self.config.d_model, self.config.d_kv, self.config.num_heads, self.config.d_ff
+        if isinstance(module, T5LayerNorm):
+            module.weight.fill_(factor)
+        elif isinstance(module, SparseT5ForConditionalGeneration):
+            module.shared.weight.normal_(0.0, factor)
+            if not lm_head_is_tied(self.config):
+                module.lm_head.weight.normal_(0.0, factor)
+        elif isinstance(module, T5DenseActDense):
+            _init_linear(module.wi, factor * d_model ** -0.5)
+            _init_linear(module.wo, factor * d_ff ** -0.5)
+        elif isinstance(module, T5DenseGatedActDense):
+            _init_linear(module.wi_0, factor * d_model ** -0.5)
+            _init_linear(module.wi_1, factor * d_model ** -0.5)
+            _init_linear(module.wo, factor * d_ff ** -0.5)
+        elif isinstance(module, T5Attention):
+            _init_linear(module.q, factor * (d_model * d_kv) ** -0.5)
+            _init_linear(module.k, factor * d_model ** -0.5)
+            _init_linear(module.v, factor * d_model ** -0.5)
+            _init_linear(module.o, factor * (n_heads * d_kv) ** -0.5)
+            if module.has_relative_attention_bias:
+                module.relative_attention_bias.weight.normal_(0.0, factor * d_model ** -0.5)
+
+
+def _init_linear(module, std):
+    if isinstance(module, SparseLinear):
+        module.values.normal_(0.0, std)
+    elif module.weight.device.type != "meta":
+        module.weight.normal_(0.0, std)
+
+
+class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin):
+    """T5 encoder-decoder LM whose attention / feed-forward Linears can be sparse.
+
+    Same constructor, forward, generate and checkpoint interface as HF's
+    T5ForConditionalGeneration; plus `sparsify`, `densify`, `to_hf` and `sparsity_report`.
+    """
+
+    def __init__(self, config: T5Config):
+        super().__init__(config)
+        self.model_dim = config.d_model
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        encoder_config = copy.deepcopy(config)
+        encoder_config.is_decoder = False
+        encoder_config.use_cache = False
+        encoder_config.is_encoder_decoder = False
+        self.encoder = T5Stack(encoder_config, self.shared)
+        decoder_config = copy.deepcopy(config)
+        decoder_config.is_decoder = True
+        decoder_config.is_encoder_decoder = False
+        decoder_config.num_layers = config.num_decoder_layers
+        self.decoder = T5Stack(decoder_config, self.shared)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self._tie_lm_head()
+        # A checkpoint's sparse layout (from `save_pretrained`) is rebuilt by from_pretrained.
+        if getattr(config, LAYOUT_KEY, None):
+            self._apply_layout(getattr(config, LAYOUT_KEY))
+
+    # ---- HF plumbing ------------------------------------------------------------------------
+    def _tie_lm_head(self):
+        if lm_head_is_tied(self.config):
+            self.lm_head.weight = self.shared.weight
+
+    def tie_weights(self, *args, **kwargs):
+        self.encoder.embed_tokens = self.shared
+        self.decoder.embed_tokens = self.shared
+        self._tie_lm_head()
+
+    def get_input_embeddings(self):
+        return self.shared
+
+    def set_input_embeddings(self, new_embeddings):
+        self.shared = new_embeddings
+        self.encoder.embed_tokens = new_embeddings
+        self.decoder.embed_tokens = new_embeddings
+        self._tie_lm_head()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def get_encoder(self, *args, **kwargs):
+        return self.encoder
+
+    def get_decoder(self):
+        return self.decoder
+
+    def _shift_right(self, input_ids):
+        start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
+        if start is None or pad is None:
+            raise ValueError("config.decoder_start_token_id and config.pad_token_id must be set (T5 uses the pad id)")
+        shifted = input_ids.new_zeros(input_ids.shape)
+        shifted[..., 1:] = input_ids[..., :-1].clone()
+        shifted[..., 0] = start
+        return shifted.masked_fill_(shifted == -100, pad)
+
+    def prepare_decoder_input_ids_from_labels(self, labels):
+        return self._shift_right(labels)
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
+                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
+                **kwargs):
+        output_attentions = bool(output_attentions)
+        output_hidden_states = bool(output_hidden_states)
+        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                           inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+                                           output_hidden_states=output_hidden_states)
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(
+                last_hidden_state=encoder_outputs[0],
+                hidden_states=encoder_outputs[1] if len(encoder_outputs) > 1 else None,
+                attentions=encoder_outputs[2] if len(encoder_outputs) > 2 else None,
+            )
+        if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
+            decoder_input_ids = self._shift_right(labels)
+        if use_cache is None:
+            use_cache = self.config.use_cache and labels is None
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids, attention_mask=decoder_attention_mask, inputs_embeds=decoder_inputs_embeds,
+            past_key_values=past_key_values, encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        sequence_output = decoder_outputs.last_hidden_state
+        if lm_head_is_tied(self.config):
+            sequence_output = sequence_output * (self.model_dim ** -0.5)
+        logits = self.lm_head(sequence_output)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.to(logits.device).view(-1),
+                                   ignore_index=-100)
+        output = Seq2SeqLMOutput(
+            loss=loss, logits=logits, past_key_values=decoder_outputs.past_key_values,
+            decoder_hidden_states=decoder_outputs.hidden_states, decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states, encoder_attentions=encoder_outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---- sparsity ----------------------------------------------------------------------------
+    def sparse_layers(self) -> dict[str, SparseLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, SparseLinear)}
+
+    @torch.no_grad()
+    def sparsify(self, sparsity: float, format: str = "csr", method: str = "magnitude", scope: str = "layer",
+                 include=None, exclude=None, optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Prune the targeted Linears to `sparsity` (fraction of zeros against the dense size) and
+        store them compressed. Dense targets become SparseLinear (their dense weight is freed);
+        already sparse targets shrink (never densify). With `optimizer`, its state is remapped to
+        the surviving weights. Returns {layer name: sparsity}.
+
+        scope: "layer" (each layer to `sparsity`) or "global" (one magnitude threshold over all
+        targets). include / exclude: regexes over module names (default targets: attention q k v o
+        and feed-forward wi wi_0 wi_1 wo; embeddings and lm_head stay dense).
+        """
+        check_sparsity(sparsity)
+        if format not in SPARSE_FORMATS:
+            raise ValueError(f"unknown sparse format {format!r}; available: {sorted(SPARSE_FORMATS)}")
+        if method != "magnitude":
+            raise ValueError(f"unknown pruning method {method!r}; available: ['magnitude']")
+        targets = select_targets(self, include, exclude)
+        if not targets:
+            raise ValueError("no Linear layer matches the include/exclude patterns")
+        keep = magnitude_keep(targets, sparsity, scope)
+        layer_cls = SPARSE_FORMATS[format]
+        for name, module in targets.items():
+            if isinstance(module, SparseLinear):
+                if not isinstance(module, layer_cls):
+                    raise ValueError(f"{name} is already sparse in format {module.format!r}, not {format!r}")
+                if bool(keep[name].all()):
+                    continue
+                old = module.values
+                kept = shrink_sparse_linear_(module, keep[name])
+                if optimizer is not None:
+                    remap_optimizer_state_(optimizer, old, module.values, kept)
+            else:
+                mask = keep[name].view(module.out_features, module.in_features)
+                sparse = layer_cls.from_dense(module, mask)
+                if optimizer is not None:
+                    remap_optimizer_state_(optimizer, module.weight, sparse.values, mask.flatten().nonzero().flatten())
+                self._replace_module(name, sparse)
+        self.config.__dict__[LAYOUT_KEY] = self._layout()
+        return {n: m.sparsity for n, m in self.sparse_layers().items()}
+
+    @torch.no_grad()
+    def densify(self) -> "SparseT5ForConditionalGeneration":
+        """Replace every SparseLinear by an nn.Linear holding the same (zero-filled) weight."""
+        for name, module in list(self.sparse_layers().items()):
+            self._replace_module(name, module.to_linear())
+        self.config.__dict__.pop(LAYOUT_KEY, None)
+        return self
+
+    def to_hf(self):
+        """A plain transformers.T5ForConditionalGeneration with the same weights (dense), for export."""
+        from transformers import T5ForConditionalGeneration
+
+        dense = copy.deepcopy(self).densify()
+        config = copy.deepcopy(dense.config)
+        config.architectures = ["T5ForConditionalGeneration"]
+        hf = T5ForConditionalGeneration(config).to(dense.shared.weight.dtype)
+        state = {k: v for k, v in dense.state_dict().items()}
+        if not lm_head_is_tied(config):
+            hf.lm_head.weight = nn.Parameter(torch.empty_like(hf.shared.weight))  # untie
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("embed_tokens.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"export to HF failed: missing {missing}, unexpected {unexpected}")
+        return hf
+
+    def sparsity_report(self) -> dict:
+        """nnz, dense size and bytes of the sparse layers and of everything else."""
+        sparse = self.sparse_layers()
+        sparse_bytes = sum(m.memory_bytes() for m in sparse.values())
+        sparse_ids = {id(t) for m in sparse.values() for t in list(m.parameters()) + list(m.buffers())}
+        other = {id(t): t for t in list(self.parameters()) + list(self.buffers()) if id(t) not in sparse_ids}
+        return {
+            "sparse_layers": len(sparse),
+            "nnz": sum(m.nnz for m in sparse.values()),
+            "dense_size": sum(m.in_features * m.out_features for m in sparse.values()),
+            "sparse_bytes": sparse_bytes,
+            "other_bytes": sum(t.numel() * t.element_size() for t in other.values()),
+        }
+
+    def _replace_module(self, name: str, module: nn.Module):
+        parent_name, _, child = name.rpartition(".")
+        parent = self.get_submodule(parent_name) if parent_name else self
+        setattr(parent, child, module)
+
+    def _layout(self) -> dict:
+        return {"format_version": 1, "layers": {
+            name: {"format": m.format, "nnz": m.nnz, "in_features": m.in_features, "out_features": m.out_features,
+                   "index_dtype": str(m.col_idx.dtype).replace("torch.", "")}
+            for name, m in self.sparse_layers().items()}}
+
+    def _apply_layout(self, layout: dict):
+        """Replace the named Linears by empty sparse layers of the recorded shapes (to be filled by
+        load_state_dict). Raises ValueError if the layout does not fit this architecture."""
+        if not isinstance(layout, dict) or not isinstance(layout.get("layers"), dict):
+            raise ValueError(f"corrupt checkpoint: config key '{LAYOUT_KEY}' is not a sparsity layout")
+        for name, spec in layout["layers"].items():
+            try:
+                module = self.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"checkpoint layout names layer '{name}', which this T5 config does not have") from None
+            fmt = spec.get("format")
+            if fmt not in SPARSE_FORMATS:
+                raise ValueError(f"checkpoint layout: layer '{name}' has unknown format {fmt!r}")
+            if not isinstance(module, (nn.Linear, SparseLinear)) or (module.in_features, module.out_features) != (
+                    spec.get("in_features"), spec.get("out_features")):
+                raise ValueError(f"checkpoint layout: layer '{name}' shape {spec.get('out_features')}x"
+                                 f"{spec.get('in_features')} does not match the config")
+            device = module.values.device if isinstance(module, SparseLinear) else module.weight.device
+            dtype = weight_dtype(module)
+            sparse = SPARSE_FORMATS[fmt].empty(module.in_features, module.out_features, int(spec["nnz"]), bias=False,
+                                               dtype=dtype, device=device)
+            self._replace_module(name, sparse)
+        self.config.__dict__[LAYOUT_KEY] = layout
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _tensors_to_save(self) -> dict[str, torch.Tensor]:
+        state = self.state_dict()
+        # Tied copies are not stored (as HF): embed_tokens are `shared`, and so is a tied lm_head.
+        drop = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+        if lm_head_is_tied(self.config):
+            drop.add("lm_head.weight")
+        return {k: v.detach().contiguous() for k, v in state.items() if k not in drop}
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs):
+        """Write config.json (with the sparsity layout), generation_config.json and
+        model.safetensors (compressed tensors for sparse layers, plus a content hash). Each file is
+        written to a temporary name and renamed, so a crash never leaves a half-written file."""
+        if not safe_serialization:
+            raise ValueError("sparse_t5 writes safetensors only")
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        tensors = {k: v.cpu() for k, v in self._tensors_to_save().items()}
+        config = copy.deepcopy(self.config)
+        layout = self._layout()
+        if layout["layers"]:
+            config.__dict__[LAYOUT_KEY] = layout
+            config.architectures = [type(self).__name__]
+        else:
+            config.__dict__.pop(LAYOUT_KEY, None)
+            config.architectures = ["T5ForConditionalGeneration"]
+        metadata = {"format": "pt", "sparse_t5_sha256": _content_hash(tensors)}
+        _atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata=metadata))
+        _atomic_write(os.path.join(save_directory, "config.json"),
+                      lambda p: open(p, "w").write(config.to_json_string(use_diff=False)))
+        if self.generation_config is not None:
+            _atomic_write(os.path.join(save_directory, "generation_config.json"),
+                          lambda p: open(p, "w").write(self.generation_config.to_json_string()))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None,
+                        torch_dtype=None, device=None, cache_dir=None, revision=None, local_files_only=False,
+                        token=None, subfolder="", **kwargs):
+        """Load any HF T5 checkpoint (hub name or local directory; safetensors or pytorch_model.bin,
+        sharded or not), or a sparse checkpoint written by `save_pretrained`.
+
+        The model is built on the meta device, sparse layers are created at their stored nnz, and the
+        tensors are loaded with a strict key check: missing or unexpected keys, a truncated or
+        corrupt file, or a layout that does not match the tensors raise ValueError.
+        """
+        dtype = dtype or torch_dtype
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        hub = dict(cache_dir=cache_dir, revision=revision, local_files_only=local_files_only, token=token,
+                   subfolder=subfolder)
+        if config is None:
+            config = T5Config.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
+        state = _load_checkpoint_tensors(pretrained_model_name_or_path, hub)
+        with torch.device("meta"):
+            model = cls(config)  # builds the sparse layout of config.sparse_t5 too
+        model.to_empty(device=device or "cpu")
+        model.tie_weights()
+        state = _normalise_hf_keys(state, model)
+        expected = set(model._tensors_to_save())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not match the T5 config: "
+                             f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+        for name, spec in (getattr(config, LAYOUT_KEY, None) or {}).get("layers", {}).items():
+            if state[name + ".values"].numel() != int(spec["nnz"]):
+                raise ValueError(f"corrupt checkpoint: layer '{name}' layout says nnz={spec['nnz']} but the "
+                                 f"stored values have {state[name + '.values'].numel()}")
+        model.load_state_dict(state, strict=False)  # strictness checked above (tied aliases aside)
+        model.tie_weights()
+        if dtype not in (None, "auto"):
+            model.to(dtype)
+        model.eval()
+        try:
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        except (OSError, ValueError):
+            pass
+        return model
+
+
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _resolve(path_or_name, filename, hub):
+    if os.path.isdir(path_or_name):
+        candidate = os.path.join(path_or_name, hub.get("subfolder") or "", filename)
+        return candidate if os.path.isfile(candidate) else None
+    from transformers.utils import cached_file
+
+    return cached_file(path_or_name, filename, _raise_exceptions_for_missing_entries=False, **hub)
+
+
+def _load_checkpoint_tensors(path_or_name, hub) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    single = _resolve(path_or_name, WEIGHTS_NAME, hub)
+    if single is not None:
+        files = [single]
+    else:
+        index = _resolve(path_or_name, WEIGHTS_NAME + ".index.json", hub)
+        if index is not None:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            files = [_resolve(path_or_name, s, hub) for s in shards]
+        else:
+            binary = _resolve(path_or_name, "pytorch_model.bin", hub)
+            if binary is None:
+                raise ValueError(f"no model.safetensors, sharded index or pytorch_model.bin in {path_or_name}")
+            try:
+                return torch.load(binary, map_location="cpu", weights_only=True)
+            except Exception as err:
+                raise ValueError(f"corrupt checkpoint {binary}: {err}") from err
+    state = {}
+    for file in files:
+        if file is None or not os.path.isfile(file):
+            raise ValueError(f"checkpoint shard missing in {path_or_name}")
+        try:
+            with safe_open(file, framework="pt") as f:
+                metadata = f.metadata() or {}
+            tensors = load_file(file)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise ValueError(f"corrupt or truncated checkpoint {file}: {err}") from err
+        expected_hash = metadata.get("sparse_t5_sha256")
+        if expected_hash is not None and _content_hash(tensors) != expected_hash:
+            raise ValueError(f"corrupt checkpoint {file}: tensor contents do not match their recorded sha256")
+        state.update(tensors)
+    return state
+
+
+def _normalise_hf_keys(state: dict, model: SparseT5ForConditionalGeneration) -> dict:
+    """Map an HF T5 state dict onto ours: drop tied aliases and keys HF itself ignores."""
+    state = dict(state)
+    # Some old checkpoints store a relative bias for the decoder's cross-attention; HF ignores it.
+    state.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
+    if "shared.weight" not in state:
+        for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            if alias in state:
+                state["shared.weight"] = state[alias]
+                break
+    state.pop("encoder.embed_tokens.weight", None)
+    state.pop("decoder.embed_tokens.weight", None)
+    if lm_head_is_tied(model.config):
+        state.pop("lm_head.weight", None)
+    return state
