@@ -49,15 +49,15 @@ def pytest_terminal_summary(terminalreporter):
     rows = []
     for group in sorted(_RESULTS):
         times = _RESULTS[group]
-        base = times.get("dense")
+        base_name = next((b for b in ("dense", "hf") if b in times), None)
         line = {"group": group, **{f"{p}_ms": t * 1e3 for p, t in times.items()}}
-        if base:
-            line.update({f"{p}_vs_dense": base / t for p, t in times.items() if p != "dense"})
+        if base_name:
+            line.update({f"{p}_vs_{base_name}": times[base_name] / t for p, t in times.items() if p != base_name})
         if "torch_sparse" in times:
             line.update({f"{p}_vs_torch_sparse": times["torch_sparse"] / t
                          for p, t in times.items() if p not in ("dense", "torch_sparse")})
         rows.append(line)
-        ratios = "  ".join(f"{k}={v:.2f}x" for k, v in line.items() if k.endswith(("_vs_dense", "_vs_torch_sparse")))
+        ratios = "  ".join(f"{k}={v:.2f}x" for k, v in line.items() if "_vs_" in k)
         tr.write_line(f"{group:<48} {ratios}")
     out = os.environ.get("SPARSE_T5_BENCH_JSON", os.path.join(os.path.dirname(__file__), "results", "latest.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)

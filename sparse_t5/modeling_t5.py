@@ -364,6 +364,9 @@ class SparseT5PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["T5Block"]
     _supports_cache_class = True
     _supports_static_cache = False
+    # Attention always runs through F.scaled_dot_product_attention (eager math when attention
+    # weights are requested), whatever config._attn_implementation says.
+    _supports_sdpa = True
 
     @torch.no_grad()
     def _init_weights(self, module):
