@@ -5,46 +5,17 @@
 // Python exception (ValueError for shapes and CSR structure, TypeError for dtypes) and never
 // reaches a kernel: column indices and row pointers are validated on every call, which costs
 // O(nnz + out) against the O(nnz * tokens) product.
-#include "csr_linear.h"
+#include "ops.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "cpu/kernel_api.h"
 #include "cpu/parallel.h"
+#include "op_common.h"
 
 namespace sparse_t5 {
 namespace {
-
-cpu::DType kernel_dtype(const at::Tensor& t, const char* what) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cpu::DType::kFloat32;
-    case at::kDouble: return cpu::DType::kFloat64;
-    case at::kBFloat16: return cpu::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "sparse_t5: ", what, " must be float32, float64 or bfloat16, got ",
-                       t.scalar_type());
-  }
-  return cpu::DType::kFloat32;  // unreachable
-}
-
-at::ScalarType compute_dtype(cpu::DType dt) {
-  return dt == cpu::DType::kFloat64 ? at::kDouble : at::kFloat;
-}
-
-void check_cpu(const at::Tensor& t, const char* what) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "sparse_t5: ", what,
-                    " must be on the CPU for the CPU kernel, got device ", t.device());
-}
-
-// Checks the CSR structure the kernels rely on. Column order within a row is not needed for
-// memory safety and is validated by sparse_t5.formats.CSRWeight.validate instead.
-void check_values(const at::Tensor& values) {
-  check_cpu(values, "values");
-  TORCH_CHECK_VALUE(values.dim() == 1, "sparse_t5: values must be 1-D, got shape ",
-                    values.sizes());
-}
-
 // nnz: the length values must have (col_idx's own length is checked against it).
 void check_csr(int64_t nnz, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                int64_t out_features, int64_t in_features) {
@@ -91,27 +62,6 @@ void check_csr(int64_t nnz, const at::Tensor& row_ptr, const at::Tensor& col_idx
   }
 }
 
-// Checks a [..., features] activation and returns its number of tokens (product of leading dims).
-int64_t check_activation(const at::Tensor& t, const char* what, int64_t features,
-                         const char* feature_name, at::ScalarType values_dtype) {
-  check_cpu(t, what);
-  TORCH_CHECK_VALUE(t.dim() >= 1, "sparse_t5: ", what, " must have at least 1 dimension");
-  TORCH_CHECK_VALUE(t.size(-1) == features, "sparse_t5: ", what, " has ", t.size(-1),
-                    " features in its last dimension but the weight's ", feature_name, " is ",
-                    features, " (", what, " shape ", t.sizes(), ")");
-  TORCH_CHECK_TYPE(t.scalar_type() == values_dtype, "sparse_t5: ", what, " dtype ",
-                   t.scalar_type(), " does not match values dtype ", values_dtype);
-  int64_t tokens = 1;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) tokens *= t.size(d);
-  return tokens;
-}
-
-std::vector<int64_t> with_last_dim(at::IntArrayRef sizes, int64_t last) {
-  std::vector<int64_t> out(sizes.begin(), sizes.end());
-  out.back() = last;
-  return out;
-}
-
 // values may be undefined (the sddmm reads only the structure).
 cpu::CsrView csr_view(const at::Tensor& values, const at::Tensor& row_ptr,
                       const at::Tensor& col_idx, int64_t out_features, int64_t in_features) {
@@ -124,24 +74,6 @@ cpu::CsrView csr_view(const at::Tensor& values, const at::Tensor& row_ptr,
   w.in_features = in_features;
   w.nnz = col_idx.size(0);
   return w;
-}
-
-// Vectors (of 64 bytes) per token tile. Wider tiles amortise the per-nonzero index load; narrower
-// ones waste less padding on few tokens. `min_tiles` asks for enough tiles to keep every thread
-// busy when tiles are the only parallel axis (backward_input).
-int vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t min_tiles) {
-  const int64_t lanes = cpu::lanes_for(dt);
-  for (int nv : {4, 2}) {
-    const int64_t tile = nv * lanes;
-    if (tokens > (nv / 2) * lanes && (tokens + tile - 1) / tile >= min_tiles) return nv;
-  }
-  return 1;
-}
-
-at::Tensor panels(int64_t tokens, int64_t features, int nv, cpu::DType dt) {
-  const int64_t tile = nv * cpu::lanes_for(dt);
-  return at::empty({cpu::panel_elements(tokens, features, tile)},
-                   at::TensorOptions().dtype(compute_dtype(dt)));
 }
 
 }  // namespace

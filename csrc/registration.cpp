@@ -1,6 +1,6 @@
 // Every sparse_t5:: op schema, defined in exactly one place (extension-cpp's rule: never define a
 // schema twice, and never in Python too). CPU bodies are registered next to their kernels
-// (csr_linear.cpp); CUDA bodies are Triton kernels registered from Python
+// (csr_linear.cpp, semi24_linear.cpp); CUDA bodies are Triton kernels registered from Python
 // (triton_kernels/, sparse_t5/ops/); fake (meta) and autograd rules are in sparse_t5/ops/.
 #include <torch/library.h>
 
@@ -25,6 +25,12 @@ TORCH_LIBRARY(sparse_t5, m) {
   m.def(
       "csr_sddmm(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, int out_features, "
       "int in_features) -> Tensor");
+  // y[..., out] = x[..., in] @ W^T + bias, W 2:4 sparse: values [out, in/2], meta [out, ceil(in/8)] uint8.
+  m.def("semi24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // dx[..., in] = grad_out[..., out] @ W for a 2:4 W.
+  m.def("semi24_linear_backward_input(Tensor grad_out, Tensor values, Tensor meta) -> Tensor");
+  // dvalues[r, j] = sum over tokens of grad_out[t, r] * x[t, col(r, j)], shaped like values.
+  m.def("semi24_sddmm(Tensor grad_out, Tensor x, Tensor meta) -> Tensor");
   // Name of the CPU kernel variant in use: baseline | avx2 | avx512 (SPARSE_T5_CPU_ISA overrides).
   m.def("cpu_isa() -> str", &sparse_t5::cpu_isa);
 }

@@ -3,12 +3,12 @@
 Sparse weights are stored compressed (CSR) and trained through sparse kernels, so only the
 nonzeros carry weights, gradients and optimizer state.
 """
-from .formats import CSRWeight
-from .layers import SparseLinear
+from .formats import CSRWeight, Semi24Weight
+from .layers import CSRLinear, Semi24Linear, SparseLinear
 from .modeling_t5 import SparseT5ForConditionalGeneration
-from .ops import cpu_isa, csr_linear
+from .ops import cpu_isa, csr_linear, semi24_linear
 from .pruning import GradualPruner, cubic_sparsity, magnitude_keep
 
-__all__ = ["CSRWeight", "SparseLinear", "SparseT5ForConditionalGeneration", "GradualPruner", "cubic_sparsity",
-           "magnitude_keep", "csr_linear", "cpu_isa"]
+__all__ = ["CSRWeight", "Semi24Weight", "SparseLinear", "CSRLinear", "Semi24Linear", "SparseT5ForConditionalGeneration", "GradualPruner", "cubic_sparsity",
+           "magnitude_keep", "csr_linear", "semi24_linear", "cpu_isa"]
 __version__ = "0.1.0"

@@ -169,3 +169,127 @@ def validate_csr(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
         k = int(not_increasing.nonzero()[0]) + 1
         kind = "duplicated" if int(cols[k]) == int(cols[k - 1]) else "unsorted"
         raise ValueError(f"invalid CSR: columns {kind} within a row at col_idx[{k}] = {int(cols[k])}")
+
+
+# ---- 2:4 semi-structured -------------------------------------------------------------------------
+# In every group of 4 consecutive inputs of a row, 2 weights are kept.
+#   values [out, in/2]            the kept weights, row-major, in position order within each group
+#   meta   [out, ceil(in/8)] uint8 one nibble per group (group g in byte g // 2, low nibble for even
+#                                  g): bits 0-1 the first kept position, bits 2-3 the second, first < second;
+#                                  the high nibble of a last, odd group is 0. 2 bits per kept value.
+# in_features must be divisible by 4 (every T5 size is); other sizes get a ValueError.
+
+def semi24_meta_width(in_features: int) -> int:
+    return (in_features // 4 + 1) // 2
+
+
+def semi24_magnitude_mask(weight: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest |w| of every group of 4 consecutive inputs (ties: the earlier position)."""
+    out_features, in_features = weight.shape
+    if in_features % 4:
+        raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {in_features}")
+    groups = weight.detach().abs().float().reshape(out_features, in_features // 4, 4)
+    top2 = torch.topk(groups, 2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, top2, True)
+    return mask.reshape(out_features, in_features)
+
+
+@dataclass
+class Semi24Weight:
+    """A [out_features, in_features] weight in 2:4 form. See the layout above."""
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "Semi24Weight":
+        """Compress `weight`, keeping `mask` (which must be 2:4) or, with no mask, the 2 largest |w|
+        of every group of 4."""
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+        if weight.dtype not in VALUE_DTYPES:
+            raise TypeError(f"weight dtype must be one of {VALUE_DTYPES}, got {weight.dtype}")
+        out_features, in_features = weight.shape
+        if in_features % 4:
+            raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {in_features}")
+        if mask is None:
+            mask = semi24_magnitude_mask(weight)
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        per_group = mask.reshape(out_features, in_features // 4, 4).sum(-1)
+        if bool((per_group != 2).any()):
+            r, g = (per_group != 2).nonzero()[0].tolist()
+            raise ValueError(f"mask is not 2:4: row {r}, group {g} keeps {int(per_group[r, g])} of 4")
+        groups = in_features // 4
+        positions = mask.reshape(out_features, groups, 4).nonzero()[:, 2].reshape(out_features, groups, 2)
+        nibbles = (positions[..., 0] | (positions[..., 1] << 2)).to(torch.uint8)
+        if groups % 2:
+            nibbles = torch.cat([nibbles, torch.zeros(out_features, 1, dtype=torch.uint8, device=nibbles.device)], 1)
+        meta = (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+        values = weight.detach()[mask].reshape(out_features, in_features // 2).contiguous()
+        return cls(values, meta, (out_features, in_features))
+
+    def positions(self) -> torch.Tensor:
+        """[out, in/2] int64 column of every kept value."""
+        out_features, in_features = self.shape
+        groups = in_features // 4
+        low, high = self.meta & 0xF, self.meta >> 4
+        nibbles = torch.stack([low, high], -1).reshape(out_features, -1)[:, :groups].to(torch.int64)
+        first, second = nibbles & 3, nibbles >> 2
+        base = torch.arange(groups, device=self.meta.device) * 4
+        return torch.stack([base + first, base + second], -1).reshape(out_features, in_features // 2)
+
+    def mask(self) -> torch.Tensor:
+        m = torch.zeros(self.shape, dtype=torch.bool, device=self.meta.device)
+        return m.scatter_(1, self.positions(), True)
+
+    def to_dense(self) -> torch.Tensor:
+        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        return dense.scatter_(1, self.positions(), self.values.detach())
+
+    def validate(self) -> None:
+        validate_semi24(self.values, self.meta, self.shape)
+
+
+def validate_semi24(values: torch.Tensor, meta: torch.Tensor, shape) -> None:
+    """Raise ValueError (TypeError for a wrong dtype) naming the first fault of a 2:4 weight."""
+    out_features, in_features = int(shape[0]), int(shape[1])
+    if in_features % 4:
+        raise ValueError(f"invalid 2:4 weight: in_features must be divisible by 4, got {in_features}")
+    if values.dtype not in VALUE_DTYPES:
+        raise TypeError(f"invalid 2:4 weight: values dtype must be one of {VALUE_DTYPES}, got {values.dtype}")
+    if meta.dtype != torch.uint8:
+        raise TypeError(f"invalid 2:4 weight: meta must be uint8, got {meta.dtype}")
+    if tuple(values.shape) != (out_features, in_features // 2):
+        raise ValueError(f"invalid 2:4 weight: values must have shape {(out_features, in_features // 2)}, "
+                         f"got {tuple(values.shape)}")
+    width = semi24_meta_width(in_features)
+    if tuple(meta.shape) != (out_features, width):
+        raise ValueError(f"invalid 2:4 weight: meta must have shape {(out_features, width)}, got {tuple(meta.shape)}")
+    if meta.device.type == "meta":
+        return
+    groups = in_features // 4
+    nibbles = torch.stack([meta & 0xF, meta >> 4], -1).reshape(out_features, -1)
+    used = nibbles[:, :groups]
+    bad = (used & 3) >= (used >> 2)
+    if bool(bad.any()):
+        r, g = bad.nonzero()[0].tolist()
+        n = int(used[r, g])
+        raise ValueError(f"invalid 2:4 weight: malformed meta at row {r}, group {g}: positions {n & 3} and {n >> 2} "
+                         "must be distinct and increasing")
+    if groups % 2 and bool((nibbles[:, groups] != 0).any()):
+        raise ValueError("invalid 2:4 weight: malformed meta: the unused high nibble of the last byte must be 0")

@@ -30,13 +30,13 @@ from transformers import GenerationMixin, PreTrainedModel, T5Config
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 
+from .formats import semi24_magnitude_mask
 from .layers import SparseLinear
 from .pruning import (check_sparsity, magnitude_keep, remap_optimizer_state_, select_targets,
                       shrink_sparse_linear_)
 
 WEIGHTS_NAME = "model.safetensors"
 LAYOUT_KEY = "sparse_t5"  # config key holding {"format_version", "layers": {name: {...}}}
-SPARSE_FORMATS = {"csr": SparseLinear}
 
 
 def weight_dtype(module: nn.Module) -> torch.dtype:
@@ -44,8 +44,10 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
 
 
 def lm_head_is_tied(config: T5Config) -> bool:
-    """Whether lm_head shares `shared.weight` (T5 v1) or is its own matrix (v1.1, flan-t5).
-    transformers >= 5 records this as scale_decoder_outputs (and always sets tie_word_embeddings)."""
+    """Whether the decoder output is scaled by d_model^-0.5 and lm_head shares `shared.weight`, as
+    in T5 v1 (v1.1 and flan-t5: neither). transformers >= 5 records this as scale_decoder_outputs
+    (and always sets tie_word_embeddings). A checkpoint without lm_head.weight shares it anyway
+    (see from_pretrained)."""
     return bool(getattr(config, "scale_decoder_outputs", config.tie_word_embeddings))
 
 
@@ -377,7 +379,7 @@ class SparseT5PreTrainedModel(PreTrainedModel):
             module.weight.fill_(factor)
         elif isinstance(module, SparseT5ForConditionalGeneration):
             module.shared.weight.normal_(0.0, factor)
-            if not lm_head_is_tied(self.config):
+            if not module.lm_head_shared:
                 module.lm_head.weight.normal_(0.0, factor)
         elif isinstance(module, T5DenseActDense):
             _init_linear(module.wi, factor * d_model ** -0.5)
@@ -424,6 +426,9 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         decoder_config.num_layers = config.num_decoder_layers
         self.decoder = T5Stack(decoder_config, self.shared)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Whether lm_head shares the embedding matrix: T5 v1's config says so; an untied config
+        # can still share it when its checkpoint has no lm_head.weight (from_pretrained).
+        self.lm_head_shared = lm_head_is_tied(config)
         self.apply(self._init_weights)
         self._tie_lm_head()
         # A checkpoint's sparse layout (from `save_pretrained`) is rebuilt by from_pretrained.
@@ -432,7 +437,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
 
     # ---- HF plumbing ------------------------------------------------------------------------
     def _tie_lm_head(self):
-        if lm_head_is_tied(self.config):
+        if self.lm_head_shared:
             self.lm_head.weight = self.shared.weight
 
     def tie_weights(self, *args, **kwargs):
@@ -519,32 +524,44 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         return {n: m for n, m in self.named_modules() if isinstance(m, SparseLinear)}
 
     @torch.no_grad()
-    def sparsify(self, sparsity: float, format: str = "csr", method: str = "magnitude", scope: str = "layer",
-                 include=None, exclude=None, optimizer: torch.optim.Optimizer | None = None) -> dict:
-        """Prune the targeted Linears to `sparsity` (fraction of zeros against the dense size) and
-        store them compressed. Dense targets become SparseLinear (their dense weight is freed);
-        already sparse targets shrink (never densify). With `optimizer`, its state is remapped to
-        the surviving weights. Returns {layer name: sparsity}.
+    def sparsify(self, sparsity: float | None = None, format: str = "csr", method: str = "magnitude",
+                 scope: str = "layer", include=None, exclude=None,
+                 optimizer: torch.optim.Optimizer | None = None) -> dict:
+        """Prune the targeted Linears and store them compressed. Returns {layer name: sparsity}.
 
-        scope: "layer" (each layer to `sparsity`) or "global" (one magnitude threshold over all
-        targets). include / exclude: regexes over module names (default targets: attention q k v o
-        and feed-forward wi wi_0 wi_1 wo; embeddings and lm_head stay dense).
+        format="csr": unstructured, to `sparsity` (fraction of zeros against the dense size);
+        scope "layer" (each layer to `sparsity`) or "global" (one magnitude threshold over all
+        targets). Already sparse CSR targets shrink in place (never densify).
+        format="2:4": the 2 largest |w| of every 4 inputs (sparsity is 0.5 by construction).
+        Dense targets become sparse layers and their dense weight is freed. include / exclude:
+        regexes over module names (default targets: attention q k v o and feed-forward
+        wi wi_0 wi_1 wo; embeddings and lm_head stay dense). With `optimizer`, its state is
+        remapped to the surviving weights.
         """
-        check_sparsity(sparsity)
-        if format not in SPARSE_FORMATS:
-            raise ValueError(f"unknown sparse format {format!r}; available: {sorted(SPARSE_FORMATS)}")
+        layer_cls = SparseLinear.layer_class(format)  # ValueError for an unknown format
         if method != "magnitude":
             raise ValueError(f"unknown pruning method {method!r}; available: ['magnitude']")
+        if format == "2:4":
+            if sparsity is not None and float(sparsity) != 0.5:
+                raise ValueError(f"2:4 sparsity is 0.5 by construction, got sparsity={sparsity}")
+        elif sparsity is None:
+            raise ValueError("sparsity is required for format 'csr'")
+        else:
+            check_sparsity(sparsity)
         targets = select_targets(self, include, exclude)
         if not targets:
             raise ValueError("no Linear layer matches the include/exclude patterns")
-        keep = magnitude_keep(targets, sparsity, scope)
-        layer_cls = SPARSE_FORMATS[format]
+        for name, module in targets.items():
+            if isinstance(module, SparseLinear) and module.format != format:
+                raise ValueError(f"{name} is already sparse in format {module.format!r}, not {format!r}")
+        if format == "2:4":
+            keep = {n: semi24_magnitude_mask(m.weight).flatten() for n, m in targets.items()
+                    if not isinstance(m, SparseLinear)}
+        else:
+            keep = magnitude_keep(targets, sparsity, scope)
         for name, module in targets.items():
             if isinstance(module, SparseLinear):
-                if not isinstance(module, layer_cls):
-                    raise ValueError(f"{name} is already sparse in format {module.format!r}, not {format!r}")
-                if bool(keep[name].all()):
+                if name not in keep or bool(keep[name].all()):
                     continue
                 old = module.values
                 kept = shrink_sparse_linear_(module, keep[name])
@@ -576,7 +593,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         config.architectures = ["T5ForConditionalGeneration"]
         hf = T5ForConditionalGeneration(config).to(dense.shared.weight.dtype)
         state = {k: v for k, v in dense.state_dict().items()}
-        if not lm_head_is_tied(config):
+        if not dense.lm_head_shared:
             hf.lm_head.weight = nn.Parameter(torch.empty_like(hf.shared.weight))  # untie
         missing, unexpected = hf.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("embed_tokens.weight")]
@@ -604,10 +621,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         setattr(parent, child, module)
 
     def _layout(self) -> dict:
-        return {"format_version": 1, "layers": {
-            name: {"format": m.format, "nnz": m.nnz, "in_features": m.in_features, "out_features": m.out_features,
-                   "index_dtype": str(m.col_idx.dtype).replace("torch.", "")}
-            for name, m in self.sparse_layers().items()}}
+        return {"format_version": 1, "layers": {name: m.layout_spec() for name, m in self.sparse_layers().items()}}
 
     def _apply_layout(self, layout: dict):
         """Replace the named Linears by empty sparse layers of the recorded shapes (to be filled by
@@ -620,16 +634,18 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
             except AttributeError:
                 raise ValueError(f"checkpoint layout names layer '{name}', which this T5 config does not have") from None
             fmt = spec.get("format")
-            if fmt not in SPARSE_FORMATS:
-                raise ValueError(f"checkpoint layout: layer '{name}' has unknown format {fmt!r}")
+            try:
+                SparseLinear.layer_class(fmt)
+            except ValueError as err:
+                raise ValueError(f"checkpoint layout: layer '{name}': {err}") from None
             if not isinstance(module, (nn.Linear, SparseLinear)) or (module.in_features, module.out_features) != (
                     spec.get("in_features"), spec.get("out_features")):
                 raise ValueError(f"checkpoint layout: layer '{name}' shape {spec.get('out_features')}x"
                                  f"{spec.get('in_features')} does not match the config")
             device = module.values.device if isinstance(module, SparseLinear) else module.weight.device
             dtype = weight_dtype(module)
-            sparse = SPARSE_FORMATS[fmt].empty(module.in_features, module.out_features, int(spec["nnz"]), bias=False,
-                                               dtype=dtype, device=device)
+            sparse = SparseLinear.empty(module.in_features, module.out_features, int(spec["nnz"]), bias=False,
+                                        dtype=dtype, device=device, format=fmt)
             self._replace_module(name, sparse)
         self.config.__dict__[LAYOUT_KEY] = layout
 
@@ -638,7 +654,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         state = self.state_dict()
         # Tied copies are not stored (as HF): embed_tokens are `shared`, and so is a tied lm_head.
         drop = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
-        if lm_head_is_tied(self.config):
+        if self.lm_head_shared:
             drop.add("lm_head.weight")
         return {k: v.detach().contiguous() for k, v in state.items() if k not in drop}
 
@@ -692,6 +708,11 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         model.to_empty(device=device or "cpu")
         model.tie_weights()
         state = _normalise_hf_keys(state, model)
+        if not model.lm_head_shared and "lm_head.weight" not in state:
+            # As transformers does: with no lm_head.weight stored, lm_head shares the embeddings
+            # (what an untied T5Config built by transformers >= 5 saves).
+            model.lm_head_shared = True
+            model.tie_weights()
         expected = set(model._tensors_to_save())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
@@ -798,6 +819,6 @@ def _normalise_hf_keys(state: dict, model: SparseT5ForConditionalGeneration) -> 
                 break
     state.pop("encoder.embed_tokens.weight", None)
     state.pop("decoder.embed_tokens.weight", None)
-    if lm_head_is_tied(model.config):
+    if model.lm_head_shared:
         state.pop("lm_head.weight", None)
     return state

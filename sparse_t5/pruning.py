@@ -91,6 +91,8 @@ def magnitude_keep(modules: dict[str, nn.Module], sparsity: float, scope: str = 
 def shrink_sparse_linear_(layer: SparseLinear, keep: torch.Tensor) -> torch.Tensor:
     """Drop the nonzeros of `layer` where `keep` (over its values) is False, in place.
     Returns the indices of the kept values (for remapping optimizer state)."""
+    if layer.format != "csr":
+        raise ValueError(f"only CSR layers can be re-pruned in place, this one is {layer.format!r}")
     if keep.shape != layer.values.shape:
         raise ValueError(f"keep mask has shape {tuple(keep.shape)}, values have {tuple(layer.values.shape)}")
     kept = keep.nonzero().flatten()

@@ -26,6 +26,18 @@ struct CsrView {
   int64_t nnz;
 };
 
+// A 2:4 semi-structured weight of shape [out_features, in_features] (in_features % 4 == 0): in
+// every group of 4 consecutive inputs of a row, 2 are kept. values is [out_features,
+// in_features / 2]; meta is [out_features, ceil(in_features / 8)] bytes, one nibble per group
+// (group g in byte g / 2, low nibble for even g): bits 0-1 the first kept position, bits 2-3 the
+// second, first < second. 2 bits per kept value.
+struct Semi24View {
+  const void* values;
+  const uint8_t* meta;
+  int64_t out_features;
+  int64_t in_features;
+};
+
 // Parallel loop provided by the binding layer (at::parallel_for, so torch.set_num_threads holds).
 // run(n, ctx, body) calls body(ctx, begin, end) over disjoint chunks covering [0, n).
 struct Parallel {
@@ -56,6 +68,9 @@ struct KernelTable {
   void (*csr_sddmm)(const CsrView& w, DType dt, const void* dy, const void* x, int64_t tokens,
                     void* dvalues, void* dy_panels, void* x_panels, void* dvalues_acc,
                     int vectors_per_tile, const Parallel& par);
+  // y[T, out] = x[T, in] @ W^T (+ bias[out]) for a 2:4 weight. vectors_per_tile is 1, 2 or 4.
+  void (*semi24_forward)(const Semi24View& w, DType dt, const void* x, int64_t tokens, const void* bias,
+                         void* y, void* x_panels, int vectors_per_tile, const Parallel& par);
 };
 
 const KernelTable& baseline_kernels();

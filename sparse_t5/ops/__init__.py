@@ -1,8 +1,10 @@
 """sparse_t5 ops, registered under torch.ops.sparse_t5.
 
 One module per op family, each with its fake rule and autograd next to a typed wrapper:
-  csr_linear.py   CSR forward, dX (transposed product) and dvalues (SDDMM)
+  csr_linear.py     CSR forward, dX (transposed product) and dvalues (SDDMM)
+  semi24_linear.py  2:4 forward, dX and dvalues
 """
 from .csr_linear import cpu_isa, csr_linear
+from .semi24_linear import semi24_linear
 
-__all__ = ["csr_linear", "cpu_isa"]
+__all__ = ["csr_linear", "semi24_linear", "cpu_isa"]

@@ -1,4 +1,4 @@
-// CPU bodies of the CSR ops (schemas in registration.cpp). Exposed for the C++ unit tests.
+// CPU bodies of the sparse-linear ops (schemas in registration.cpp). Exposed for the C++ unit tests.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -16,5 +16,12 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
 
 at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, int64_t out_features, int64_t in_features);
+
+// 2:4 ops (semi24_linear.cpp).
+at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                             const std::optional<at::Tensor>& bias);
+at::Tensor semi24_linear_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                            const at::Tensor& meta);
+at::Tensor semi24_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& meta);
 
 }  // namespace sparse_t5

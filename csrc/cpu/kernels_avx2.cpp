@@ -1,4 +1,4 @@
-// AVX2 + FMA build of the CSR kernels (x86-64 only; chosen at run time, see dispatch.cpp).
+// AVX2 + FMA build of the CPU kernels (CSR and 2:4) (x86-64 only; chosen at run time, see dispatch.cpp).
 #include "kernel_api.h"
 #if defined(__x86_64__)
 #include <cstdint>
@@ -10,7 +10,9 @@
 #define SPARSE_T5_TABLE_FN avx2_kernels
 // One accumulator set: a second set of 4 x 2 ymm would spill AVX2's 16 registers.
 #define SPARSE_T5_ACC_SETS 1
-#include "csr_kernels_impl.h"
+// 2:4 forward: output rows per register block (4 rows x 2 vectors of 2 ymm = 16 ymm, all of AVX2's registers; fewer rows reuse x less).
+#define SPARSE_T5_24_ROWS 4
+#include "kernel_table_impl.h"
 #pragma GCC pop_options
 #else
 namespace sparse_t5 { namespace cpu {

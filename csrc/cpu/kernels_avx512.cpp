@@ -1,4 +1,4 @@
-// AVX-512 build of the CSR kernels (x86-64 only; chosen at run time, see dispatch.cpp).
+// AVX-512 build of the CPU kernels (CSR and 2:4) (x86-64 only; chosen at run time, see dispatch.cpp).
 #include "kernel_api.h"
 #if defined(__x86_64__)
 #include <cstdint>
@@ -10,7 +10,9 @@
 #define SPARSE_T5_TABLE_FN avx512_kernels
 // Two accumulator sets: 8 independent zmm FMA chains cover the FMA latency x throughput.
 #define SPARSE_T5_ACC_SETS 2
-#include "csr_kernels_impl.h"
+// 2:4 forward: output rows per register block (8 rows x 2 zmm = 16 of the 32 zmm registers as accumulators).
+#define SPARSE_T5_24_ROWS 8
+#include "kernel_table_impl.h"
 #pragma GCC pop_options
 #else
 namespace sparse_t5 { namespace cpu {

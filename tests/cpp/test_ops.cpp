@@ -7,7 +7,7 @@
 #include <functional>
 #include <string>
 
-#include "csr_linear.h"
+#include "ops.h"
 
 namespace {
 
@@ -97,6 +97,27 @@ int main() {
   expect_throws([&] { csr_sddmm_cpu(at::randn({5, 8}), x, w.row_ptr, w.col_idx, 8, 16); },
                 "same leading dimensions", "sddmm tokens");
   expect_throws([&] { csr_linear_cpu(x, w.values, w.row_ptr, w.col_idx, -1, 16, {}); }, ">= 0", "negative out");
+
+  // 2:4: correct against dense, and malformed metadata raises.
+  {
+    using sparse_t5::semi24_linear_cpu;
+    at::Tensor values = at::randn({6, 8});
+    at::Tensor meta = at::full({6, 2}, 0x94, at::kByte);  // groups: positions (0, 1) and (1, 2)
+    at::Tensor dense = at::zeros({6, 16});
+    for (int64_t r = 0; r < 6; ++r)
+      for (int64_t g = 0; g < 4; ++g) {
+        const int p0 = g % 2 == 0 ? 0 : 1, p1 = g % 2 == 0 ? 1 : 2;
+        dense[r][4 * g + p0] = values[r][2 * g];
+        dense[r][4 * g + p1] = values[r][2 * g + 1];
+      }
+    at::Tensor x2 = at::randn({5, 16});
+    expect(at::allclose(semi24_linear_cpu(x2, values, meta, {}), at::linear(x2, dense), 1e-5, 1e-5), "semi24 fwd");
+    at::Tensor bad = meta.clone();
+    bad[2][1] = 0x33;  // positions (3, 0)
+    expect_throws([&] { semi24_linear_cpu(x2, values, bad, {}); }, "malformed 2:4 meta", "semi24 meta");
+    expect_throws([&] { semi24_linear_cpu(at::randn({5, 12}), values, meta, {}); }, "features in its last dimension",
+                  "semi24 x");
+  }
 
   std::printf("csr ops: %d failures\n", g_failures);
   return g_failures == 0 ? 0 : 1;

@@ -1,0 +1,52 @@
+"""Speed of the 2:4 sparse linear against dense F.linear and our CSR at sparsity 0.5 (the same
+density), on T5 shapes, fp32, 512 tokens.
+
+    pytest benches/test_bench_semi24_linear.py
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_t5 import SparseLinear
+
+TOKENS = 512
+SHAPES = {
+    "t5-small FFN wi 512->2048": (512, 2048),
+    "t5-small FFN wo 2048->512": (2048, 512),
+    "t5-base FFN wi 768->3072": (768, 3072),
+}
+PROVIDERS = ["dense", "cpp_csr", "cpp_2:4"]
+
+
+def setup_semi24_linear(provider, in_features, out_features, backward):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=g)
+    layer24 = SparseLinear.from_dense(weight, format="2:4")
+    masked = layer24.to_dense()  # all providers compute with the same 2:4-masked weight
+    x = torch.randn(TOKENS, in_features, generator=g, requires_grad=backward)
+    dy = torch.randn(TOKENS, out_features, generator=g)
+    if provider == "dense":
+        w = masked.clone().requires_grad_(backward)
+        fwd = lambda: F.linear(x, w)  # noqa: E731
+    elif provider == "cpp_csr":
+        layer = SparseLinear.from_dense(masked, masked != 0, format="csr")
+        fwd = lambda: layer(x)  # noqa: E731
+    elif provider == "cpp_2:4":
+        fwd = lambda: layer24(x)  # noqa: E731
+    else:
+        raise ValueError(provider)
+    if not backward:
+        def run():
+            with torch.no_grad():
+                return fwd()
+        return run
+    return lambda: fwd().backward(dy)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_semi24_linear(record, pass_, shape, provider):
+    in_features, out_features = SHAPES[shape]
+    fn = setup_semi24_linear(provider, in_features, out_features, backward=pass_ == "fwd+bwd")
+    record(f"semi24_linear {pass_} {shape}", provider, fn)

@@ -1,0 +1,21 @@
+// The entry-point table of one instruction-set variant; included last by kernels_<isa>.cpp.
+#pragma once
+#include "csr_kernels_impl.h"
+#include "semi24_kernels_impl.h"
+
+#if !defined(SPARSE_T5_ISA_NAME) || !defined(SPARSE_T5_TABLE_FN)
+#error "define SPARSE_T5_ISA_NAME and SPARSE_T5_TABLE_FN (see kernels_<isa>.cpp)"
+#endif
+
+namespace sparse_t5 {
+namespace cpu {
+
+const KernelTable& SPARSE_T5_TABLE_FN() {
+  static const KernelTable table = {SPARSE_T5_ISA_NAME, &SPARSE_T5_ISA_NS::csr_forward,
+                                    &SPARSE_T5_ISA_NS::csr_backward_input, &SPARSE_T5_ISA_NS::csr_sddmm,
+                                    &SPARSE_T5_ISA_NS::semi24_forward};
+  return table;
+}
+
+}  // namespace cpu
+}  // namespace sparse_t5

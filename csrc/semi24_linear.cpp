@@ -1,0 +1,172 @@
+// CPU bodies of the 2:4 ops: checks, then the forward kernel (csrc/cpu/semi24_kernels_impl.h), or
+// for the backward products the CSR kernels on a column index decoded from the metadata.
+// Schemas: registration.cpp. Layout: cpu/kernel_api.h (Semi24View).
+//
+// The decoded index is transient (2 bytes per kept value, freed when the op returns): the layer
+// itself stores only values and 2 bits of metadata per kept value.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cpu/kernel_api.h"
+#include "cpu/parallel.h"
+#include "op_common.h"
+#include "ops.h"
+
+namespace sparse_t5 {
+namespace {
+
+int64_t meta_width(int64_t in_features) { return (in_features / 4 + 1) / 2; }
+
+// Checks values [out, in/2] and meta [out, ceil(in/8)] and returns in_features. Every nibble must
+// name two distinct positions in increasing order; the unused high nibble of an odd last group
+// must be zero.
+void check_meta(const at::Tensor& meta, int64_t out, int64_t in) {
+  check_cpu(meta, "meta");
+  TORCH_CHECK_VALUE(in % 4 == 0, "sparse_t5: 2:4 needs in_features divisible by 4, got in_features = ", in);
+  TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "sparse_t5: 2:4 meta must be uint8, got ",
+                   meta.scalar_type());
+  TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == out && meta.size(1) == meta_width(in),
+                    "sparse_t5: 2:4 meta must have shape [out_features, ceil(in_features / 8)] = [", out, ", ",
+                    meta_width(in), "], got ", meta.sizes());
+  TORCH_CHECK_VALUE(meta.is_contiguous(), "sparse_t5: 2:4 meta must be contiguous");
+  const uint8_t* m = meta.data_ptr<uint8_t>();
+  const int64_t groups = in / 4, width = meta_width(in);
+  for (int64_t r = 0; r < out; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const unsigned nib = (m[r * width + g / 2] >> ((g & 1) * 4)) & 0xFu;
+      TORCH_CHECK_VALUE((nib & 3u) < (nib >> 2), "sparse_t5: malformed 2:4 meta at row ", r, ", group ", g,
+                        ": positions ", nib & 3u, " and ", nib >> 2, " must be distinct and increasing");
+    }
+    if (groups % 2 == 1) {
+      TORCH_CHECK_VALUE((m[r * width + width - 1] >> 4) == 0, "sparse_t5: malformed 2:4 meta at row ", r,
+                        ": the unused high nibble of the last byte must be 0");
+    }
+  }
+}
+
+int64_t check_semi24(const at::Tensor& values, const at::Tensor& meta) {
+  check_cpu(values, "values");
+  TORCH_CHECK_VALUE(values.dim() == 2, "sparse_t5: 2:4 values must be 2-D [out_features, in_features / 2], got ",
+                    values.sizes());
+  const int64_t out = values.size(0), in = values.size(1) * 2;
+  check_meta(meta, out, in);
+  return in;
+}
+
+// The CSR view of a 2:4 weight: row_ptr = r * in/2, columns decoded from the nibbles.
+struct DecodedCsr {
+  at::Tensor row_ptr, col_idx;
+};
+
+DecodedCsr decode_to_csr(const at::Tensor& meta, int64_t out, int64_t in) {
+  const int64_t half = in / 2, groups = in / 4, width = meta_width(in);
+  at::Tensor row_ptr = at::arange(out + 1, at::TensorOptions().dtype(at::kInt)).mul_(static_cast<int32_t>(half));
+  const bool narrow = in <= 32768;
+  at::Tensor col_idx = at::empty({out * half}, at::TensorOptions().dtype(narrow ? at::kShort : at::kInt));
+  const uint8_t* m = meta.data_ptr<uint8_t>();
+  auto fill = [&](auto* cols) {
+    at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        for (int64_t g = 0; g < groups; ++g) {
+          const unsigned nib = (m[r * width + g / 2] >> ((g & 1) * 4)) & 0xFu;
+          cols[r * half + 2 * g] = static_cast<std::remove_reference_t<decltype(*cols)>>(4 * g + (nib & 3u));
+          cols[r * half + 2 * g + 1] = static_cast<std::remove_reference_t<decltype(*cols)>>(4 * g + (nib >> 2));
+        }
+    });
+  };
+  if (narrow) {
+    fill(col_idx.data_ptr<int16_t>());
+  } else {
+    fill(col_idx.data_ptr<int32_t>());
+  }
+  return {row_ptr, col_idx};
+}
+
+cpu::CsrView csr_view_of(const at::Tensor& values, const DecodedCsr& d, int64_t out, int64_t in) {
+  cpu::CsrView w;
+  w.values = values.defined() ? values.data_ptr() : nullptr;
+  w.row_ptr = d.row_ptr.data_ptr<int32_t>();
+  w.col_idx = d.col_idx.data_ptr();
+  w.col_idx_is_int16 = d.col_idx.scalar_type() == at::kShort;
+  w.out_features = out;
+  w.in_features = in;
+  w.nnz = d.col_idx.size(0);
+  return w;
+}
+
+}  // namespace
+
+at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                             const std::optional<at::Tensor>& bias) {
+  const int64_t in = check_semi24(values, meta), out = values.size(0);
+  const cpu::DType dt = kernel_dtype(values, "values");
+  const int64_t tokens = check_activation(x, "x", in, "in_features", values.scalar_type());
+  if (bias.has_value()) {
+    check_cpu(*bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out, "sparse_t5: bias must have shape [out_features] = [",
+                      out, "], got ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "sparse_t5: bias dtype ", bias->scalar_type(),
+                     " does not match values dtype ", values.scalar_type());
+  }
+  at::Tensor y = at::empty(with_last_dim(x.sizes(), out), x.options());
+  if (tokens == 0 || out == 0) return y;
+  const at::Tensor xc = x.contiguous(), vc = values.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int nv = vectors_per_tile(tokens, dt, 1);  // 64-token tiles from 33 tokens on (see the kernel)
+  at::Tensor x_panels = panels(tokens, in, nv, dt);
+  cpu::Semi24View w{vc.data_ptr(), meta.data_ptr<uint8_t>(), out, in};
+  cpu::active_kernels().semi24_forward(w, dt, xc.data_ptr(), tokens, bc.defined() ? bc.data_ptr() : nullptr,
+                                       y.data_ptr(), x_panels.data_ptr(), nv, cpu::aten_parallel());
+  return y;
+}
+
+at::Tensor semi24_linear_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                            const at::Tensor& meta) {
+  const int64_t in = check_semi24(values, meta), out = values.size(0);
+  const cpu::DType dt = kernel_dtype(values, "values");
+  const int64_t tokens = check_activation(grad_out, "grad_out", out, "out_features", values.scalar_type());
+  at::Tensor dx = at::empty(with_last_dim(grad_out.sizes(), in), grad_out.options());
+  if (tokens == 0 || in == 0) return dx;
+  const at::Tensor gc = grad_out.contiguous(), vc = values.contiguous();
+  const DecodedCsr csr = decode_to_csr(meta, out, in);
+  const int nv = vectors_per_tile(tokens, dt, at::get_num_threads());
+  at::Tensor dy_panels = panels(tokens, out, nv, dt);
+  at::Tensor dx_panels = panels(tokens, in, nv, dt);
+  cpu::active_kernels().csr_backward_input(csr_view_of(vc, csr, out, in), dt, gc.data_ptr(), tokens, dx.data_ptr(),
+                                           dy_panels.data_ptr(), dx_panels.data_ptr(), nv, cpu::aten_parallel());
+  return dx;
+}
+
+at::Tensor semi24_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& meta) {
+  TORCH_CHECK_VALUE(meta.dim() == 2, "sparse_t5: 2:4 meta must be 2-D, got ", meta.sizes());
+  TORCH_CHECK_VALUE(x.dim() >= 1, "sparse_t5: x must have at least 1 dimension");
+  const int64_t out = meta.size(0), in = x.size(-1);
+  check_meta(meta, out, in);
+  const cpu::DType dt = kernel_dtype(x, "x");
+  const int64_t tokens = check_activation(x, "x", in, "in_features", x.scalar_type());
+  check_activation(grad_out, "grad_out", out, "out_features", x.scalar_type());
+  TORCH_CHECK_VALUE(x.sizes().slice(0, x.dim() - 1) == grad_out.sizes().slice(0, grad_out.dim() - 1),
+                    "sparse_t5: grad_out and x must have the same leading dimensions, got ", grad_out.sizes(),
+                    " and ", x.sizes());
+  at::Tensor dvalues = at::empty({out, in / 2}, x.options());
+  if (dvalues.numel() == 0) return dvalues;
+  if (tokens == 0) return dvalues.zero_();
+  const at::Tensor gc = grad_out.contiguous(), xc = x.contiguous();
+  const DecodedCsr csr = decode_to_csr(meta, out, in);
+  const int nv = vectors_per_tile(tokens, dt, 1);
+  at::Tensor dy_panels = panels(tokens, out, nv, dt);
+  at::Tensor x_panels = panels(tokens, in, nv, dt);
+  at::Tensor acc = at::empty({out * (in / 2)}, at::TensorOptions().dtype(compute_dtype(dt)));
+  cpu::active_kernels().csr_sddmm(csr_view_of(at::Tensor(), csr, out, in), dt, gc.data_ptr(), xc.data_ptr(), tokens,
+                                  dvalues.data_ptr(), dy_panels.data_ptr(), x_panels.data_ptr(), acc.data_ptr(), nv,
+                                  cpu::aten_parallel());
+  return dvalues;
+}
+
+}  // namespace sparse_t5
+
+TORCH_LIBRARY_IMPL(sparse_t5, CPU, m) {
+  m.impl("semi24_linear", &sparse_t5::semi24_linear_cpu);
+  m.impl("semi24_linear_backward_input", &sparse_t5::semi24_linear_backward_input_cpu);
+  m.impl("semi24_sddmm", &sparse_t5::semi24_sddmm_cpu);
+}

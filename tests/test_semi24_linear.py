@@ -1,0 +1,260 @@
+"""2:4 semi-structured sparse linear: format, ops, layer and model against the dense masked reference.
+
+Kernel: csrc/cpu/semi24_kernels_impl.h. Binding: csrc/semi24_linear.cpp. Python: sparse_t5/ops/semi24_linear.py.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import T5Config, T5ForConditionalGeneration
+
+from sparse_t5 import Semi24Linear, Semi24Weight, SparseLinear, SparseT5ForConditionalGeneration
+from sparse_t5.formats import semi24_magnitude_mask, validate_semi24
+
+RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+SHAPES = [
+    ((5,), 124, 77),      # awkward: one token tile, odd number of groups (124 / 4 = 31)
+    ((3, 7), 64, 40),     # 3-D input
+    ((2, 70), 96, 33),    # several tiles, partial last tile, out not a multiple of the row block
+    ((1,), 512, 48),      # one token
+    ((40,), 4, 9),        # a single group
+]
+
+
+def assert_close_rel(actual, expected, dtype, what):
+    expected = expected.to(torch.float64)
+    assert actual.shape == expected.shape, what
+    scale = max(expected.abs().max().item(), 1e-30)
+    err = (actual.to(torch.float64) - expected).abs().max().item()
+    assert err <= RTOL[dtype] * scale, f"{what}: max error {err:.3e} > {RTOL[dtype]:.0e} x {scale:.3e}"
+
+
+@pytest.mark.parametrize("lead,in_features,out_features", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_dense_masked_reference(lead, in_features, out_features, dtype, bias):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    layer = SparseLinear.from_dense(weight, bias=b, format="2:4")
+    assert isinstance(layer, Semi24Linear)
+    mask = semi24_magnitude_mask(weight)
+    assert torch.equal(layer.mask(), mask)
+    x = torch.randn(*lead, in_features, generator=g).to(dtype).requires_grad_()
+    y = layer(x)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(dy)
+    w_ref = (weight * mask).double().requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    b_ref = b.double().requires_grad_() if bias else None
+    y_ref = F.linear(x_ref, w_ref, b_ref)
+    y_ref.backward(dy.double())
+    assert_close_rel(y.detach(), y_ref, dtype, "forward")
+    assert_close_rel(x.grad, x_ref.grad, dtype, "grad x")
+    assert_close_rel(layer.values.grad.flatten(), w_ref.grad[mask], dtype, "grad values")
+    if bias:
+        assert_close_rel(layer.bias.grad, b_ref.grad, dtype, "grad bias")
+
+
+def test_magnitude_mask_keeps_two_largest_of_four():
+    w = torch.tensor([[0.1, -3.0, 2.0, 0.5, 9.0, -8.0, 0.0, 1.0]])
+    assert semi24_magnitude_mask(w).tolist() == [[False, True, True, False, True, True, False, False]]
+
+
+def test_format_round_trip_and_layout():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 20, generator=g)
+    s = Semi24Weight.from_dense(w)
+    assert s.values.shape == (6, 10) and s.meta.shape == (6, 3) and s.meta.dtype == torch.uint8
+    assert torch.equal(s.to_dense(), w * semi24_magnitude_mask(w))
+    # nibble layout: positions (p0, p1) as p0 | p1 << 2, group g in byte g // 2, even g low
+    first_group = semi24_magnitude_mask(w)[0, :4].nonzero().flatten().tolist()
+    assert int(s.meta[0, 0] & 0xF) == first_group[0] | (first_group[1] << 2)
+    assert int(s.meta[0, 2] >> 4) == 0  # 5 groups: the last byte's high nibble is unused
+
+
+def test_non_multiple_of_four_is_rejected():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Semi24Weight.from_dense(torch.randn(3, 10))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        SparseLinear.from_dense(torch.randn(3, 10), format="2:4")
+
+
+def test_mask_must_be_two_of_four():
+    w = torch.randn(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match="not 2:4"):
+        Semi24Weight.from_dense(w, mask)
+
+
+@pytest.mark.parametrize("corruption,message", [
+    (lambda m: m.fill_(0x11), "malformed meta"),          # positions (1, 0): not increasing
+    (lambda m: m.fill_(0x55), "malformed meta"),          # positions (1, 1): duplicated
+    (lambda m: m[:, -1].fill_(0x44), "unused high nibble"),
+])
+def test_malformed_meta_is_rejected(corruption, message):
+    s = Semi24Weight.from_dense(torch.randn(3, 20))
+    meta = s.meta.clone()
+    corruption(meta)
+    with pytest.raises(ValueError, match=message):
+        validate_semi24(s.values, meta, s.shape)
+    with pytest.raises(ValueError, match="malformed 2:4 meta"):  # and the C++ op never reads it
+        torch.ops.sparse_t5.semi24_linear(torch.randn(2, 20), s.values, meta)
+
+
+def test_cpp_op_rejects_bad_shapes_and_dtypes():
+    s = Semi24Weight.from_dense(torch.randn(4, 16))
+    ops = torch.ops.sparse_t5
+    with pytest.raises(ValueError, match="features in its last dimension"):
+        ops.semi24_linear(torch.randn(2, 12), s.values, s.meta)
+    with pytest.raises(TypeError, match="meta must be uint8"):
+        ops.semi24_linear(torch.randn(2, 16), s.values, s.meta.to(torch.int16))
+    with pytest.raises(ValueError, match="meta must have shape"):
+        ops.semi24_linear(torch.randn(2, 16), s.values, s.meta[:, :1])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        ops.semi24_linear(torch.randn(2, 14), torch.randn(4, 7), torch.zeros(4, 2, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="does not match values dtype"):
+        ops.semi24_linear(torch.randn(2, 16).double(), s.values, s.meta)
+    with pytest.raises(ValueError, match="same leading dimensions"):
+        ops.semi24_sddmm(torch.randn(3, 4), torch.randn(2, 16), s.meta)
+
+
+def test_gradcheck_fp64():
+    g = torch.Generator().manual_seed(2)
+    s = Semi24Weight.from_dense(torch.randn(5, 12, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 3, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    v = s.values.clone().requires_grad_()
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: torch.ops.sparse_t5.semi24_linear(x, v, s.meta, b), (x, v, b))
+
+
+def test_opcheck_every_op():
+    g = torch.Generator().manual_seed(3)
+    s = Semi24Weight.from_dense(torch.randn(24, 40, generator=g))
+    x = torch.randn(3, 5, 40, generator=g)
+    dy = torch.randn(3, 5, 24, generator=g)
+    v = s.values.clone().requires_grad_()
+    b = torch.randn(24, generator=g, requires_grad=True)
+    ops = torch.ops.sparse_t5
+    torch.library.opcheck(ops.semi24_linear.default, (x.clone().requires_grad_(), v, s.meta, b))
+    torch.library.opcheck(ops.semi24_linear.default, (x, s.values, s.meta, None))
+    torch.library.opcheck(ops.semi24_linear_backward_input.default, (dy, s.values, s.meta))
+    torch.library.opcheck(ops.semi24_sddmm.default, (dy, x, s.meta))
+
+
+def test_pattern_stays_two_of_four_after_adamw():
+    g = torch.Generator().manual_seed(4)
+    layer = SparseLinear.from_dense(torch.randn(32, 64, generator=g), format="2:4")
+    mask, meta = layer.mask(), layer.meta.clone()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, betas=(0.9, 0.98))
+    for _ in range(5):
+        opt.zero_grad()
+        layer(torch.randn(16, 64, generator=g)).pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(layer.meta, meta) and torch.equal(layer.mask(), mask)
+    dense = layer.to_dense()
+    assert torch.all(dense[~mask] == 0)
+    assert torch.all((dense != 0).reshape(32, 16, 4).sum(-1) <= 2)
+    assert set(dict(layer.named_parameters())) == {"values"}
+    assert opt.state[layer.values]["exp_avg"].shape == (32, 32)
+
+
+def test_memory_bytes_per_original_weight():
+    layer = SparseLinear.from_dense(torch.randn(3072, 768), format="2:4")  # t5-base FFN wi, no bias
+    per_weight = layer.memory_bytes() / (3072 * 768)
+    assert per_weight == pytest.approx(2.0 + 0.125)  # fp32 values for half + 1 byte of meta per 8 inputs
+    assert per_weight <= 2.25
+
+
+def test_state_dict_round_trip_and_empty_placeholder():
+    a = SparseLinear.from_dense(torch.randn(8, 24), bias=torch.randn(8), format="2:4")
+    b = SparseLinear.empty(24, 8, bias=True, format="2:4")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 24)
+    assert torch.equal(a(x), b(x))
+    sd = a.state_dict()
+    sd["meta"] = sd["meta"].clone().fill_(0x11)
+    with pytest.raises(ValueError, match="corrupt sparse weight"):
+        b.load_state_dict(sd)
+
+
+# ---- the T5 model at 2:4 -----------------------------------------------------------------------------
+def tiny_pair(tmp_path):
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=101, d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=2, dropout_rate=0.0,
+                      decoder_start_token_id=0, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    hf = T5ForConditionalGeneration(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "hf")
+
+
+def test_t5_parity_at_two_four_against_masked_hf(tmp_path):
+    hf, ours = tiny_pair(tmp_path)
+    ours.sparsify(format="2:4")
+    layers = ours.sparse_layers()
+    assert layers and all(m.format == "2:4" and m.sparsity == 0.5 for m in layers.values())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            hf.get_submodule(name).weight.copy_(layer.to_dense())
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(2, 101, (3, 9), generator=g), torch.randint(2, 101, (3, 5), generator=g)
+    a = hf(input_ids=ids, labels=labels, use_cache=False)
+    b = ours(input_ids=ids, labels=labels)
+    assert_close_rel(b.logits, a.logits, torch.float32, "logits")
+    a.loss.backward()
+    b.loss.backward()
+    for name, layer in layers.items():
+        assert_close_rel(layer.values.grad.flatten(), hf.get_submodule(name).weight.grad[layer.mask()],
+                         torch.float32, name)
+    kw = dict(max_new_tokens=6, suppress_tokens=[0, 1], num_beams=4)
+    assert torch.equal(ours.generate(input_ids=ids, **kw), hf.generate(input_ids=ids, **kw))
+
+
+def test_t5_two_four_checkpoint_round_trip(tmp_path):
+    _, ours = tiny_pair(tmp_path)
+    ours.sparsify(format="2:4")
+    ours.save_pretrained(tmp_path / "s24")
+    loaded = SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "s24")
+    for k, v in ours.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert all(m.format == "2:4" for m in loaded.sparse_layers().values())
+
+
+def test_sparsify_two_four_rejects_other_sparsities(tmp_path):
+    _, ours = tiny_pair(tmp_path)
+    with pytest.raises(ValueError, match="0.5 by construction"):
+        ours.sparsify(0.7, format="2:4")
+    ours.sparsify(0.5, format="csr")
+    with pytest.raises(ValueError, match="already sparse in format 'csr'"):
+        ours.sparsify(format="2:4")
+
+
+_VARIANT_CHECK = """
+import torch, torch.nn.functional as F
+from sparse_t5 import SparseLinear, cpu_isa
+assert cpu_isa() == "{isa}"
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    for T, i, o in ((5, 124, 77), (130, 64, 40), (40, 32, 33)):
+        w = torch.randn(o, i, generator=g).to(dtype)
+        layer = SparseLinear.from_dense(w, format="2:4")
+        x = torch.randn(T, i, generator=g).to(dtype)
+        ref = F.linear(x.double(), layer.to_dense().double())
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert (layer(x).double() - ref).abs().max() <= tol * ref.abs().max(), (dtype, T)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_kernel_variant(isa):
+    from test_csr_linear import _supported_isas
+
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU has no {isa}")
+    out = subprocess.run([sys.executable, "-c", _VARIANT_CHECK.format(isa=isa)],
+                         env=dict(os.environ, SPARSE_T5_CPU_ISA=isa), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
