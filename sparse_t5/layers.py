@@ -82,6 +82,19 @@ class SparseLinear(nn.Module):
         return layer_cls._empty(in_features, out_features, nnz, bias, dtype, device)
 
     # ---- shared behaviour ------------------------------------------------------------------------
+    def _cast_for_autocast(self, x):
+        """Under torch.autocast, compute in the autocast dtype like nn.Linear does: x, values and
+        bias are cast (differentiably, so the fp32 values still receive their gradient)."""
+        device = x.device.type
+        values, bias = self.values, self.bias
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, values = x.to(dtype), values.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        elif x.dtype != values.dtype and x.is_floating_point():
+            x = x.to(values.dtype)
+        return x, values, bias
+
     def compressed(self):
         raise NotImplementedError
 
@@ -184,7 +197,8 @@ class CSRLinear(SparseLinear, weight_type=CSRWeight):
         return cls(weight, torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return csr_linear(x, self.values, self.row_ptr, self.col_idx, self.out_features, self.in_features, self.bias)
+        x, values, bias = self._cast_for_autocast(x)
+        return csr_linear(x, values, self.row_ptr, self.col_idx, self.out_features, self.in_features, bias)
 
     def compressed(self) -> CSRWeight:
         return CSRWeight(self.values, self.row_ptr, self.col_idx, (self.out_features, self.in_features))
@@ -236,7 +250,8 @@ class Semi24Linear(SparseLinear, weight_type=Semi24Weight):
         return cls(weight, torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return semi24_linear(x, self.values, self.meta, self.bias)
+        x, values, bias = self._cast_for_autocast(x)
+        return semi24_linear(x, values, self.meta, bias)
 
     def compressed(self) -> Semi24Weight:
         return Semi24Weight(self.values, self.meta, (self.out_features, self.in_features))

@@ -1,0 +1,179 @@
+"""One recovery fine-tuning variant, measured in its own process (run by test_bench_recovery.py).
+
+    python benches/recovery_step.py --shape t5-small --variant csr:0.9 [--steps 5]
+
+Variants: hf_dense (HF T5, dense), hf_mask (HF T5 + torch.nn.utils.prune global L1 at 0.2, the
+seed study's approach), csr:<sparsity> and 2:4 (ours, loaded from a pruned checkpoint the way a
+recovery run starts, so no dense weight ever exists in this process).
+
+Setup: random init, AdamW(betas 0.9, 0.98), batch 8, source 32 tokens, target 8 tokens. After the
+model and optimizer exist, the process's peak-RSS mark is reset (/proc/self/clear_refs), so the
+reported peak is the training peak with the model resident, not one-off construction costs. On
+CUDA, torch.cuda.max_memory_allocated is reported instead. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+SHAPES = {
+    # name: d_model, d_ff, heads, d_kv, layers (encoder = decoder), vocab
+    "t5-small": dict(d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=6, vocab_size=32128),
+    "t5-base": dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12, vocab_size=32128),
+    "tiny": dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2, vocab_size=256),
+}
+BATCH, SRC, TGT = 8, 32, 8
+CACHE = os.environ.get("SPARSE_T5_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "sparse_t5_bench_ckpt"))
+
+
+def rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def config_for(shape):
+    from transformers import T5Config
+
+    return T5Config(**SHAPES[shape], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+
+def sparse_checkpoint(shape: str, variant: str) -> str:
+    """Path of a pruned checkpoint of `shape` for `variant`, built once in a child process."""
+    path = os.path.join(CACHE, f"{shape}-{variant.replace(':', '_')}")
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        import subprocess
+
+        code = (
+            "import sys, torch; sys.path.insert(0, %r)\n"
+            "from recovery_step import config_for\n"
+            "from sparse_t5 import SparseT5ForConditionalGeneration\n"
+            "torch.manual_seed(0)\n"
+            "m = SparseT5ForConditionalGeneration(config_for(%r))\n"
+            "v = %r\n"
+            "m.sparsify(format='2:4') if v == '2:4' else m.sparsify(float(v.split(':')[1]), scope='global')\n"
+            "m.save_pretrained(%r)\n" % (os.path.dirname(os.path.abspath(__file__)), shape, variant, path)
+        )
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return path
+
+
+def build(shape: str, variant: str):
+    if variant in ("hf_dense", "hf_mask"):
+        from transformers import T5ForConditionalGeneration
+
+        torch.manual_seed(0)
+        model = T5ForConditionalGeneration(config_for(shape))
+        if variant == "hf_mask":
+            import torch.nn.utils.prune as prune
+
+            from sparse_t5.pruning import select_targets
+
+            targets = [(m, "weight") for m in select_targets(model).values()]
+            prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=0.2)
+        return model
+    from sparse_t5 import SparseT5ForConditionalGeneration
+
+    return SparseT5ForConditionalGeneration.from_pretrained(sparse_checkpoint(shape, variant))
+
+
+def state_bytes(model, optimizer) -> dict:
+    """Bytes of parameters, grads, optimizer state and buffers, split into sparse layers and the rest."""
+    from sparse_t5 import SparseLinear
+
+    sparse_ids, nnz, dense_size = set(), 0, 0
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            sparse_ids |= {id(t) for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
+            nnz += m.nnz
+            dense_size += m.in_features * m.out_features
+    out = {k: 0 for k in ("sparse_params", "sparse_grads", "sparse_optimizer", "sparse_index",
+                          "other_params", "other_grads", "other_optimizer", "other_buffers")}
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        side = "sparse" if id(p) in sparse_ids else "other"
+        out[f"{side}_params"] += p.numel() * p.element_size()
+        if p.grad is not None:
+            out[f"{side}_grads"] += p.grad.numel() * p.grad.element_size()
+        for t in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(t):
+                out[f"{side}_optimizer"] += t.numel() * t.element_size()
+    for b in model.buffers():
+        if id(b) in seen:
+            continue
+        seen.add(id(b))
+        key = "sparse_index" if id(b) in sparse_ids else "other_buffers"
+        out[key] += b.numel() * b.element_size()
+    sparse_total = sum(v for k, v in out.items() if k.startswith("sparse"))
+    out.update(sparse_total=sparse_total, other_total=sum(v for k, v in out.items() if k.startswith("other")),
+               sparse_nnz=nnz, sparse_dense_size=dense_size,
+               sparse_bytes_per_nnz=(sparse_total / nnz) if nnz else None)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--variant", required=True, help="hf_dense | hf_mask | csr:<sparsity> | 2:4")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    baseline_rss = rss_bytes("VmRSS")
+    model = build(args.shape, args.variant)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(1)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    ids = torch.randint(2, vocab, (BATCH, SRC), generator=g)
+    labels = torch.randint(2, vocab, (BATCH, TGT), generator=g)
+    loaded_rss = rss_bytes("VmRSS")
+    peak_reset = reset_peak_rss()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    step()  # warm-up: allocates grads and optimizer state
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    result = {
+        "shape": args.shape, "variant": args.variant, "threads": torch.get_num_threads(),
+        "peak_rss_bytes": rss_bytes("VmHWM"), "peak_rss_reset_after_setup": peak_reset,
+        "rss_after_import_bytes": baseline_rss, "rss_after_setup_bytes": loaded_rss,
+        "step_time_median_s": statistics.median(times), "step_times_s": times,
+    }
+    result.update(state_bytes(model, optimizer))
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""The one command that measures and publishes the results:
+
+    python benches/report.py            # runs the suites, then regenerates the README and plot
+    python benches/report.py --no-run   # regenerates from benches/results/*.json only
+
+It runs the recovery suite (test_bench_recovery.py) and the kernel suites with pytest-benchmark,
+writes benches/results/recovery.json (and the kernel JSONs), rewrites the README's Results section
+between its markers, and draws benches/results/recovery.png (peak memory and step time against
+sparsity for dense, mask pruning and ours). Figures are measured on the machine that runs it,
+which the README states with them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "results")
+BEGIN, END = "<!-- results:begin (benches/report.py) -->", "<!-- results:end -->"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from sparse_t5 import cpu_isa
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_isa()}
+
+
+def run_suites():
+    os.makedirs(RESULTS, exist_ok=True)
+    raw = os.path.join(RESULTS, "latest-recovery-benchmark.json")
+    subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, "test_bench_recovery.py"), "-q",
+                    "-p", "no:cacheprovider", f"--benchmark-json={raw}"], check=True, cwd=ROOT)
+    rows = [b["extra_info"] for b in json.load(open(raw))["benchmarks"]]
+    with open(os.path.join(RESULTS, "recovery.json"), "w") as f:
+        json.dump({"machine": machine(), "results": rows}, f, indent=1)
+    for suite, name in (("test_bench_csr_linear.py", "csr_linear"), ("test_bench_semi24_linear.py", "semi24_linear")):
+        env = dict(os.environ, SPARSE_T5_BENCH_JSON=os.path.join(RESULTS, f"{name}.json"))
+        subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, suite), "-q", "-p", "no:cacheprovider"],
+                       check=True, cwd=ROOT, env=env)
+
+
+def sparsity_of(variant: str) -> float | None:
+    if variant.startswith("csr:"):
+        return float(variant.split(":")[1])
+    if variant == "2:4":
+        return 0.5
+    if variant == "hf_mask":
+        return 0.2
+    return 0.0
+
+
+def label(variant: str) -> str:
+    return {"hf_dense": "HF dense", "hf_mask": "HF + prune masks (l1 20%)", "2:4": "ours 2:4"}.get(
+        variant, f"ours CSR {variant.split(':')[1]}" if variant.startswith("csr:") else variant)
+
+
+def recovery_table(data: dict) -> str:
+    rows = data["results"]
+    lines = []
+    for shape in sorted({r["shape"] for r in rows}, key=lambda s: ("small" not in s, s)):
+        rs = [r for r in rows if r["shape"] == shape]
+        dense = next((r for r in rs if r["variant"] == "hf_dense"), None)
+        lines += [f"**{shape} shape** (batch 8, source 32, target 8, AdamW; peak RSS of the training steps):", "",
+                  "| variant | peak RSS | vs dense | step time | vs dense | model state: sparse layers | "
+                  "bytes / nonzero | model state: rest |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            mem_ratio = r["peak_rss_bytes"] / dense["peak_rss_bytes"] if dense else float("nan")
+            time_ratio = r["step_time_median_s"] / dense["step_time_median_s"] if dense else float("nan")
+            per_nnz = f"{r['sparse_bytes_per_nnz']:.1f}" if r.get("sparse_bytes_per_nnz") else "-"
+            sparse_mb = f"{r['sparse_total'] / 2**20:.0f} MB" if r.get("sparse_total") else "-"
+            lines.append(f"| {label(r['variant'])} | {r['peak_rss_bytes'] / 2**20:.0f} MB | {mem_ratio:.2f}x | "
+                         f"{r['step_time_median_s'] * 1e3:.0f} ms | {time_ratio:.2f}x | {sparse_mb} | {per_nnz} | "
+                         f"{r['other_total'] / 2**20:.0f} MB |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def kernel_table(path: str, title: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    data = json.load(open(path))
+    lines = [title, "", "| benchmark | ratios (time of baseline / time of provider) |", "|---|---|"]
+    for r in data["results"]:
+        ratios = ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x" for k, v in r.items() if "_vs_" in k)
+        lines.append(f"| {r['group']} | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in data["results"]}, key=lambda s: ("small" not in s, s))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7), squeeze=False)
+    for col, shape in enumerate(shapes):
+        rs = [r for r in data["results"] if r["shape"] == shape]
+        for row, (key, scale, ylabel) in enumerate((("peak_rss_bytes", 2**30, "peak RSS (GiB)"),
+                                                     ("step_time_median_s", 1.0, "step time (s)"))):
+            ax = axes[row][col]
+            dense = next((r for r in rs if r["variant"] == "hf_dense"), None)
+            mask = next((r for r in rs if r["variant"] == "hf_mask"), None)
+            csr = sorted((r for r in rs if r["variant"].startswith("csr:")), key=lambda r: sparsity_of(r["variant"]))
+            if dense:
+                ax.axhline(dense[key] / scale, color="k", ls="--", label="HF dense")
+            if mask:
+                ax.axhline(mask[key] / scale, color="tab:red", ls=":", label="HF + prune masks (any sparsity)")
+            if csr:
+                ax.plot([sparsity_of(r["variant"]) for r in csr], [r[key] / scale for r in csr], "o-",
+                        color="tab:blue", label="ours, CSR")
+            for r in rs:
+                if r["variant"] == "2:4":
+                    ax.plot([0.5], [r[key] / scale], "s", color="tab:green", label="ours, 2:4")
+            ax.set_xlabel("sparsity")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{shape}: {ylabel.split(' (')[0]}")
+            ax.set_xlim(-0.02, 1.0)
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            if row == 0 and col == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def update_readme(text: str):
+    readme = os.path.join(ROOT, "README.md")
+    content = open(readme).read()
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in content:
+        start, end = content.index(BEGIN), content.index(END) + len(END)
+        content = content[:start] + block + content[end:]
+    else:
+        content = content.rstrip() + "\n\n" + block + "\n"
+    open(readme, "w").write(content)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-run", action="store_true", help="only regenerate from the committed JSON")
+    args = parser.parse_args()
+    if not args.no_run:
+        run_suites()
+    data = json.load(open(os.path.join(RESULTS, "recovery.json")))
+    plot(data, os.path.join(RESULTS, "recovery.png"))
+    m = data["machine"]
+    text = "\n".join([
+        f"Measured by `python benches/report.py` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"CPU kernels {m['kernel_isa']}. Raw figures: `benches/results/*.json`.", "",
+        "![peak memory and step time against sparsity](benches/results/recovery.png)", "",
+        recovery_table(data),
+        kernel_table(os.path.join(RESULTS, "csr_linear.json"), "**CSR kernels** (512 tokens, fp32):"),
+        kernel_table(os.path.join(RESULTS, "semi24_linear.json"), "**2:4 kernels** (512 tokens, fp32):"),
+    ])
+    update_readme(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

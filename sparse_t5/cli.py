@@ -1,0 +1,213 @@
+"""sparse-t5 command line: `sparse-t5 dsi {run,train,prune,recover,evaluate,bm25} --help`."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_OUT = "runs/dsi"
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {value}")
+    return value
+
+
+def _prune_setting(text: str):
+    from .dsi.pipeline import PruneSetting
+
+    try:
+        return PruneSetting.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    return text
+
+
+def _existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"directory not found: {text}")
+    return text
+
+
+def add_data_args(p):
+    g = p.add_argument_group("data (default: the embedded offline Lee dataset)")
+    g.add_argument("--corpus", type=_existing_file, help="JSONL corpus, one {\"id\", \"contents\"} per line")
+    g.add_argument("--queries", type=_existing_file, help="queries as TSV (qid<TAB>text) or JSONL")
+    g.add_argument("--qrels", type=_existing_file, help="TREC qrels (qid 0 docid relevance)")
+    g.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    g.add_argument("--seed", type=int, default=0, help="seed for splits, init and data order (default 0)")
+    g.add_argument("--rescore-k", type=int, default=1000, help="BM25 candidates rescored for MAP / R@1000")
+
+
+def add_train_args(p, prefix="", epochs=10):
+    g = p.add_argument_group(f"{prefix or 'training'} optimisation")
+    g.add_argument(f"--{prefix}epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    g.add_argument(f"--{prefix}lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3, the study's)")
+    g.add_argument(f"--{prefix}batch-size", type=int, default=8, help="batch size per step (default 8)")
+    g.add_argument(f"--{prefix}grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    g.add_argument(f"--{prefix}schedule", choices=["constant", "linear"], default="constant", help="LR schedule")
+    g.add_argument(f"--{prefix}warmup-steps", type=int, default=0, help="LR warm-up steps")
+    g.add_argument(f"--{prefix}precision", choices=["fp32", "bf16"], default="fp32", help="bf16 uses autocast")
+    g.add_argument(f"--{prefix}save-every", type=int, default=0, help="checkpoint every N steps (and each epoch)")
+    g.add_argument(f"--{prefix}patience", type=int, default=0, help="early stopping patience in epochs; 0 = off")
+
+
+def train_config(args, prefix=""):
+    from .dsi.trainer import TrainConfig
+
+    a = lambda name: getattr(args, (prefix + name).replace("-", "_"))  # noqa: E731
+    return TrainConfig(epochs=a("epochs"), lr=a("lr"), batch_size=a("batch-size"), grad_accum=a("grad-accum"),
+                       schedule=a("schedule"), warmup_steps=a("warmup-steps"), precision=a("precision"),
+                       save_every=a("save-every"), early_stopping_patience=a("patience"), seed=args.seed,
+                       eval_beam=args.beam, index_ratio=args.index_ratio, index_tokens=args.index_tokens)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-t5", description=__doc__)
+    sub = parser.add_subparsers(dest="group", required=True)
+    dsi = sub.add_parser("dsi", help="Differentiable Search Index: train, prune, recover, evaluate")
+    cmds = dsi.add_subparsers(dest="command", required=True)
+
+    def model_args(p):
+        g = p.add_argument_group("model")
+        g.add_argument("--model", type=_existing_dir, help="local HF T5 checkpoint to start from (default: random init)")
+        g.add_argument("--model-size", default="mini", choices=["tiny", "mini", "t5-small", "t5-base"],
+                       help="shape for random init (default mini: d_model 256, 4+4 layers)")
+        g.add_argument("--tokenizer", type=_existing_dir, help="local HF tokenizer (default: train one on the corpus)")
+        g.add_argument("--docids", default="atomic", choices=["atomic", "naive", "random", "semantic"],
+                       help="docid scheme (default atomic)")
+        g.add_argument("--labels", default="qrels", choices=["qrels", "bm25"],
+                       help="retrieval training labels: qrels, or BM25 top-K as in the pruning study")
+        g.add_argument("--label-k", type=int, default=5, help="K for BM25 labels (default 5, the study's)")
+        g.add_argument("--beam", type=int, default=10, help="beam size for constrained decoding (default 10)")
+        g.add_argument("--index-ratio", type=float, default=1.0,
+                       help="indexing examples per retrieval example (default 1)")
+        g.add_argument("--index-tokens", type=int, default=64, help="document tokens used for indexing (default 64)")
+
+    run = cmds.add_parser("run", help="the whole cycle: BM25, dense training, prune + recover per setting, "
+                                      "evaluate, report (JSON, Markdown, plots)")
+    add_data_args(run)
+    model_args(run)
+    add_train_args(run, "", epochs=10)
+    add_train_args(run, "recover-", epochs=15)
+    run.add_argument("--prune", type=_prune_setting, nargs="+", default=None,
+                     help="pruning settings: a sparsity (CSR, e.g. 0.2), csr:<sparsity>, or 2:4 (default 0.2)")
+    run.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude threshold scope")
+    run.add_argument("--gradual", action="store_true", help="prune gradually (cubic) during recovery")
+    run.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoints")
+
+    train = cmds.add_parser("train", help="dense training only (the baseline)")
+    add_data_args(train)
+    model_args(train)
+    add_train_args(train, "", epochs=10)
+    train.add_argument("--resume", action="store_true", help="continue from out/baseline/last")
+
+    prune = cmds.add_parser("prune", help="prune a checkpoint and save it compressed")
+    prune.add_argument("--checkpoint", type=_existing_dir, required=True, help="trainer checkpoint directory")
+    prune.add_argument("--sparsity", type=_sparsity, help="fraction of weights removed, in [0, 1) (CSR)")
+    prune.add_argument("--format", choices=["csr", "2:4"], default="csr", help="sparse format (default csr)")
+    prune.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude threshold scope")
+    prune.add_argument("--output", required=True, help="where to write the pruned checkpoint")
+
+    recover = cmds.add_parser("recover", help="fine-tune a pruned checkpoint (sparse values only)")
+    add_data_args(recover)
+    recover.add_argument("--checkpoint", type=_existing_dir, required=True, help="pruned checkpoint directory")
+    recover.add_argument("--beam", type=int, default=10, help="beam size for validation")
+    recover.add_argument("--index-ratio", type=float, default=1.0, help="indexing examples per retrieval example")
+    recover.add_argument("--index-tokens", type=int, default=64, help="document tokens used for indexing")
+    recover.add_argument("--labels", default="qrels", choices=["qrels", "bm25"], help="retrieval labels")
+    recover.add_argument("--label-k", type=int, default=5, help="K for BM25 labels")
+    add_train_args(recover, "", epochs=15)
+
+    ev = cmds.add_parser("evaluate", help="evaluate a checkpoint on the test split")
+    add_data_args(ev)
+    ev.add_argument("--checkpoint", type=_existing_dir, required=True, help="checkpoint directory")
+    ev.add_argument("--beam", type=int, default=10, help="beam size (default 10)")
+
+    bm = cmds.add_parser("bm25", help="index the corpus with Pyserini and evaluate BM25 on the test split")
+    add_data_args(bm)
+    bm.add_argument("--beam", type=int, default=10, help="also report Recall@beam")
+    return parser
+
+
+def _run_config(args):
+    from .dsi.pipeline import PruneSetting, RunConfig
+
+    prune = args.prune if getattr(args, "prune", None) else ([] if args.command == "train" else [PruneSetting(0.2)])
+    for p in prune:
+        p.scope = getattr(args, "scope", "global")
+        if getattr(args, "gradual", False) and p.format == "csr":
+            p.mode = "gradual"
+    return RunConfig(out_dir=args.out, corpus=args.corpus, queries=args.queries, qrels=args.qrels,
+                     tokenizer=getattr(args, "tokenizer", None), model=getattr(args, "model", None),
+                     model_size=getattr(args, "model_size", "mini"), docid_scheme=getattr(args, "docids", "atomic"),
+                     labels=getattr(args, "labels", "qrels"), label_k=getattr(args, "label_k", 5),
+                     train=train_config(args), recover=train_config(args, "recover-") if args.command == "run"
+                     else train_config(args), prune=prune, rescore_k=args.rescore_k, seed=args.seed)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .dsi import pipeline
+
+    try:
+        if args.command in ("run", "train"):
+            report = pipeline.run(_run_config(args), resume=args.resume)
+            print(pipeline.summary_table(report))
+        elif args.command == "prune":
+            from .dsi.trainer import load_checkpoint
+
+            if args.format == "csr" and args.sparsity is None:
+                raise ValueError("--sparsity is required for --format csr")
+            model, tokenizer, mapping = load_checkpoint(args.checkpoint)
+            report = model.sparsify(args.sparsity, format=args.format, scope=args.scope)
+            model.save_pretrained(args.output)
+            tokenizer.save_pretrained(args.output)
+            mapping.save(os.path.join(args.output, "docids.json"))
+            print(json.dumps({"layers": len(report), "sparsity": model.sparsity_report()}, indent=1))
+        elif args.command == "recover":
+            from .dsi.trainer import Trainer, load_checkpoint, make_examples
+
+            cfg = _run_config(args)
+            prep = pipeline.prepare(cfg)
+            model, tokenizer, mapping = load_checkpoint(args.checkpoint)
+            train_q = {q: prep["data"].queries[q] for q in prep["splits"]["train"]}
+            examples = make_examples(prep["data"].corpus, train_q, prep["labels"], tokenizer, args.index_tokens,
+                                     args.index_ratio, args.seed)
+            result = Trainer(model, tokenizer, mapping, examples, cfg.train, os.path.join(args.out, "recover")).train()
+            print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
+        elif args.command == "evaluate":
+            from .dsi.trainer import load_checkpoint
+
+            cfg = _run_config(args)
+            prep = pipeline.prepare(cfg)
+            model, tokenizer, mapping = load_checkpoint(args.checkpoint)
+            result = pipeline.evaluate_model(model, tokenizer, mapping, prep["data"], prep["splits"]["test"],
+                                             prep["bm25_run"], args.beam, args.rescore_k,
+                                             run_path=os.path.join(args.out, "runs", "evaluate.trec"))
+            print(json.dumps(result, indent=1))
+        elif args.command == "bm25":
+            cfg = _run_config(args)
+            prep = pipeline.prepare(cfg)
+            result = pipeline.evaluate_bm25(prep["data"], prep["splits"]["test"], prep["bm25_run"], args.beam,
+                                            os.path.join(args.out, "runs", "bm25.trec"))
+            print(json.dumps(result, indent=1))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sparse-t5: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""The DSI trainer: train (dense) -> prune -> recover (sparse values only) -> evaluate.
+
+Multi-task training as in DSI: indexing examples (the first `index_tokens` tokens of a document ->
+its docid) and retrieval examples (a training query -> a docid: its qrels, or, with
+labels="bm25", its BM25 top-K as in the pruning study), mixed `index_ratio` indexing examples per
+retrieval example.
+
+Determinism: the data order of epoch e is a permutation drawn from seed + e, so a run and a
+resumed run see the same batches. Checkpoints (every `save_every` steps and at each epoch end)
+hold the model, the optimizer, the scheduler, the RNG states and the position in the epoch; each
+is written to a temporary directory and renamed, so a crash never leaves a partial checkpoint.
+Distributed: under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl
+on GPU); each rank takes every world_size-th example of the same global order, and the sparse
+`values` are ordinary parameters, so gradients are all-reduced like any other.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..modeling_t5 import SparseT5ForConditionalGeneration
+from .docids import DocidMapping
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | linear (warm-up then linear decay)
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    index_ratio: float = 1.0
+    index_tokens: int = 64
+    max_query_len: int = 64
+    seed: int = 0
+    save_every: int = 0  # steps; 0: only at epoch ends
+    early_stopping_patience: int = 0  # epochs; 0: off (the study's patience = infinity)
+    eval_beam: int = 10
+    max_eval_queries: int = 0  # 0: all
+    # gradual pruning during this phase (recovery): target sparsity reached at the end
+    gradual_final_sparsity: float = 0.0
+    gradual_format: str = "csr"
+    gradual_scope: str = "global"
+    gradual_frequency: int = 20
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "linear"):
+            raise ValueError(f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 0:
+            raise ValueError("batch_size and grad_accum must be >= 1 and epochs >= 0")
+
+
+@dataclass
+class Example:
+    text: str
+    docid: str
+    kind: str  # "index" | "query"
+
+
+def make_examples(docs, train_queries: dict[str, str], labels: list[tuple[str, str]], tokenizer,
+                  index_tokens: int, index_ratio: float, seed: int) -> list[Example]:
+    """Indexing examples (index_ratio per retrieval example, cycling over documents) + retrieval ones."""
+    retrieval = [Example(train_queries[q], d, "query") for q, d in labels if q in train_queries]
+    indexing = []
+    for doc in docs:
+        ids = tokenizer(doc.contents, add_special_tokens=False, truncation=True, max_length=index_tokens).input_ids
+        indexing.append(Example(tokenizer.decode(ids), doc.id, "index"))
+    n_index = max(len(docs), round(index_ratio * len(retrieval)))
+    rng = random.Random(seed)
+    extra = [indexing[rng.randrange(len(indexing))] for _ in range(n_index - len(indexing))]
+    return indexing + extra + retrieval
+
+
+def _rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _atomic_dir(path: str, write) -> None:
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    old = path + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+class Trainer:
+    """One training phase (train or recover) of `model` on `examples`, with checkpoints in `out_dir`."""
+
+    def __init__(self, model: SparseT5ForConditionalGeneration, tokenizer, mapping: DocidMapping,
+                 examples: list[Example], config: TrainConfig, out_dir: str, evaluate_fn=None,
+                 log=print, progress: bool = True):
+        self.model, self.tokenizer, self.mapping = model, tokenizer, mapping
+        self.examples, self.config, self.out_dir = examples, config, out_dir
+        self.evaluate_fn = evaluate_fn  # model -> {"loss": ..., metrics...} on the validation split
+        self.log, self.progress = log, progress
+        self.rank, self.world = _rank_world()
+        torch.manual_seed(config.seed)
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(model)
+        self.optimizer = self._make_optimizer()
+        self.steps_per_epoch = math.ceil(len(examples) / (config.batch_size * self.world * config.grad_accum))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.pruner = None
+        if config.gradual_final_sparsity > 0:
+            from ..pruning import GradualPruner
+
+            total = self.steps_per_epoch * config.epochs
+            self.pruner = GradualPruner(model, config.gradual_final_sparsity, start_step=0,
+                                        end_step=max(1, int(total * 0.75)), frequency=config.gradual_frequency,
+                                        scope=config.gradual_scope, format=config.gradual_format)
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
+                      "epochs_without_improvement": 0}
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _make_optimizer(self):
+        c = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
+
+    def _lr_lambda(self, step):
+        c = self.config
+        if c.schedule == "constant":
+            return 1.0 if step >= c.warmup_steps or c.warmup_steps == 0 else (step + 1) / c.warmup_steps
+        total = max(1, self.steps_per_epoch * c.epochs)
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        return max(0.0, (total - step) / max(1, total - c.warmup_steps))
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.examples)))
+        random.Random(self.config.seed * 1000003 + epoch).shuffle(order)
+        return order
+
+    def _batch(self, items: list[Example]):
+        enc = self.tokenizer([e.text for e in items], return_tensors="pt", padding=True, truncation=True,
+                             max_length=max(self.config.max_query_len, self.config.index_tokens))
+        seqs = [self.mapping.sequences[e.docid] for e in items]
+        width = max(len(s) for s in seqs)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            labels[i, : len(s)] = torch.tensor(s)
+        return enc.input_ids, enc.attention_mask, labels
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save(self, name: str) -> str:
+        path = os.path.join(self.out_dir, name)
+        if self.rank != 0:
+            return path
+
+        def write(tmp):
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            self.mapping.save(os.path.join(tmp, "docids.json"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "state": self.state, "config": asdict(self.config),
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                        "pruner_history": self.pruner.history if self.pruner else None},
+                       os.path.join(tmp, "trainer_state.pt"))
+
+        _atomic_dir(path, write)
+        return path
+
+    def resume(self, path: str) -> None:
+        """Continue from a checkpoint written by `save` (the model must already hold its weights)."""
+        state_file = os.path.join(path, "trainer_state.pt")
+        if not os.path.isfile(state_file):
+            raise ValueError(f"not a trainer checkpoint (no trainer_state.pt): {path}")
+        try:
+            blob = torch.load(state_file, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise ValueError(f"corrupt trainer checkpoint {state_file}: {err}") from err
+        # The optimizer must track the checkpoint's parameters (sparse layers may have been rebuilt).
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(blob["optimizer"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.scheduler.load_state_dict(blob["scheduler"])
+        self.state = blob["state"]
+        torch.set_rng_state(blob["torch_rng"])
+        random.setstate(blob["python_rng"])
+        if self.pruner is not None and blob.get("pruner_history"):
+            self.pruner.history = blob["pruner_history"]
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def train(self, stop_after_steps: int | None = None) -> dict:
+        """Run the remaining epochs. `stop_after_steps` ends early (used to simulate a kill in tests)."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        module = self.ddp or self.model
+        autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
+                                  enabled=c.precision == "bf16")
+        steps_done_now = 0
+        step_times = []
+        reset_peak_rss()
+        while self.state["epoch"] < c.epochs:
+            epoch = self.state["epoch"]
+            order = self._epoch_order(epoch)
+            per_step = c.batch_size * self.world * c.grad_accum
+            bar = tqdm(total=self.steps_per_epoch, initial=self.state["step_in_epoch"], desc=f"epoch {epoch + 1}",
+                       disable=(None if self.progress else True) if self.rank == 0 else True, leave=False)
+            losses = []
+            self.model.train()
+            for step in range(self.state["step_in_epoch"], self.steps_per_epoch):
+                t0 = time.perf_counter()
+                self.optimizer.zero_grad(set_to_none=True)
+                chunk = order[step * per_step:(step + 1) * per_step]
+                step_loss = 0.0
+                for micro in range(c.grad_accum):
+                    part = chunk[micro * c.batch_size * self.world:(micro + 1) * c.batch_size * self.world]
+                    mine = part[self.rank::self.world]
+                    if not mine:
+                        continue
+                    ids, mask, labels = self._batch([self.examples[i] for i in mine])
+                    with autocast:
+                        loss = module(input_ids=ids, attention_mask=mask, labels=labels).loss
+                    (loss * len(mine) / max(1, len(chunk))).backward()
+                    step_loss += loss.item() * len(mine)
+                if self.world > 1:
+                    total = torch.tensor([step_loss, float(len(chunk[self.rank::self.world]))])
+                    dist.all_reduce(total)
+                    step_loss = (total[0] / total[1]).item()
+                else:
+                    step_loss /= max(1, len(chunk))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.state["global_step"] += 1
+                self.state["step_in_epoch"] = step + 1
+                if self.pruner is not None and self.pruner.step(self.state["global_step"], self.optimizer) is not None:
+                    if self.ddp is not None:  # parameters changed: DDP must see the new ones
+                        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
+                        module = self.ddp
+                losses.append(step_loss)
+                step_times.append(time.perf_counter() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.3f}")
+                steps_done_now += 1
+                if c.save_every and self.state["global_step"] % c.save_every == 0:
+                    self.save("last")
+                if stop_after_steps is not None and steps_done_now >= stop_after_steps:
+                    bar.close()
+                    return {"stopped": True}
+            bar.close()
+            record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)),
+                      "step_time_s": (sorted(step_times)[len(step_times) // 2] if step_times else None)}
+            if self.evaluate_fn is not None and self.rank == 0:
+                record.update(self.evaluate_fn(self.model))
+            self.state["history"].append(record)
+            self.state["epoch"] = epoch + 1
+            self.state["step_in_epoch"] = 0
+            self.log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            key = record.get("Hits@10", -record["train_loss"])
+            if self.state["best"] is None or key > self.state["best"]:
+                self.state["best"] = key
+                self.state["epochs_without_improvement"] = 0
+                self.save("best")
+            else:
+                self.state["epochs_without_improvement"] += 1
+            self.save("last")
+            if c.early_stopping_patience and self.state["epochs_without_improvement"] >= c.early_stopping_patience:
+                self.log(f"early stopping after epoch {epoch + 1}")
+                break
+        return {"history": self.state["history"], "peak_rss_bytes": peak_rss_bytes(),
+                "step_time_s": sorted(step_times)[len(step_times) // 2] if step_times else None}
+
+
+def load_checkpoint(path: str):
+    """(model, tokenizer, mapping) from a checkpoint directory written by the trainer."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint directory not found: {path}")
+    model = SparseT5ForConditionalGeneration.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    mapping = DocidMapping.load(os.path.join(path, "docids.json"))
+    return model, tokenizer, mapping
+
+
+def write_json(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+    os.replace(tmp, path)
