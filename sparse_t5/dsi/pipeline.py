@@ -20,7 +20,7 @@ import torch
 from transformers import T5Config
 
 from ..modeling_t5 import SparseT5ForConditionalGeneration
-from .bm25 import BM25, build_index, labels_from_run
+from .bm25 import labels_from_run, search_corpus
 from .data import DSIData, build_lee_dataset, load, load_or_train_tokenizer, split_queries
 from .decoding import rescore, retrieve
 from .docids import SCHEMES, DocidMapping, build_docids
@@ -102,9 +102,7 @@ def prepare(cfg: RunConfig) -> dict:
         data = load(cfg.corpus, cfg.queries, cfg.qrels)
     splits = split_queries(list(data.queries), cfg.split, cfg.seed)
     t0 = time.perf_counter()
-    index = build_index(data.corpus, os.path.join(cfg.out_dir, "bm25-index"))
-    bm25 = BM25(index)
-    bm25_run = bm25.search(data.queries, k=cfg.rescore_k)
+    bm25_run = search_corpus(data.corpus, data.queries, os.path.join(cfg.out_dir, "bm25-index"), k=cfg.rescore_k)
     bm25_seconds = time.perf_counter() - t0
     if cfg.labels == "bm25":
         labels = labels_from_run({q: bm25_run[q] for q in splits["train"]}, cfg.label_k)

@@ -140,7 +140,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.ddp = None
         if self.world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(model)
+            self.ddp = self._wrap_ddp()
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = math.ceil(len(examples) / (config.batch_size * self.world * config.grad_accum))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
@@ -156,6 +156,11 @@ class Trainer:
                       "epochs_without_improvement": 0}
 
     # ---- setup -------------------------------------------------------------------------------------
+    def _wrap_ddp(self):
+        # No buffer broadcast: the only buffers are the sparse structure (row_ptr, col_idx, meta), equal
+        # on every rank by construction and fixed during training; gloo cannot broadcast int16 anyway.
+        return torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+
     def _make_optimizer(self):
         c = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -271,7 +276,7 @@ class Trainer:
                 self.state["step_in_epoch"] = step + 1
                 if self.pruner is not None and self.pruner.step(self.state["global_step"], self.optimizer) is not None:
                     if self.ddp is not None:  # parameters changed: DDP must see the new ones
-                        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model)
+                        self.ddp = self._wrap_ddp()
                         module = self.ddp
                 losses.append(step_loss)
                 step_times.append(time.perf_counter() - t0)

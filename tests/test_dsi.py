@@ -1,0 +1,362 @@
+"""DSI: data, BM25 (real Lucene through Pyserini), docids, constrained decoding, rescoring, metrics,
+the trainer (cycle, resume, DDP) and the CLI, on tiny corpora and tiny models (seconds each)."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from sparse_t5.dsi import bm25 as bm25_mod
+from sparse_t5.dsi.data import (DataError, Document, build_lee_dataset, load, load_corpus, load_or_train_tokenizer,
+                                load_qrels, load_queries, split_queries, write_corpus)
+from sparse_t5.dsi.decoding import DocidTrie, TrieLogitsProcessor, rescore, retrieve
+from sparse_t5.dsi.docids import SCHEMES, build_docids
+from sparse_t5.dsi.metrics import evaluate, write_run
+from sparse_t5.dsi.pipeline import MODEL_SIZES, PruneSetting, RunConfig, new_model
+from sparse_t5.dsi.pipeline import run as run_cycle
+from sparse_t5.dsi.trainer import Trainer, TrainConfig, load_checkpoint, make_examples
+
+
+@pytest.fixture(scope="module")
+def lee(tmp_path_factory):
+    """The embedded dataset, cut to 40 documents and their queries (small and fast)."""
+    root = tmp_path_factory.mktemp("lee")
+    full = build_lee_dataset(str(root / "full"))
+    data = load(full["corpus"], full["queries"], full["qrels"])
+    keep = {d.id for d in data.corpus[:40]}
+    small = root / "small"
+    small.mkdir()
+    write_corpus([d for d in data.corpus if d.id in keep], str(small / "corpus.jsonl"))
+    qids = [q for q, rels in data.qrels.items() if set(rels) <= keep]
+    (small / "queries.tsv").write_text("".join(f"{q}\t{data.queries[q]}\n" for q in qids))
+    (small / "qrels.txt").write_text("".join(f"{q} 0 {d} 1\n" for q in qids for d in data.qrels[q]))
+    paths = {k: str(small / f) for k, f in (("corpus", "corpus.jsonl"), ("queries", "queries.tsv"),
+                                            ("qrels", "qrels.txt"))}
+    return paths, load(paths["corpus"], paths["queries"], paths["qrels"]), full
+
+
+@pytest.fixture(scope="module")
+def tokenizer(lee, tmp_path_factory):
+    _, data, _ = lee
+    return load_or_train_tokenizer(None, [d.contents for d in data.corpus], str(tmp_path_factory.mktemp("tok")),
+                                   vocab_size=800)
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def test_embedded_dataset_is_real_text_with_honest_queries(lee):
+    _, _, full = lee
+    data = load(full["corpus"], full["queries"], full["qrels"])
+    assert len(data.corpus) == 300 and len(data.queries) >= 500
+    docs = {d.id: d.contents.lower() for d in data.corpus}
+    for qid, text in list(data.queries.items())[:100]:
+        (doc_id,) = data.qrels[qid]
+        indexed_prefix = " ".join(docs[doc_id].split()[:64])
+        assert text not in indexed_prefix and text not in docs[doc_id]  # never copied verbatim
+        assert all(w in docs[doc_id] for w in text.split())  # but about that document
+
+
+def test_splits_are_seeded_and_disjoint():
+    qids = [f"q{i}" for i in range(100)]
+    a, b = split_queries(qids, seed=3), split_queries(qids, seed=3)
+    assert a == b and [len(a[k]) for k in ("train", "validation", "test")] == [70, 10, 20]
+    assert not set(a["train"]) & set(a["test"]) and split_queries(qids, seed=4) != a
+
+
+@pytest.mark.parametrize("kind,content,message", [
+    ("corpus", '{"id": "a", "contents": "x"}\n{"id": "b"\n', r"corpus.jsonl:2: not valid JSON"),
+    ("corpus", '{"id": "a", "contents": "x"}\n{"id": "a", "contents": "y"}\n', r"corpus.jsonl:2: duplicate"),
+    ("corpus", '{"name": "a"}\n', r"corpus.jsonl:1: expected an object with 'id' and 'contents'"),
+    ("queries", "q1\thello\nq2 no tab here\n", r"queries.tsv:2: expected 'qid<TAB>text'"),
+    ("qrels", "q1 0 d1 1\nq2 0 d2\n", r"qrels.txt:2: expected TREC qrels"),
+    ("qrels", "q1 0 d1 yes\n", r"qrels.txt:1: relevance must be an integer"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, kind, content, message):
+    path = tmp_path / {"corpus": "corpus.jsonl", "queries": "queries.tsv", "qrels": "qrels.txt"}[kind]
+    path.write_text(content)
+    loader = {"corpus": load_corpus, "queries": load_queries, "qrels": load_qrels}[kind]
+    with pytest.raises(DataError, match=message):
+        loader(str(path))
+    with pytest.raises(DataError, match="not found"):
+        loader(str(tmp_path / "missing.txt"))
+
+
+# ---- BM25 ------------------------------------------------------------------------------------------
+def test_bm25_index_search_and_labels(tmp_path):
+    docs = [Document("d1", "the cat sat on the warm mat"), Document("d2", "dogs chase cats in the park"),
+            Document("d3", "quantum chromodynamics describes quarks and gluons"),
+            Document("d4", "the stock market fell sharply on monday")]
+    run = bm25_mod.search_corpus(docs, {"q1": "quarks gluons", "q2": "cat mat", "q3": "market"},
+                                 str(tmp_path / "index"), k=10)
+    assert os.path.isdir(tmp_path / "index")
+    assert max(run["q1"], key=run["q1"].get) == "d3"
+    assert max(run["q2"], key=run["q2"].get) == "d1"
+    assert list(run["q3"]) == ["d4"]
+    labels = bm25_mod.labels_from_run(run, k=2)
+    assert ("q2", "d1") in labels and ("q2", "d2") in labels and len([p for p in labels if p[0] == "q2"]) == 2
+
+
+def test_bm25_reports_java_failure(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSE_T5_JAVA_HOME", "/nonexistent/java")
+    with pytest.raises(bm25_mod.JavaError, match="Java could not start from JAVA_HOME=/nonexistent/java"):
+        bm25_mod.search_corpus([Document("d1", "text")], {"q": "text"}, str(tmp_path / "index"))
+
+
+# ---- docids -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_docid_schemes_are_bijections(lee, tokenizer, scheme, tmp_path):
+    import copy
+
+    _, data, _ = lee
+    tok = copy.deepcopy(tokenizer)
+    mapping = build_docids(scheme, data.corpus, tok, seed=1, k=3, c=5)
+    seqs = [tuple(s) for s in mapping.sequences.values()]
+    assert len(set(seqs)) == len(data.corpus) == len(mapping)
+    assert all(s[-1] == tok.eos_token_id for s in seqs)
+    for doc in data.corpus:
+        assert mapping.docid_of(mapping.sequences[doc.id]) == doc.id
+    mapping.save(str(tmp_path / "docids.json"))
+    from sparse_t5.dsi.docids import DocidMapping
+
+    assert DocidMapping.load(str(tmp_path / "docids.json")).sequences == mapping.sequences
+
+
+def tiny_model(tok, seed=0):
+    cfg = RunConfig(model_size="tiny", seed=seed)
+    return new_model(cfg, tok)
+
+
+def test_constrained_beam_search_returns_valid_distinct_docids(lee, tokenizer):
+    import copy
+
+    _, data, _ = lee
+    tok = copy.deepcopy(tokenizer)
+    docs = data.corpus[:6]
+    mapping = build_docids("naive", docs, tok)
+    model = tiny_model(tok)
+    queries = {q: data.queries[q] for q in list(data.queries)[:5]}
+    for mode in ("processor", "prefix_fn"):
+        run = retrieve(model, tok, mapping, queries, beam=8, mode=mode)
+        for qid, ranked in run.items():
+            assert set(ranked) <= set(mapping.sequences)
+            assert len(ranked) == len(set(ranked)) == len(docs), (mode, qid, ranked)  # all 6 when beam >= 6
+        run_small = retrieve(model, tok, mapping, queries, beam=3, mode=mode)
+        assert all(len(r) <= 3 for r in run_small.values())
+
+
+def test_trie_never_returns_an_empty_allowed_set(lee, tokenizer):
+    import copy
+
+    _, data, _ = lee
+    tok = copy.deepcopy(tokenizer)
+    mapping = build_docids("naive", data.corpus[:5], tok)
+    trie = DocidTrie(mapping, len(tok), tok.pad_token_id)
+    assert trie.allowed_tokens([]) and trie.allowed_tokens([99999]) == [tok.pad_token_id]
+    full = mapping.sequences[data.corpus[0].id]
+    assert trie.allowed_tokens(full) == [tok.pad_token_id]
+    ids = torch.tensor([[0] + full[:1], [0, 99 % len(tok)]])
+    scores = TrieLogitsProcessor(trie)(ids, torch.zeros(2, len(tok)))
+    assert torch.isfinite(scores).any(dim=1).all()
+
+
+def test_rescoring_ranks_the_preferred_docid_first(lee, tokenizer):
+    import copy
+
+    _, data, _ = lee
+    tok = copy.deepcopy(tokenizer)
+    docs = data.corpus[:8]
+    mapping = build_docids("atomic", docs, tok)
+    model = tiny_model(tok)
+    query = "bushfire warning residents evacuated"
+    target = docs[5].id
+    examples = [type("E", (), {"text": query, "docid": target, "kind": "query"})()]
+    trainer = Trainer(model, tok, mapping, examples * 8, TrainConfig(epochs=25, lr=3e-3, batch_size=8), "/tmp/unused",
+                      progress=False, log=lambda *_: None)
+    trainer.save = lambda name: None  # no checkpoints needed here
+    trainer.train()
+    scores = rescore(model, tok, mapping, {"q": query}, {"q": [d.id for d in docs]})["q"]
+    assert max(scores, key=scores.get) == target
+
+
+# ---- metrics ------------------------------------------------------------------------------------------
+def test_metrics_match_hand_computed_and_pytrec_eval(tmp_path):
+    qrels = {"q1": {"a": 1}, "q2": {"b": 1, "c": 1}, "q3": {"d": 1}}
+    run = {"q1": {"x": 3.0, "a": 2.0}, "q2": {"c": 5.0, "z": 4.0, "b": 1.0}}  # q3 retrieved nothing
+    m = evaluate(run, qrels)
+    # by hand: q1 AP 1/2, q2 AP (1 + 2/3) / 2, q3 0 (trec_eval -c semantics)
+    assert m["MAP"] == pytest.approx((0.5 + (1 + 2 / 3) / 2 + 0) / 3)
+    assert m["MRR@10"] == pytest.approx((0.5 + 1.0 + 0) / 3)
+    assert m["Hits@1"] == pytest.approx(1 / 3) and m["Hits@10"] == pytest.approx(2 / 3)
+    assert m["R@1000"] == pytest.approx(2 / 3)
+    import pytrec_eval
+
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"map", "recip_rank"}).evaluate(run)
+    assert sum(v["map"] for v in per_query.values()) / 3 == pytest.approx(m["MAP"])
+    write_run(run, str(tmp_path / "run.trec"), "test")
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert lines[0] == "q1 Q0 x 1 3.000000 test" and len(lines) == 5
+
+
+# ---- trainer: the cycle, resume, DDP, CLI ---------------------------------------------------------------
+def small_config(lee_paths, out, **train_kw):
+    train = TrainConfig(epochs=1, batch_size=8, lr=1e-3, eval_beam=5, max_eval_queries=5, **train_kw)
+    recover = TrainConfig(epochs=1, batch_size=8, lr=1e-3, eval_beam=5, max_eval_queries=5)
+    return RunConfig(out_dir=str(out), corpus=lee_paths["corpus"], queries=lee_paths["queries"],
+                     qrels=lee_paths["qrels"], model_size="tiny", train=train, recover=recover,
+                     prune=[PruneSetting(0.5), PruneSetting(None, "2:4")], rescore_k=50)
+
+
+def test_tiny_end_to_end_cycle(lee, tmp_path):
+    paths, _, _ = lee
+    report = run_cycle(small_config(paths, tmp_path / "run"), progress=False)
+    assert set(report["phases"]) == {"baseline", "csr-0.5", "2:4"}
+    for name, phase in report["phases"].items():
+        for key in ("Hits@1", "Hits@10", "MRR@10", "MAP", "R@1000"):
+            assert 0.0 <= phase["test"][key] <= 1.0, (name, key)
+        assert phase["peak_rss_bytes"] > 0 and phase["history"]
+    for name, fmt in (("csr-0.5", "csr"), ("2:4", "2:4")):
+        phase = report["phases"][name]
+        assert phase["pruned"]["nnz"] == phase["model"]["nnz"]  # recovery did not densify anything
+        assert phase["model"]["nnz"] == pytest.approx(0.5 * phase["model"]["dense_size"], rel=1e-3)
+        model, _, _ = load_checkpoint(str(tmp_path / "run" / name / "last"))
+        assert model.sparse_layers() and all(m.format == fmt for m in model.sparse_layers().values())
+    assert os.path.isfile(tmp_path / "run" / "summary.md") and os.path.isfile(tmp_path / "run" / "curves.png")
+    assert os.path.isfile(tmp_path / "run" / "runs" / "bm25.trec")
+    json.load(open(tmp_path / "run" / "report.json"))
+
+
+def _trainer(lee, tokenizer, out, seed=0, **kw):
+    import copy
+
+    _, data, _ = lee
+    tok = copy.deepcopy(tokenizer)
+    mapping = build_docids("atomic", data.corpus, tok)
+    model = tiny_model(tok, seed)
+    labels = [(q, d) for q, rels in data.qrels.items() for d in rels]
+    examples = make_examples(data.corpus, data.queries, labels, tok, 32, 1.0, seed)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, seed=seed, **kw)
+    return Trainer(model, tok, mapping, examples, cfg, str(out), progress=False, log=lambda *_: None)
+
+
+def test_resume_after_a_kill_gives_the_same_parameters(lee, tokenizer, tmp_path):
+    full = _trainer(lee, tokenizer, tmp_path / "full", save_every=3)
+    full.train()
+    killed = _trainer(lee, tokenizer, tmp_path / "killed", save_every=3)
+    assert killed.train(stop_after_steps=7) == {"stopped": True}  # mid-epoch; the last save was at step 6
+    model, tok, mapping = load_checkpoint(str(tmp_path / "killed" / "last"))
+    resumed = _trainer(lee, tokenizer, tmp_path / "killed", save_every=3)
+    resumed.model.load_state_dict(model.state_dict())
+    resumed.resume(str(tmp_path / "killed" / "last"))
+    assert resumed.state["global_step"] == 6 and resumed.state["step_in_epoch"] == 6
+    resumed.train()
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_corrupt_trainer_checkpoint_is_reported(lee, tokenizer, tmp_path):
+    trainer = _trainer(lee, tokenizer, tmp_path / "c")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt trainer checkpoint"):
+        trainer.resume(str(bad))
+    with pytest.raises(ValueError, match="no trainer_state.pt"):
+        trainer.resume(str(tmp_path))
+
+
+DDP_WORKER = r"""
+import os, sys, json, torch, torch.distributed as dist
+sys.path.insert(0, {tests!r})
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+dist.init_process_group("gloo", rank=rank, world_size=world)
+torch.set_num_threads(1)
+from sparse_t5 import SparseT5ForConditionalGeneration
+from transformers import T5Config
+from sparse_t5.dsi.trainer import Trainer, TrainConfig, Example
+from sparse_t5.dsi.docids import DocidMapping
+torch.manual_seed(0)
+config = T5Config(vocab_size=64, d_model=32, d_kv=8, num_heads=2, d_ff=64, num_layers=1, dropout_rate=0.0,
+                  decoder_start_token_id=0)
+model = SparseT5ForConditionalGeneration(config)
+model.sparsify(0.5)
+class Tok:
+    pad_token_id, eos_token_id = 0, 1
+    def __call__(self, texts, **kw):
+        ids = [[2 + (ord(c) % 60) for c in t][:12] for t in texts]
+        width = max(len(i) for i in ids)
+        pad = lambda i: i + [0] * (width - len(i))
+        import types
+        return types.SimpleNamespace(input_ids=torch.tensor([pad(i) for i in ids]),
+                                     attention_mask=torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]))
+mapping = DocidMapping("atomic", {{str(d): [10 + d, 1] for d in range(8)}})
+examples = [Example(f"text number {{i}} about {{i % 8}}", str(i % 8), "query") for i in range(32)]
+trainer = Trainer(model, Tok(), mapping, examples, TrainConfig(epochs=2, batch_size=4, lr=1e-2), {out!r},
+                  progress=False, log=lambda *_: None)
+trainer.save = lambda name: None
+result = trainer.train()
+flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+json.dump({{"loss": result["history"][-1]["train_loss"], "params": flat.tolist()}},
+          open(os.path.join({out!r}, f"rank{{rank}}.json"), "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(__file__)
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER.format(tests=tests, out=str(tmp_path)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    def launch(world):
+        procs = []
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port + (0 if world == 2 else 1)))
+            procs.append(subprocess.Popen([sys.executable, str(script)], env=env))
+        assert all(p.wait(timeout=300) == 0 for p in procs)
+    launch(2)
+    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+    assert r0["params"] == r1["params"]  # every rank ends with identical parameters
+    two = r0
+    # single process with batch_size 8 = the same global batch of 2 x 4
+    script.write_text(DDP_WORKER.format(tests=tests, out=str(tmp_path)).replace("batch_size=4", "batch_size=8"))
+    launch(1)
+    one = json.load(open(tmp_path / "rank0.json"))
+    assert abs(one["loss"] - two["loss"]) <= 1e-4 * abs(one["loss"])
+    # Parameters: the all-reduce sums in another order than one process does, and AdamW's
+    # m / sqrt(v) amplifies that where gradients are ~0, so after 16 steps at lr 1e-2 they agree to a
+    # fraction of one step (measured 3e-4), not bit for bit.
+    diff = max(abs(a - b) for a, b in zip(one["params"], two["params"]))
+    assert diff < 0.1 * 1e-2, diff
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["dsi", "run", "--prune", "bsr:0.5"], "unknown sparse format"),
+    (["dsi", "run", "--prune", "1.2"], r"sparsity must be in \[0, 1\)"),
+    (["dsi", "prune", "--checkpoint", ".", "--sparsity", "-0.1", "--output", "x"], r"sparsity must be in \[0, 1\)"),
+    (["dsi", "run", "--corpus", "/nonexistent/corpus.jsonl"], "file not found"),
+    (["dsi", "evaluate", "--checkpoint", "/nonexistent/ckpt"], "directory not found"),
+])
+def test_bad_cli_input_gets_a_clear_error(capsys, argv, message):
+    from sparse_t5.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_cli_help_explains_every_option(capsys):
+    from sparse_t5.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "group").choices["dsi"]
+    for name, cmd in next(a for a in sub._actions if a.dest == "command").choices.items():
+        for action in cmd._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"dsi {name} {action.option_strings} has no help"
