@@ -10,6 +10,7 @@ Evaluation modes, recorded next to every figure:
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import os
@@ -231,6 +232,10 @@ def run(cfg: RunConfig, resume: bool = False, phases=("train", "prune", "evaluat
                                    label_qrels, os.path.join(cfg.out_dir, "runs", "baseline.trec"))
     report["phases"]["baseline"] = phase
     log.info("baseline test: %s", {k: round(v, 4) for k, v in phase["test"].items() if isinstance(v, float)})
+    # Free the dense model, its optimizer state and the trainer before the recovery phases, so each
+    # phase's peak memory is its own (recoveries reload the baseline from its checkpoint).
+    del trainer, model
+    gc.collect()
 
     for setting in cfg.prune:
         report["phases"][setting.name] = prune_and_recover(cfg, setting, baseline_path, tokenizer, mapping, prep,
@@ -271,6 +276,8 @@ def prune_and_recover(cfg, setting: PruneSetting, baseline_path, tokenizer, mapp
     phase["test"] = evaluate_model(model, tokenizer, mapping, data, test, prep["bm25_run"], beam, cfg.rescore_k,
                                    label_qrels, os.path.join(cfg.out_dir, "runs", f"{setting.name}.trec"))
     log.info("%s test: %s", setting.name, {k: round(v, 4) for k, v in phase["test"].items() if isinstance(v, float)})
+    del trainer, model
+    gc.collect()
     return phase
 
 
