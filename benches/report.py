@@ -76,6 +76,11 @@ def recovery_table(data: dict) -> str:
                   "| variant | peak RSS | vs dense | step time | vs dense | model state: sparse layers | "
                   "bytes / nonzero | model state: rest |",
                   "|---|---|---|---|---|---|---|---|"]
+        breakdown = ["", f"Where the {shape} peak goes (MB): process after imports; weights and index; gradients; "
+                         "optimizer state; the rest of the peak (activations saved for backward, kernel workspaces, "
+                         "allocator slack):", "",
+                     "| variant | process | weights | sparse index | gradients | optimizer | activations + workspace |",
+                     "|---|---|---|---|---|---|---|"]
         for r in rs:
             mem_ratio = r["peak_rss_bytes"] / dense["peak_rss_bytes"] if dense else float("nan")
             time_ratio = r["step_time_median_s"] / dense["step_time_median_s"] if dense else float("nan")
@@ -84,6 +89,14 @@ def recovery_table(data: dict) -> str:
             lines.append(f"| {label(r['variant'])} | {r['peak_rss_bytes'] / 2**20:.0f} MB | {mem_ratio:.2f}x | "
                          f"{r['step_time_median_s'] * 1e3:.0f} ms | {time_ratio:.2f}x | {sparse_mb} | {per_nnz} | "
                          f"{r['other_total'] / 2**20:.0f} MB |")
+            weights = r["sparse_params"] + r["other_params"] + r["other_buffers"]
+            grads = r["sparse_grads"] + r["other_grads"]
+            optim = r["sparse_optimizer"] + r["other_optimizer"]
+            rest = r["peak_rss_bytes"] - r["rss_after_import_bytes"] - weights - r["sparse_index"] - grads - optim
+            mb = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+            breakdown.append(f"| {label(r['variant'])} | {mb(r['rss_after_import_bytes'])} | {mb(weights)} | "
+                             f"{mb(r['sparse_index'])} | {mb(grads)} | {mb(optim)} | {mb(rest)} |")
+        lines += breakdown
         lines.append("")
     return "\n".join(lines)
 

@@ -27,14 +27,8 @@ def index_dtype_for(in_features: int) -> torch.dtype:
     return torch.int16 if in_features <= INT16_MAX_COLUMNS else torch.int32
 
 
-@dataclass
-class CSRWeight:
-    """A [out_features, in_features] weight in CSR form. See the module docstring for the layout."""
-
-    values: torch.Tensor
-    row_ptr: torch.Tensor
-    col_idx: torch.Tensor
-    shape: tuple[int, int]
+class _CompressedWeight:
+    """Shape bookkeeping shared by the formats (subclasses are dataclasses with values and shape)."""
 
     @property
     def out_features(self) -> int:
@@ -53,6 +47,23 @@ class CSRWeight:
         total = self.shape[0] * self.shape[1]
         return self.nnz / total if total else 0.0
 
+
+def _check_dense_weight(weight: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if weight.dtype not in VALUE_DTYPES:
+        raise TypeError(f"weight dtype must be one of {VALUE_DTYPES}, got {weight.dtype}")
+
+
+@dataclass
+class CSRWeight(_CompressedWeight):
+    """A [out_features, in_features] weight in CSR form. See the module docstring for the layout."""
+
+    values: torch.Tensor
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    shape: tuple[int, int]
+
     @classmethod
     def from_dense(
         cls,
@@ -65,10 +76,7 @@ class CSRWeight:
         Every masked position is stored, even if its weight is 0: the pattern is what training
         keeps, and a zero weight may grow. With no mask, the nonzeros of `weight` are kept.
         """
-        if weight.dim() != 2:
-            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-        if weight.dtype not in VALUE_DTYPES:
-            raise TypeError(f"weight dtype must be one of {VALUE_DTYPES}, got {weight.dtype}")
+        _check_dense_weight(weight)
         if mask is None:
             mask = weight != 0
         if mask.shape != weight.shape:
@@ -195,33 +203,18 @@ def semi24_magnitude_mask(weight: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Semi24Weight:
+class Semi24Weight(_CompressedWeight):
     """A [out_features, in_features] weight in 2:4 form. See the layout above."""
 
     values: torch.Tensor
     meta: torch.Tensor
     shape: tuple[int, int]
 
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
-    def nnz(self) -> int:
-        return self.values.numel()
-
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "Semi24Weight":
         """Compress `weight`, keeping `mask` (which must be 2:4) or, with no mask, the 2 largest |w|
         of every group of 4."""
-        if weight.dim() != 2:
-            raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
-        if weight.dtype not in VALUE_DTYPES:
-            raise TypeError(f"weight dtype must be one of {VALUE_DTYPES}, got {weight.dtype}")
+        _check_dense_weight(weight)
         out_features, in_features = weight.shape
         if in_features % 4:
             raise ValueError(f"2:4 sparsity needs in_features divisible by 4, got {in_features}")
