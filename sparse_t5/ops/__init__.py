@@ -3,8 +3,12 @@
 One module per op family, each with its fake rule and autograd next to a typed wrapper:
   csr_linear.py     CSR forward, dX (transposed product) and dvalues (SDDMM)
   semi24_linear.py  2:4 forward, dX and dvalues
+  triton_dispatch.py  the Triton kernels as the CUDA bodies of the same ops
 """
 from .csr_linear import cpu_isa, csr_linear
 from .semi24_linear import semi24_linear
+from .triton_dispatch import register_defaults as _register_triton
+
+_register_triton()  # CUDA bodies from Triton when CUDA is present (and the interpreter test switch)
 
 __all__ = ["csr_linear", "semi24_linear", "cpu_isa"]

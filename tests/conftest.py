@@ -1,0 +1,26 @@
+import os
+
+import torch
+
+# Under the Triton test entry point (tests/test_triton_kernels.py runs these op-level tests in a
+# child process with TRITON_INTERPRET=1 SPARSE_T5_TRITON_ON_CPU=1), bf16 cannot run: Triton's
+# interpreter has no bf16 arithmetic.
+TRITON_ON_CPU = os.environ.get("SPARSE_T5_TRITON_ON_CPU") == "1"
+
+
+def skip_dtype_under_triton_interpreter(dtype):
+    import pytest
+
+    if TRITON_ON_CPU and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is not supported by Triton's interpreter: checked on a CUDA GPU only")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if TRITON_ON_CPU and exitstatus == 0:
+        from sparse_t5_triton.csr_linear import CALLS
+
+        if sum(CALLS.values()) == 0:
+            print("\nSPARSE_T5_TRITON_ON_CPU=1 but no op went through the Triton kernels")
+            session.exitstatus = 1
+        else:
+            print(f"\nTriton launches: {dict(CALLS)}")
