@@ -4,11 +4,10 @@ what we report). Run: pytest benches/ [-k csr_linear] ; results: benches/results
 """
 import json
 import os
-import platform
 from collections import defaultdict
 
 import pytest
-import torch
+from bench_utils import machine_info
 
 _RESULTS = defaultdict(dict)  # group -> provider -> median seconds
 
@@ -24,21 +23,6 @@ def record(benchmark):
         _RESULTS[group][provider] = benchmark.stats.stats.median
 
     return _record
-
-
-def machine_info():
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from sparse_t5 import cpu_isa
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "kernel_isa": cpu_isa()}
 
 
 def pytest_terminal_summary(terminalreporter):

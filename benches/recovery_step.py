@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from sparse_t5.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
 SHAPES = {
     # name: d_model, d_ff, heads, d_kv, layers (encoder = decoder), vocab
     "t5-small": dict(d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=6, vocab_size=32128),
@@ -31,23 +33,6 @@ SHAPES = {
 }
 BATCH, SRC, TGT = 8, 32, 8
 CACHE = os.environ.get("SPARSE_T5_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "sparse_t5_bench_ckpt"))
-
-
-def rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
 
 
 def config_for(shape):
@@ -141,7 +126,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    baseline_rss = rss_bytes("VmRSS")
+    baseline_rss = current_rss_bytes()
     model = build(args.shape, args.variant)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
@@ -149,7 +134,7 @@ def main():
     vocab = SHAPES[args.shape]["vocab_size"]
     ids = torch.randint(2, vocab, (BATCH, SRC), generator=g)
     labels = torch.randint(2, vocab, (BATCH, TGT), generator=g)
-    loaded_rss = rss_bytes("VmRSS")
+    loaded_rss = current_rss_bytes()
     peak_reset = reset_peak_rss()
 
     def step():
@@ -167,7 +152,7 @@ def main():
         times.append(time.perf_counter() - t0)
     result = {
         "shape": args.shape, "variant": args.variant, "threads": torch.get_num_threads(),
-        "peak_rss_bytes": rss_bytes("VmHWM"), "peak_rss_reset_after_setup": peak_reset,
+        "peak_rss_bytes": peak_rss_bytes(), "peak_rss_reset_after_setup": peak_reset,
         "rss_after_import_bytes": baseline_rss, "rss_after_setup_bytes": loaded_rss,
         "step_time_median_s": statistics.median(times), "step_times_s": times,
     }

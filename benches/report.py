@@ -14,27 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
+
+from bench_utils import machine_info
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 BEGIN, END = "<!-- results:begin (benches/report.py) -->", "<!-- results:end -->"
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from sparse_t5 import cpu_isa
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "kernel_isa": cpu_isa()}
 
 
 def run_suites():
@@ -44,7 +32,7 @@ def run_suites():
                     "-p", "no:cacheprovider", f"--benchmark-json={raw}"], check=True, cwd=ROOT)
     rows = [b["extra_info"] for b in json.load(open(raw))["benchmarks"]]
     with open(os.path.join(RESULTS, "recovery.json"), "w") as f:
-        json.dump({"machine": machine(), "results": rows}, f, indent=1)
+        json.dump({"machine": machine_info(), "results": rows}, f, indent=1)
     for suite, name in (("test_bench_csr_linear.py", "csr_linear"), ("test_bench_semi24_linear.py", "semi24_linear")):
         env = dict(os.environ, SPARSE_T5_BENCH_JSON=os.path.join(RESULTS, f"{name}.json"))
         subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, suite), "-q", "-p", "no:cacheprovider"],

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench_utils import make_runner
+
 from sparse_t5 import SparseLinear
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -48,15 +50,7 @@ def setup_csr_linear(provider, in_features, out_features, sparsity, backward):
         fwd = lambda: layer(x)  # noqa: E731
     else:
         raise ValueError(provider)
-    if not backward:
-        def run():
-            with torch.no_grad():
-                return fwd()
-        return run
-
-    def run_fwd_bwd():
-        fwd().backward(dy)
-    return run_fwd_bwd
+    return make_runner(fwd, dy, backward)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

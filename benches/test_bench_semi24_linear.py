@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench_utils import make_runner
+
 from sparse_t5 import SparseLinear
 
 TOKENS = 512
@@ -35,12 +37,7 @@ def setup_semi24_linear(provider, in_features, out_features, backward):
         fwd = lambda: layer24(x)  # noqa: E731
     else:
         raise ValueError(provider)
-    if not backward:
-        def run():
-            with torch.no_grad():
-                return fwd()
-        return run
-    return lambda: fwd().backward(dy)
+    return make_runner(fwd, dy, backward)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -62,19 +62,6 @@ void check_csr(int64_t nnz, const at::Tensor& row_ptr, const at::Tensor& col_idx
   }
 }
 
-// values may be undefined (the sddmm reads only the structure).
-cpu::CsrView csr_view(const at::Tensor& values, const at::Tensor& row_ptr,
-                      const at::Tensor& col_idx, int64_t out_features, int64_t in_features) {
-  cpu::CsrView w;
-  w.values = values.defined() ? values.data_ptr() : nullptr;
-  w.row_ptr = row_ptr.data_ptr<int32_t>();
-  w.col_idx = col_idx.data_ptr();
-  w.col_idx_is_int16 = col_idx.scalar_type() == at::kShort;
-  w.out_features = out_features;
-  w.in_features = in_features;
-  w.nnz = col_idx.size(0);
-  return w;
-}
 
 }  // namespace
 

@@ -15,8 +15,6 @@
 namespace sparse_t5 {
 namespace {
 
-int64_t meta_width(int64_t in_features) { return (in_features / 4 + 1) / 2; }
-
 // Checks values [out, in/2] and meta [out, ceil(in/8)] and returns in_features. Every nibble must
 // name two distinct positions in increasing order; the unused high nibble of an odd last group
 // must be zero.
@@ -25,12 +23,12 @@ void check_meta(const at::Tensor& meta, int64_t out, int64_t in) {
   TORCH_CHECK_VALUE(in % 4 == 0, "sparse_t5: 2:4 needs in_features divisible by 4, got in_features = ", in);
   TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "sparse_t5: 2:4 meta must be uint8, got ",
                    meta.scalar_type());
-  TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == out && meta.size(1) == meta_width(in),
+  TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == out && meta.size(1) == cpu::semi24_meta_width(in),
                     "sparse_t5: 2:4 meta must have shape [out_features, ceil(in_features / 8)] = [", out, ", ",
-                    meta_width(in), "], got ", meta.sizes());
+                    cpu::semi24_meta_width(in), "], got ", meta.sizes());
   TORCH_CHECK_VALUE(meta.is_contiguous(), "sparse_t5: 2:4 meta must be contiguous");
   const uint8_t* m = meta.data_ptr<uint8_t>();
-  const int64_t groups = in / 4, width = meta_width(in);
+  const int64_t groups = in / 4, width = cpu::semi24_meta_width(in);
   for (int64_t r = 0; r < out; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
       const unsigned nib = (m[r * width + g / 2] >> ((g & 1) * 4)) & 0xFu;
@@ -59,7 +57,7 @@ struct DecodedCsr {
 };
 
 DecodedCsr decode_to_csr(const at::Tensor& meta, int64_t out, int64_t in) {
-  const int64_t half = in / 2, groups = in / 4, width = meta_width(in);
+  const int64_t half = in / 2, groups = in / 4, width = cpu::semi24_meta_width(in);
   at::Tensor row_ptr = at::arange(out + 1, at::TensorOptions().dtype(at::kInt)).mul_(static_cast<int32_t>(half));
   const bool narrow = in <= 32768;
   at::Tensor col_idx = at::empty({out * half}, at::TensorOptions().dtype(narrow ? at::kShort : at::kInt));
@@ -82,17 +80,6 @@ DecodedCsr decode_to_csr(const at::Tensor& meta, int64_t out, int64_t in) {
   return {row_ptr, col_idx};
 }
 
-cpu::CsrView csr_view_of(const at::Tensor& values, const DecodedCsr& d, int64_t out, int64_t in) {
-  cpu::CsrView w;
-  w.values = values.defined() ? values.data_ptr() : nullptr;
-  w.row_ptr = d.row_ptr.data_ptr<int32_t>();
-  w.col_idx = d.col_idx.data_ptr();
-  w.col_idx_is_int16 = d.col_idx.scalar_type() == at::kShort;
-  w.out_features = out;
-  w.in_features = in;
-  w.nnz = d.col_idx.size(0);
-  return w;
-}
 
 }  // namespace
 
@@ -132,7 +119,8 @@ at::Tensor semi24_linear_backward_input_cpu(const at::Tensor& grad_out, const at
   const int nv = vectors_per_tile(tokens, dt, at::get_num_threads());
   at::Tensor dy_panels = panels(tokens, out, nv, dt);
   at::Tensor dx_panels = panels(tokens, in, nv, dt);
-  cpu::active_kernels().csr_backward_input(csr_view_of(vc, csr, out, in), dt, gc.data_ptr(), tokens, dx.data_ptr(),
+  cpu::active_kernels().csr_backward_input(csr_view(vc, csr.row_ptr, csr.col_idx, out, in), dt, gc.data_ptr(), tokens,
+                                           dx.data_ptr(),
                                            dy_panels.data_ptr(), dx_panels.data_ptr(), nv, cpu::aten_parallel());
   return dx;
 }
@@ -157,7 +145,8 @@ at::Tensor semi24_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, con
   at::Tensor dy_panels = panels(tokens, out, nv, dt);
   at::Tensor x_panels = panels(tokens, in, nv, dt);
   at::Tensor acc = at::empty({out * (in / 2)}, at::TensorOptions().dtype(compute_dtype(dt)));
-  cpu::active_kernels().csr_sddmm(csr_view_of(at::Tensor(), csr, out, in), dt, gc.data_ptr(), xc.data_ptr(), tokens,
+  cpu::active_kernels().csr_sddmm(csr_view(at::Tensor(), csr.row_ptr, csr.col_idx, out, in), dt, gc.data_ptr(),
+                                  xc.data_ptr(), tokens,
                                   dvalues.data_ptr(), dy_panels.data_ptr(), x_panels.data_ptr(), acc.data_ptr(), nv,
                                   cpu::aten_parallel());
   return dvalues;

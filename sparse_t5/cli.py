@@ -10,13 +10,16 @@ DEFAULT_OUT = "runs/dsi"
 
 
 def _sparsity(text: str) -> float:
+    from .pruning import check_sparsity
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"sparsity must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"sparsity must be in [0, 1), got {value}")
-    return value
+    try:
+        return check_sparsity(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _prune_setting(text: str):

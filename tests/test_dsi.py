@@ -2,7 +2,6 @@
 the trainer (cycle, resume, DDP) and the CLI, on tiny corpora and tiny models (seconds each)."""
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from sparse_t5.dsi.data import (DataError, Document, build_lee_dataset, load, lo
 from sparse_t5.dsi.decoding import DocidTrie, TrieLogitsProcessor, rescore, retrieve
 from sparse_t5.dsi.docids import SCHEMES, build_docids
 from sparse_t5.dsi.metrics import evaluate, write_run
-from sparse_t5.dsi.pipeline import MODEL_SIZES, PruneSetting, RunConfig, new_model
+from sparse_t5.dsi.pipeline import PruneSetting, RunConfig, new_model
 from sparse_t5.dsi.pipeline import run as run_cycle
 from sparse_t5.dsi.trainer import Trainer, TrainConfig, load_checkpoint, make_examples
 

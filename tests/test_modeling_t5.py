@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import T5Config, T5ForConditionalGeneration
 
-from sparse_t5 import SparseLinear, SparseT5ForConditionalGeneration
+from sparse_t5 import SparseT5ForConditionalGeneration
 from sparse_t5.pruning import GradualPruner, cubic_sparsity
 
 VOCAB = 101

@@ -110,6 +110,15 @@ __attribute__((always_inline)) inline void transpose16(V16 a[16]) {
 #undef SPARSE_T5_STAGE
 }
 
+// Copies the transpose of a 16 x 16 fp32 block: dst[j * dst_stride + i] = src[i * src_stride + j].
+__attribute__((always_inline)) inline void transpose16_copy(const float* src, int64_t src_stride, float* dst,
+                                                            int64_t dst_stride) {
+  V16 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = vload<V16>(src + i * src_stride);
+  transpose16(a);
+  for (int j = 0; j < 16; ++j) vstore(dst + j * dst_stride, a[j]);
+}
+
 template <typename T> struct IsFloat { static constexpr bool value = false; };
 template <> struct IsFloat<float> { static constexpr bool value = true; };
 
@@ -137,12 +146,8 @@ void pack_panels(const S* src, int64_t tokens, int64_t features, int64_t tile, C
         const int64_t full_t = valid / 16 * 16;
         f_done = features / 16 * 16;
         for (int64_t f0 = 0; f0 < f_done; f0 += 16) {
-          for (int64_t i0 = 0; i0 < full_t; i0 += 16) {
-            V16 a[16];
-            for (int i = 0; i < 16; ++i) a[i] = vload<V16>(src + (t0 + i0 + i) * features + f0);
-            transpose16(a);
-            for (int f = 0; f < 16; ++f) vstore(panel + (f0 + f) * tile + i0, a[f]);
-          }
+          for (int64_t i0 = 0; i0 < full_t; i0 += 16)
+            transpose16_copy(src + (t0 + i0) * features + f0, features, panel + f0 * tile + i0, tile);
           for (int64_t i = full_t; i < valid; ++i)
             for (int64_t f = f0; f < f0 + 16; ++f) panel[f * tile + i] = src[(t0 + i) * features + f];
         }
@@ -175,12 +180,8 @@ void unpack_panels(const C* src, int64_t tokens, int64_t features, int64_t tile,
         const int64_t full_t = valid / 16 * 16;
         f_done = features / 16 * 16;
         for (int64_t f0 = 0; f0 < f_done; f0 += 16) {
-          for (int64_t i0 = 0; i0 < full_t; i0 += 16) {
-            V16 a[16];
-            for (int f = 0; f < 16; ++f) a[f] = vload<V16>(panel + (f0 + f) * tile + i0);
-            transpose16(a);
-            for (int i = 0; i < 16; ++i) vstore(dst + (t0 + i0 + i) * features + f0, a[i]);
-          }
+          for (int64_t i0 = 0; i0 < full_t; i0 += 16)
+            transpose16_copy(panel + f0 * tile + i0, tile, dst + (t0 + i0) * features + f0, features);
           for (int64_t i = full_t; i < valid; ++i)
             for (int64_t f = f0; f < f0 + 16; ++f) dst[(t0 + i) * features + f] = panel[f * tile + i];
         }

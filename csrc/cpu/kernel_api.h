@@ -31,6 +31,10 @@ struct CsrView {
 // in_features / 2]; meta is [out_features, ceil(in_features / 8)] bytes, one nibble per group
 // (group g in byte g / 2, low nibble for even g): bits 0-1 the first kept position, bits 2-3 the
 // second, first < second. 2 bits per kept value.
+// Bytes of 2:4 metadata per row: one nibble per group of 4 inputs, two groups per byte. Internal
+// linkage, so an ISA file's copy can never be picked by the linker for another (the ODR note above).
+static inline int64_t semi24_meta_width(int64_t in_features) { return (in_features / 4 + 1) / 2; }
+
 struct Semi24View {
   const void* values;
   const uint8_t* meta;

@@ -108,7 +108,7 @@ void semi24_forward_t(const Semi24View& w, const S* x, int64_t tokens, const S* 
   constexpr int R = NV >= 4 ? (SPARSE_T5_24_ROWS / 2 > 0 ? SPARSE_T5_24_ROWS / 2 : 1) : SPARSE_T5_24_ROWS;
   const int64_t in = w.in_features, out = w.out_features;
   const int64_t ntiles = (tokens + TILE - 1) / TILE;
-  const int64_t meta_stride = (in / 4 + 1) / 2;
+  const int64_t meta_stride = semi24_meta_width(in);
   const int64_t groups = in / 4;
   constexpr int64_t kChunkBytes = 16 * 1024;
   constexpr int64_t GC = kChunkBytes / (4 * TILE * static_cast<int64_t>(sizeof(C)));

@@ -21,13 +21,14 @@ import torch
 from transformers import T5Config
 
 from ..modeling_t5 import SparseT5ForConditionalGeneration
+from ..pruning import check_sparsity
 from .bm25 import labels_from_run, search_corpus
 from .data import DSIData, build_lee_dataset, load, load_or_train_tokenizer, split_queries
 from .decoding import rescore, retrieve
-from .docids import SCHEMES, DocidMapping, build_docids
+from .docids import build_docids
 from .metrics import evaluate as ir_evaluate
 from .metrics import qrels_from_labels, write_run
-from .trainer import Example, Trainer, TrainConfig, load_checkpoint, make_examples, peak_rss_bytes, write_json
+from .trainer import Trainer, TrainConfig, load_checkpoint, make_examples, write_json
 
 log = logging.getLogger("sparse_t5.dsi")
 
@@ -66,9 +67,7 @@ class PruneSetting:
             sparsity = float(value)
         except ValueError:
             raise ValueError(f"sparsity must be a number, got {value!r}") from None
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        return cls(sparsity, "csr", scope, mode)
+        return cls(check_sparsity(sparsity), "csr", scope, mode)
 
 
 @dataclass
@@ -219,22 +218,12 @@ def run(cfg: RunConfig, resume: bool = False, phases=("train", "prune", "evaluat
         model = new_model(cfg, tokenizer)
     examples = make_examples(data.corpus, {q: data.queries[q] for q in splits["train"]}, prep["labels"], tokenizer,
                              cfg.train.index_tokens, cfg.train.index_ratio, cfg.seed)
-    trainer = Trainer(model, tokenizer, mapping, examples, cfg.train, base_dir,
-                      validation_fn(tokenizer, mapping, prep, cfg, beam), log=log.info, progress=progress)
-    if resume and os.path.isdir(os.path.join(base_dir, "last")):
-        trainer.resume(os.path.join(base_dir, "last"))
-    t0 = time.perf_counter()
-    phase = trainer.train()
-    phase["seconds"] = time.perf_counter() - t0
-    baseline_path = trainer.save("last")
-    phase["model"] = model_report(model, baseline_path)
-    phase["test"] = evaluate_model(model, tokenizer, mapping, data, test, prep["bm25_run"], beam, cfg.rescore_k,
-                                   label_qrels, os.path.join(cfg.out_dir, "runs", "baseline.trec"))
+    phase, baseline_path = train_and_evaluate(cfg, "baseline", model, tokenizer, mapping, examples, cfg.train,
+                                              base_dir, prep, beam, label_qrels, resume, progress)
     report["phases"]["baseline"] = phase
-    log.info("baseline test: %s", {k: round(v, 4) for k, v in phase["test"].items() if isinstance(v, float)})
-    # Free the dense model, its optimizer state and the trainer before the recovery phases, so each
-    # phase's peak memory is its own (recoveries reload the baseline from its checkpoint).
-    del trainer, model
+    # Free the dense model and its optimizer state before the recovery phases, so each phase's peak
+    # memory is its own (recoveries reload the baseline from its checkpoint).
+    del model
     gc.collect()
 
     for setting in cfg.prune:
@@ -250,7 +239,6 @@ def run(cfg: RunConfig, resume: bool = False, phases=("train", "prune", "evaluat
 def prune_and_recover(cfg, setting: PruneSetting, baseline_path, tokenizer, mapping, prep, examples, beam,
                       label_qrels, resume, progress) -> dict:
     out = os.path.join(cfg.out_dir, setting.name)
-    data, test = prep["data"], prep["splits"]["test"]
     recover_cfg = copy.deepcopy(cfg.recover)
     if resume and os.path.isdir(os.path.join(out, "last")):
         model, tokenizer, mapping = load_checkpoint(os.path.join(out, "last"))
@@ -262,23 +250,32 @@ def prune_and_recover(cfg, setting: PruneSetting, baseline_path, tokenizer, mapp
         else:
             model.sparsify(setting.sparsity, format=setting.format, scope=setting.scope)
     pruned = model_report(model)
-    trainer = Trainer(model, tokenizer, mapping, examples, recover_cfg, out,
+    phase, _ = train_and_evaluate(cfg, setting.name, model, tokenizer, mapping, examples, recover_cfg, out, prep,
+                                  beam, label_qrels, resume, progress)
+    phase["pruned"] = pruned
+    phase["setting"] = asdict(setting)
+    del model
+    gc.collect()
+    return phase
+
+
+def train_and_evaluate(cfg: RunConfig, name: str, model, tokenizer, mapping, examples, train_cfg: TrainConfig,
+                       out_dir: str, prep, beam, label_qrels, resume, progress) -> tuple[dict, str]:
+    """One phase: train (resuming from out_dir/last if asked), save, and evaluate on the test split.
+    Returns the phase's report and the path of its last checkpoint."""
+    trainer = Trainer(model, tokenizer, mapping, examples, train_cfg, out_dir,
                       validation_fn(tokenizer, mapping, prep, cfg, beam), log=log.info, progress=progress)
-    if resume and os.path.isdir(os.path.join(out, "last")):
-        trainer.resume(os.path.join(out, "last"))
+    if resume and os.path.isdir(os.path.join(out_dir, "last")):
+        trainer.resume(os.path.join(out_dir, "last"))
     t0 = time.perf_counter()
     phase = trainer.train()
     phase["seconds"] = time.perf_counter() - t0
     path = trainer.save("last")
-    phase["pruned"] = pruned
     phase["model"] = model_report(model, path)
-    phase["setting"] = asdict(setting)
-    phase["test"] = evaluate_model(model, tokenizer, mapping, data, test, prep["bm25_run"], beam, cfg.rescore_k,
-                                   label_qrels, os.path.join(cfg.out_dir, "runs", f"{setting.name}.trec"))
-    log.info("%s test: %s", setting.name, {k: round(v, 4) for k, v in phase["test"].items() if isinstance(v, float)})
-    del trainer, model
-    gc.collect()
-    return phase
+    phase["test"] = evaluate_model(model, tokenizer, mapping, prep["data"], prep["splits"]["test"], prep["bm25_run"],
+                                   beam, cfg.rescore_k, label_qrels, os.path.join(cfg.out_dir, "runs", f"{name}.trec"))
+    log.info("%s test: %s", name, {k: round(v, 4) for k, v in phase["test"].items() if isinstance(v, float)})
+    return phase, path
 
 
 # ---- reports -------------------------------------------------------------------------------------------

@@ -48,6 +48,12 @@ def _csr_sddmm_fake(grad_out, x, row_ptr, col_idx, out_features, in_features):
     return x.new_empty((col_idx.shape[0],))
 
 
+def bias_grad(grad_out, bias_dtype):
+    """Sum of grad_out over every leading dimension, accumulated in fp32 so that a bf16 bias
+    gradient over many tokens does not lose precision."""
+    return grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32).to(bias_dtype)
+
+
 def _csr_linear_setup_context(ctx, inputs, output):
     x, values, row_ptr, col_idx, out_features, in_features, bias = inputs
     # Save only what the requested gradients need: x for dvalues, values for dx.
@@ -72,8 +78,7 @@ def _csr_linear_backward(ctx, grad_out):
         dvalues = _ops.csr_sddmm(grad_out, x, row_ptr, col_idx, ctx.out_features, ctx.in_features)
     # needs_input_grad has an entry for bias only when the call passed one.
     if len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]:
-        # Sum in fp32 so that a bf16 bias gradient over many tokens does not lose precision.
-        dbias = grad_out.reshape(-1, ctx.out_features).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        dbias = bias_grad(grad_out, ctx.bias_dtype)
     return (dx, dvalues, None, None, None, None, dbias)[: len(ctx.needs_input_grad)]
 
 

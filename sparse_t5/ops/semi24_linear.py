@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the library that defines the schemas)
+from .csr_linear import bias_grad
 
 _ops = torch.ops.sparse_t5
 
@@ -58,7 +59,7 @@ def _backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         dvalues = _ops.semi24_sddmm(grad_out, x, meta)
     if len(ctx.needs_input_grad) > 3 and ctx.needs_input_grad[3]:
-        dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        dbias = bias_grad(grad_out, ctx.bias_dtype)
     return (dx, dvalues, None, dbias)[: len(ctx.needs_input_grad)]
 
 
