@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
+import time
 
 import torch
 
@@ -29,3 +31,21 @@ def make_runner(fwd, dy: torch.Tensor, backward: bool):
                 return fwd()
         return run
     return lambda: fwd().backward(dy)
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """Median seconds per callable, timed alternately (a, b, c, a, b, c, ...) in one process.
+
+    On a shared machine whose speed drifts over seconds (neighbours' load), timing one provider
+    after another skews a ratio by whatever the drift did in between; alternating call by call
+    makes every provider see the same conditions."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}

@@ -7,7 +7,7 @@ import os
 from collections import defaultdict
 
 import pytest
-from bench_utils import machine_info
+from bench_utils import machine_info, time_interleaved
 
 _RESULTS = defaultdict(dict)  # group -> provider -> median seconds
 
@@ -21,6 +21,22 @@ def record(benchmark):
         benchmark.extra_info["provider"] = provider
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
         _RESULTS[group][provider] = benchmark.stats.stats.median
+
+    return _record
+
+
+@pytest.fixture
+def record_interleaved(benchmark):
+    """record_interleaved(group, {provider: fn}): time the providers alternately, call by call, and
+    keep each one's median for the ratio table (bench_utils.time_interleaved says why)."""
+
+    def _record(group, fns, rounds=15, warmup=2):
+        medians = {}
+        benchmark.group = group
+        benchmark.pedantic(lambda: medians.update(time_interleaved(fns, rounds, warmup)), rounds=1, iterations=1)
+        benchmark.extra_info.update({f"{p}_median_s": t for p, t in medians.items()})
+        _RESULTS[group].update(medians)
+        return medians
 
     return _record
 

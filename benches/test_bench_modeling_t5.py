@@ -59,12 +59,9 @@ def test_t5_small_train_step(record, provider):
     record("t5-small train step (AdamW, b8 src64 tgt16)", provider, run, rounds=6)
 
 
-def test_t5_small_train_step_interleaved(benchmark):
+def test_t5_small_train_step_interleaved(record_interleaved):
     """HF and ours timed alternately, step by step, in one process: on a noisy machine this cancels
     the drift that separate pytest-benchmark runs pick up. Records the median time ratio ours / HF."""
-    import statistics
-    import time
-
     runs = {}
     for provider in ("hf", "ours"):
         model, ids, labels = setup_t5(provider)
@@ -76,19 +73,8 @@ def test_t5_small_train_step_interleaved(benchmark):
             model(input_ids=ids, labels=labels, use_cache=False).loss.backward()
             opt.step()
 
-        step()  # warm-up
         runs[provider] = step
-    times = {"hf": [], "ours": []}
-
-    def alternate():
-        for _ in range(6):
-            for provider in ("hf", "ours"):
-                t0 = time.perf_counter()
-                runs[provider]()
-                times[provider].append(time.perf_counter() - t0)
-
-    benchmark.pedantic(alternate, rounds=1, iterations=1)
-    ratio = statistics.median(times["ours"]) / statistics.median(times["hf"])
-    benchmark.extra_info.update(ours_over_hf_time=ratio, hf_median_s=statistics.median(times["hf"]),
-                                ours_median_s=statistics.median(times["ours"]))
+    medians = record_interleaved("t5-small train step, interleaved (AdamW, b8 src64 tgt16)", runs,
+                                 rounds=6, warmup=1)
+    ratio = medians["ours"] / medians["hf"]
     print(f"\nt5-small train step, interleaved: ours / HF time = {ratio:.3f} (goal <= 1.1)")

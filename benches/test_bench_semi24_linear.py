@@ -2,6 +2,10 @@
 density), on T5 shapes, fp32, 512 tokens.
 
     pytest benches/test_bench_semi24_linear.py
+
+Two kinds of group: pytest-benchmark rounds per provider ("fwd", "fwd+bwd"), and the three
+providers timed call by call in alternation ("fwd interleaved"), which is the figure to quote on a
+shared machine whose speed drifts (bench_utils.time_interleaved).
 """
 import pytest
 import torch
@@ -47,3 +51,10 @@ def test_semi24_linear(record, pass_, shape, provider):
     in_features, out_features = SHAPES[shape]
     fn = setup_semi24_linear(provider, in_features, out_features, backward=pass_ == "fwd+bwd")
     record(f"semi24_linear {pass_} {shape}", provider, fn)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_semi24_linear_fwd_interleaved(record_interleaved, shape):
+    in_features, out_features = SHAPES[shape]
+    fns = {p: setup_semi24_linear(p, in_features, out_features, backward=False) for p in PROVIDERS}
+    record_interleaved(f"semi24_linear fwd interleaved {shape}", fns, rounds=30)

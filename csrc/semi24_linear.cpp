@@ -5,7 +5,11 @@
 // The decoded index is transient (2 bytes per kept value, freed when the op returns): the layer
 // itself stores only values and 2 bits of metadata per kept value.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <array>
+#include <atomic>
 
 #include "cpu/kernel_api.h"
 #include "cpu/parallel.h"
@@ -29,13 +33,34 @@ void check_meta(const at::Tensor& meta, int64_t out, int64_t in) {
   TORCH_CHECK_VALUE(meta.is_contiguous(), "sparse_t5: 2:4 meta must be contiguous");
   const uint8_t* m = meta.data_ptr<uint8_t>();
   const int64_t groups = in / 4, width = cpu::semi24_meta_width(in);
+  // Fast path on every call: one table lookup per byte, no branch, rows split across threads.
+  // (A nibble-by-nibble loop with a check per group cost ~0.5 ms per call on a t5-small FFN
+  // weight, 15% of the forward.) Only a weight that fails is walked again to name the fault.
+  static const auto byte_ok = [] {
+    std::array<uint8_t, 256> t{};
+    for (unsigned b = 0; b < 256; ++b) t[b] = ((b & 3u) < ((b >> 2) & 3u)) && (((b >> 4) & 3u) < (b >> 6));
+    return t;
+  }();
+  const bool odd = groups % 2 == 1;
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, out, 256, [&](int64_t b, int64_t e) {
+    unsigned ok = 1;
+    for (int64_t r = b; r < e; ++r) {
+      const uint8_t* row = m + r * width;
+      const int64_t full = odd ? width - 1 : width;
+      for (int64_t i = 0; i < full; ++i) ok &= byte_ok[row[i]];
+      if (odd) ok &= (row[width - 1] >> 4) == 0 && byte_ok[row[width - 1] | 0x40u];  // 0x4_: a valid pad nibble
+    }
+    if (!ok) bad.store(true, std::memory_order_relaxed);
+  });
+  if (!bad.load()) return;
   for (int64_t r = 0; r < out; ++r) {
     for (int64_t g = 0; g < groups; ++g) {
       const unsigned nib = (m[r * width + g / 2] >> ((g & 1) * 4)) & 0xFu;
       TORCH_CHECK_VALUE((nib & 3u) < (nib >> 2), "sparse_t5: malformed 2:4 meta at row ", r, ", group ", g,
                         ": positions ", nib & 3u, " and ", nib >> 2, " must be distinct and increasing");
     }
-    if (groups % 2 == 1) {
+    if (odd) {
       TORCH_CHECK_VALUE((m[r * width + width - 1] >> 4) == 0, "sparse_t5: malformed 2:4 meta at row ", r,
                         ": the unused high nibble of the last byte must be 0");
     }
