@@ -79,7 +79,8 @@ inline at::Tensor panels(int64_t tokens, int64_t features, int nv, cpu::DType dt
                    at::TensorOptions().dtype(compute_dtype(dt)));
 }
 
-// values may be undefined (the sddmm reads only the structure).
+// The kernels' view of a CSR weight (csr_linear.cpp); values may be undefined (the sddmm reads
+// only the structure).
 inline cpu::CsrView csr_view(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                              int64_t out_features, int64_t in_features) {
   cpu::CsrView w;

@@ -22,6 +22,7 @@ SHAPES = [
     ((2, 70), 96, 33),    # several tiles, partial last tile, out not a multiple of the row block
     ((1,), 512, 48),      # one token
     ((40,), 4, 9),        # a single group
+    ((300,), 1028, 20),   # several L1 chunks, 257 groups, 128-token dvalues tiles with a partial last one
 ]
 
 

@@ -85,16 +85,21 @@ inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 // two-source shuffles (vpermt2ps on AVX-512): 64 shuffles for 256 elements, against 2 scalar
 // moves per element, which measured as half the forward time at sparsity 0.95.
 typedef Vec<float>::type V16;
+typedef int32_t VI16 __attribute__((vector_size(64)));
+// Butterfly stage G (8, 4, 2, 1) of two-source shuffles: lo takes the lanes l with (l & G) == 0
+// from a and the others from b shifted down by G; hi the same, shifted up. transpose16 and
+// fold_lanes share them.
+#define SPARSE_T5_BUTTERFLY_16                                                                    \
+  const VI16 lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};                    \
+  const VI16 hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};                    \
+  const VI16 lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};                     \
+  const VI16 hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};                   \
+  const VI16 lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};                     \
+  const VI16 hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};                   \
+  const VI16 lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};                       \
+  const VI16 hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
 __attribute__((always_inline)) inline void transpose16(V16 a[16]) {
-  typedef int32_t VI __attribute__((vector_size(64)));
-  const VI lo1 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-  const VI hi1 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-  const VI lo2 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-  const VI hi2 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-  const VI lo4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-  const VI hi4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-  const VI lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const VI hi8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  SPARSE_T5_BUTTERFLY_16
 #define SPARSE_T5_STAGE(G)                                     \
   for (int i = 0; i < 16; ++i) {                               \
     if (i & G) continue;                                       \
@@ -117,6 +122,31 @@ __attribute__((always_inline)) inline void transpose16_copy(const float* src, in
   for (int i = 0; i < 16; ++i) a[i] = vload<V16>(src + i * src_stride);
   transpose16(a);
   for (int j = 0; j < 16; ++j) vstore(dst + j * dst_stride, a[j]);
+}
+
+// Sum of all lanes of each of L vectors (L = 16 fp32 or 8 fp64), as one vector left in p[0]:
+// p[0][i] = sum of the old p[i]. (Returned in place: a vector return value changes the ABI on the
+// AVX2 build and GCC warns.) Each stage pairs vector i with i + n/2 and adds the two halves of every lane group: 30
+// shuffles and 15 adds for 16 sums, against 16 separate horizontal sums. p is clobbered.
+__attribute__((always_inline)) inline void fold_lanes(V16* p) {
+  SPARSE_T5_BUTTERFLY_16
+#define SPARSE_T5_FOLD(G, N) \
+  for (int i = 0; i < N; ++i) p[i] = __builtin_shuffle(p[i], p[i + N], lo##G) + __builtin_shuffle(p[i], p[i + N], hi##G);
+  SPARSE_T5_FOLD(8, 8)
+  SPARSE_T5_FOLD(4, 4)
+  SPARSE_T5_FOLD(2, 2)
+  SPARSE_T5_FOLD(1, 1)
+}
+typedef Vec<double>::type V8D;
+__attribute__((always_inline)) inline void fold_lanes(V8D* p) {
+  typedef int64_t VI8 __attribute__((vector_size(64)));
+  const VI8 lo1 = {0, 8, 2, 10, 4, 12, 6, 14}, hi1 = {1, 9, 3, 11, 5, 13, 7, 15};
+  const VI8 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const VI8 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  SPARSE_T5_FOLD(4, 4)
+  SPARSE_T5_FOLD(2, 2)
+  SPARSE_T5_FOLD(1, 1)
+#undef SPARSE_T5_FOLD
 }
 
 template <typename T> struct IsFloat { static constexpr bool value = false; };

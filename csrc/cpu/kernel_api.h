@@ -75,6 +75,14 @@ struct KernelTable {
   // y[T, out] = x[T, in] @ W^T (+ bias[out]) for a 2:4 weight. vectors_per_tile is 1, 2 or 4.
   void (*semi24_forward)(const Semi24View& w, DType dt, const void* x, int64_t tokens, const void* bias,
                          void* y, void* x_panels, int vectors_per_tile, const Parallel& par);
+  // dx[T, in] = dy[T, out] @ W for a 2:4 weight. vectors_per_tile is 1, 2 or 4.
+  void (*semi24_backward_input)(const Semi24View& w, DType dt, const void* dy, int64_t tokens, void* dx,
+                                void* dy_panels, void* dx_panels, int vectors_per_tile, const Parallel& par);
+  // dvalues[r, k] = sum_t dy[t, r] * x[t, col(r, k)] at the kept positions (w.values unused);
+  // dvalues_acc: [out, in / 2] in the compute dtype. vectors_per_tile is 1, 2, 4 or 8.
+  void (*semi24_sddmm)(const Semi24View& w, DType dt, const void* dy, const void* x, int64_t tokens,
+                       void* dvalues, void* dy_panels, void* x_panels, void* dvalues_acc, int vectors_per_tile,
+                       const Parallel& par);
 };
 
 const KernelTable& baseline_kernels();

@@ -1,17 +1,19 @@
-// 2:4 semi-structured sparse-linear forward, compiled once per instruction set (kernels_<isa>.cpp).
+// 2:4 semi-structured sparse-linear kernels (forward, dx, dvalues), compiled once per instruction
+// set (kernels_<isa>.cpp).
 //
 // Layout (kernel_api.h, Semi24View): values [out, in/2]; meta [out, ceil(in/8)] bytes, one nibble
 // per group of 4 inputs (group g in byte g/2, low nibble for even g): bits 0-1 = first kept
 // position, bits 2-3 = second, first < second.
 //
-// Loop: a block of R output rows walks the groups in order, so the 4 x-panel rows of a group
+// Forward loop: a block of R output rows walks the groups in order, so the 4 x-panel rows of a group
 // (4 * TILE floats) stay in L1 while all R rows use them; the R x NV accumulators stay in
 // registers. The CSR kernel instead reads random columns of the whole panel from L2 for every row,
 // which is what kept it at ~0.6x dense at 50% density. Per (row, group): one nibble decode, two
 // broadcasts and 2 x NV FMAs with the x loads folded in.
 //
-// The backward products (dx and dvalues) reuse the CSR kernels on a column index decoded from the
-// metadata (csrc/semi24_linear.cpp): one mechanism for the scatter and the sampled product.
+// The backward kernels (below the forward) read the metadata the same way (position_offset) and
+// keep the same L1 chunking: dx scatters into a chunk of the dX panel, dvalues folds per-token-
+// tile dot products. All three walk token panels made by pack_panels (common_impl.h).
 #pragma once
 #include "common_impl.h"
 
@@ -28,6 +30,19 @@ namespace SPARSE_T5_ISA_NS {
 namespace {
 
 constexpr int64_t k24RowsPerBlock = 32;  // rows per epilogue block (a multiple of SPARSE_T5_24_ROWS)
+
+// Byte offset, within a group's 4 panel rows, of the position held in 2-bit field `field` (0-3) of
+// `bits` (a metadata byte or nibble), for panel rows of 2^kRowShift bytes. The field is shifted
+// straight to its place and masked: two ops, where shift-mask-multiply was three or four.
+template <unsigned kRowShift, int field>
+__attribute__((always_inline)) inline unsigned position_offset(unsigned bits) {
+  static_assert(kRowShift >= 6, "panel rows are at least one 64-byte vector");
+  return (bits << (kRowShift - 2 * field)) & (3u << kRowShift);
+}
+template <typename C, int64_t TILE> constexpr unsigned panel_row_shift() {
+  static_assert((TILE * sizeof(C) & (TILE * sizeof(C) - 1)) == 0, "panel rows must be a power of two bytes");
+  return __builtin_ctzll(TILE * sizeof(C));
+}
 
 // out_buf[i] (i < R) (+)= values * x over groups [g0, g1), for rows r0 .. r0 + R - 1; the first
 // chunk (g0 == 0) starts from zero, later ones add to the partial sums in out_buf.
@@ -50,14 +65,11 @@ __attribute__((always_inline)) inline void semi24_rows(const S* values, const ui
 #pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[i][j] = g0 == 0 ? V{} + zero : vload<V>(out_buf + i * TILE + j * L);
   // Two groups per step: one metadata byte per row, decoded with constant shifts (a shift by a
-  // register costs several uops on x86 and was paid per row and group). Each 2-bit field is shifted
-  // straight to its byte offset in the panel and masked (two ops per pointer; shift-mask-multiply
-  // was three or four). Measured at 512 tokens, 2 threads, against dense in the same process: the
-  // pointer barrier below and this decode together took 512->2048 from 1.0-1.2x to 1.2-1.3x.
-  constexpr unsigned kRowShift = __builtin_ctzll(TILE * sizeof(C));  // log2 of one panel row's bytes
-  constexpr unsigned kPosMask = 3u << kRowShift;
+  // register costs several uops on x86 and was paid per row and group). Measured at 512 tokens, 2
+  // threads, against dense in the same process: the position_offset decode and the pointer
+  // barrier below together took 512->2048 from 1.0-1.2x to 1.2-1.3x.
+  constexpr unsigned kShift = panel_row_shift<C, TILE>();
   constexpr int64_t kGroupBytes = 4 * TILE * sizeof(C);
-  static_assert((TILE * sizeof(C) & (TILE * sizeof(C) - 1)) == 0 && kRowShift >= 6, "panel rows must be 2^k >= 64 bytes");
   int64_t g = g0;
   for (; g + 1 < g1; g += 2) {
     const char* xg = reinterpret_cast<const char*>(panel + 4 * g * TILE);
@@ -66,10 +78,10 @@ __attribute__((always_inline)) inline void semi24_rows(const S* values, const ui
       const int64_t r = r0 + i;
       const unsigned byte = meta[r * meta_stride + (g >> 1)];
       const S* val = values + r * half + 2 * g;
-      const C* xa = reinterpret_cast<const C*>(xg + ((byte << kRowShift) & kPosMask));
-      const C* xb = reinterpret_cast<const C*>(xg + ((byte << (kRowShift - 2)) & kPosMask));
-      const C* xc = reinterpret_cast<const C*>(xg + kGroupBytes + ((byte << (kRowShift - 4)) & kPosMask));
-      const C* xd = reinterpret_cast<const C*>(xg + kGroupBytes + ((byte << (kRowShift - 6)) & kPosMask));
+      const C* xa = reinterpret_cast<const C*>(xg + position_offset<kShift, 0>(byte));
+      const C* xb = reinterpret_cast<const C*>(xg + position_offset<kShift, 1>(byte));
+      const C* xc = reinterpret_cast<const C*>(xg + kGroupBytes + position_offset<kShift, 2>(byte));
+      const C* xd = reinterpret_cast<const C*>(xg + kGroupBytes + position_offset<kShift, 3>(byte));
       // Materialise each pointer in a register. Otherwise GCC folds the offset into a base + index
       // address in every FMA, and x86 splits such memory-operand FMAs into two uops: measured 5%
       // slower on one core and ~20% slower with both cores busy.
@@ -157,29 +169,207 @@ void semi24_forward_t(const Semi24View& w, const S* x, int64_t tokens, const S* 
   parallel_run(par, ntiles * nrb, body);
 }
 
+// ---- backward input: dx = dy W ------------------------------------------------------------------
+// Scatter form: each kept value adds v * dY[:, r] into dX's panel row of its input. Items are
+// (token tile, chunk of groups), so a thread's destination chunk (24 KB of the dX panel) stays in
+// L1 while every row of W adds into it, and items write disjoint parts of dX (no atomics; with one
+// token tile the chunks still spread over threads). The CSR kernel this replaces scattered over
+// the whole dX tile in L2 and decoded the metadata into a transient column index first.
+template <typename S, int NV>
+void semi24_backward_input_t(const Semi24View& w, const S* dy, int64_t tokens, S* dx,
+                             typename ComputeOf<S>::type* dyp, typename ComputeOf<S>::type* dxp,
+                             const Parallel& par) {
+  typedef typename ComputeOf<S>::type C;
+  typedef typename Vec<C>::type V;
+  constexpr int L = Vec<C>::lanes;
+  constexpr int64_t TILE = NV * L;
+  const int64_t in = w.in_features, out = w.out_features;
+  const int64_t ntiles = (tokens + TILE - 1) / TILE;
+  const int64_t meta_stride = semi24_meta_width(in);
+  const int64_t groups = in / 4, half = in / 2;
+  constexpr unsigned kShift = panel_row_shift<C, TILE>();
+  constexpr int64_t kGroupBytes = 4 * TILE * sizeof(C);
+  constexpr int64_t kChunkBytes = 24 * 1024;  // as in the forward
+  constexpr int64_t GC = kChunkBytes / kGroupBytes;
+  static_assert(GC % 2 == 0, "chunks must start at an even group: a metadata byte holds a group pair");
+  const int64_t nchunks = (groups + GC - 1) / GC;
+  pack_panels<S, C>(dy, tokens, out, TILE, dyp, par);
+  const S* values = static_cast<const S*>(w.values);
+
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t item = b; item < e; ++item) {
+      const int64_t tile = item / nchunks, g0 = (item % nchunks) * GC, g1 = min_i64(groups, g0 + GC);
+      C* dxc = dxp + tile * in * TILE + 4 * g0 * TILE;
+      __builtin_memset(dxc, 0, sizeof(C) * 4 * (g1 - g0) * TILE);
+      const C* dyt = dyp + tile * out * TILE;
+      char* base = reinterpret_cast<char*>(dxp + tile * in * TILE);
+      for (int64_t r = 0; r < out; ++r) {
+        V d[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; ++j) d[j] = vload<V>(dyt + r * TILE + j * L);
+        const uint8_t* m = w.meta + r * meta_stride;
+        const S* val = values + r * half;
+        int64_t g = g0;
+        for (; g + 1 < g1; g += 2) {
+          const unsigned byte = m[g >> 1];
+          char* xg = base + g * kGroupBytes;
+          C* xa = reinterpret_cast<C*>(xg + position_offset<kShift, 0>(byte));
+          C* xb = reinterpret_cast<C*>(xg + position_offset<kShift, 1>(byte));
+          C* xc = reinterpret_cast<C*>(xg + kGroupBytes + position_offset<kShift, 2>(byte));
+          C* xd = reinterpret_cast<C*>(xg + kGroupBytes + position_offset<kShift, 3>(byte));
+          asm volatile("" : "+r"(xa), "+r"(xb), "+r"(xc), "+r"(xd));  // see semi24_rows
+          const C va = load_scalar(val + 2 * g), vb = load_scalar(val + 2 * g + 1);
+          const C vc = load_scalar(val + 2 * g + 2), vd = load_scalar(val + 2 * g + 3);
+#pragma GCC unroll 4
+          for (int j = 0; j < NV; ++j) vstore(xa + j * L, vload<V>(xa + j * L) + va * d[j]);
+#pragma GCC unroll 4
+          for (int j = 0; j < NV; ++j) vstore(xb + j * L, vload<V>(xb + j * L) + vb * d[j]);
+#pragma GCC unroll 4
+          for (int j = 0; j < NV; ++j) vstore(xc + j * L, vload<V>(xc + j * L) + vc * d[j]);
+#pragma GCC unroll 4
+          for (int j = 0; j < NV; ++j) vstore(xd + j * L, vload<V>(xd + j * L) + vd * d[j]);
+        }
+        if (g < g1) {  // the odd last group (g0 is even)
+          const unsigned nib = m[g >> 1] & 0xFu;
+          char* xg = base + g * kGroupBytes;
+          C* xa = reinterpret_cast<C*>(xg + position_offset<kShift, 0>(nib));
+          C* xb = reinterpret_cast<C*>(xg + position_offset<kShift, 1>(nib));
+          const C va = load_scalar(val + 2 * g), vb = load_scalar(val + 2 * g + 1);
+          for (int j = 0; j < NV; ++j) vstore(xa + j * L, vload<V>(xa + j * L) + va * d[j]);
+          for (int j = 0; j < NV; ++j) vstore(xb + j * L, vload<V>(xb + j * L) + vb * d[j]);
+        }
+      }
+    }
+  };
+  parallel_run(par, ntiles * nchunks, body);
+  unpack_panels<S, C>(dxp, tokens, in, TILE, dx, par);
+}
+
+// ---- sddmm: dvalues[r, k] = <dY[:, r], X[:, col(r, k)]> at the kept positions only --------------
+// Loop: threads own blocks of 32 rows (no races on dvalues). Per token tile, a row's dY vectors
+// stay in registers while it walks an L1-resident chunk of the X panel; each batch of L/2 groups
+// (L kept values) gives L dot-product vectors that fold_lanes reduces into one vector of sums,
+// added to the row's fp32/fp64 accumulators. One load per FMA, as in the forward.
+template <typename S, int NV>
+void semi24_sddmm_t(const Semi24View& w, const S* dy, const S* x, int64_t tokens, S* dvalues,
+                    typename ComputeOf<S>::type* dyp, typename ComputeOf<S>::type* xp,
+                    typename ComputeOf<S>::type* acc_buf, const Parallel& par) {
+  typedef typename ComputeOf<S>::type C;
+  typedef typename Vec<C>::type V;
+  constexpr int L = Vec<C>::lanes;
+  constexpr int64_t TILE = NV * L;
+  constexpr int B = L / 2;  // groups per batch: L kept values
+  const int64_t in = w.in_features, out = w.out_features;
+  const int64_t ntiles = (tokens + TILE - 1) / TILE;
+  const int64_t meta_stride = semi24_meta_width(in);
+  const int64_t groups = in / 4, half = in / 2;
+  const C zero = 0;
+  constexpr unsigned kShift = panel_row_shift<C, TILE>();
+  constexpr int64_t kChunkBytes = 24 * 1024;  // as in the forward
+  int64_t GC = kChunkBytes / (4 * TILE * static_cast<int64_t>(sizeof(C))) / B * B;
+  if (GC < B) GC = B;
+  pack_panels<S, C>(dy, tokens, out, TILE, dyp, par);
+  pack_panels<S, C>(x, tokens, in, TILE, xp, par);
+  const int64_t nrb = (out + k24RowsPerBlock - 1) / k24RowsPerBlock;
+
+  auto body = [&](int64_t b, int64_t e) {
+    for (int64_t rb = b; rb < e; ++rb) {
+      const int64_t r0 = rb * k24RowsPerBlock, r1 = min_i64(out, r0 + k24RowsPerBlock);
+      C* acc = acc_buf + r0 * half;
+      for (int64_t k = 0; k < (r1 - r0) * half; ++k) acc[k] = zero;
+      for (int64_t tile = 0; tile < ntiles; ++tile) {
+        const C* dyt = dyp + tile * out * TILE;
+        const char* xt = reinterpret_cast<const char*>(xp + tile * in * TILE);
+        for (int64_t g0 = 0; g0 < groups; g0 += GC) {
+          const int64_t g1 = min_i64(groups, g0 + GC);
+          for (int64_t r = r0; r < r1; ++r) {
+            V d[NV];
+#pragma GCC unroll 8
+            for (int j = 0; j < NV; ++j) d[j] = vload<V>(dyt + r * TILE + j * L);
+            const uint8_t* m = w.meta + r * meta_stride;
+            C* acc_r = acc + (r - r0) * half;
+            for (int64_t gb = g0; gb < g1; gb += B) {
+              V p[L];
+#pragma GCC unroll 16
+              for (int q = 0; q < B; ++q) {
+                const int64_t g = gb + q;
+                if (g < g1) {
+                  const unsigned nib = static_cast<unsigned>(m[g >> 1]) >> ((q & 1) * 4);  // gb is even
+                  const char* xg = xt + g * 4 * TILE * static_cast<int64_t>(sizeof(C));
+                  const C* xa = reinterpret_cast<const C*>(xg + position_offset<kShift, 0>(nib));
+                  const C* xb = reinterpret_cast<const C*>(xg + position_offset<kShift, 1>(nib));
+                  asm volatile("" : "+r"(xa), "+r"(xb));  // see semi24_rows
+                  V pa = d[0] * vload<V>(xa), pb = d[0] * vload<V>(xb);
+#pragma GCC unroll 8
+                  for (int j = 1; j < NV; ++j) {
+                    pa += d[j] * vload<V>(xa + j * L);
+                    pb += d[j] * vload<V>(xb + j * L);
+                  }
+                  p[2 * q] = pa;
+                  p[2 * q + 1] = pb;
+                } else {
+                  p[2 * q] = V{} + zero;
+                  p[2 * q + 1] = V{} + zero;
+                }
+              }
+              fold_lanes(p);
+              const V sums = p[0];
+              C* dst = acc_r + 2 * gb;
+              const int64_t n = min_i64(L, 2 * (g1 - gb));
+              if (n == L) {
+                vstore(dst, vload<V>(dst) + sums);
+              } else {
+                for (int64_t l = 0; l < n; ++l) dst[l] += sums[l];
+              }
+            }
+          }
+        }
+      }
+      for (int64_t k = 0; k < (r1 - r0) * half; ++k) store_scalar(dvalues + r0 * half + k, acc[k]);
+    }
+  };
+  parallel_run(par, nrb, body);
+}
+
+// ---- entry points: runtime dtype and tile width -> template instance ------------------------------
+// CALL is expanded with S (storage type), C (compute type) and NV (vectors per tile) defined; nv
+// above 4 means WIDEST (8 where a kernel has an 8-vector instance, else 4).
+#define SPARSE_T5_24_DISPATCH_NV(CALL, WIDEST)            \
+  if (nv <= 1) { constexpr int NV = 1; CALL; }            \
+  else if (nv == 2) { constexpr int NV = 2; CALL; }       \
+  else if (nv == 4) { constexpr int NV = 4; CALL; }       \
+  else { constexpr int NV = WIDEST; CALL; }
+#define SPARSE_T5_24_DISPATCH(CALL, WIDEST)                                                               \
+  switch (dt) {                                                                                           \
+    case DType::kFloat32: { typedef float S; typedef float C; SPARSE_T5_24_DISPATCH_NV(CALL, WIDEST) } break;   \
+    case DType::kFloat64: { typedef double S; typedef double C; SPARSE_T5_24_DISPATCH_NV(CALL, WIDEST) } break; \
+    case DType::kBFloat16: { typedef BF16 S; typedef float C; SPARSE_T5_24_DISPATCH_NV(CALL, WIDEST) } break;   \
+  }
+
 void semi24_forward(const Semi24View& w, DType dt, const void* x, int64_t tokens, const void* bias, void* y,
                     void* x_panels, int nv, const Parallel& par) {
-#define SPARSE_T5_24_CALL(S_)                                                                              \
-  {                                                                                                        \
-    typedef S_ S;                                                                                          \
-    typedef typename ComputeOf<S>::type C;                                                                 \
-    if (nv <= 1)                                                                                           \
-      semi24_forward_t<S, 1>(w, static_cast<const S*>(x), tokens, static_cast<const S*>(bias),             \
-                             static_cast<S*>(y), static_cast<C*>(x_panels), par);                          \
-    else if (nv == 2)                                                                                      \
-      semi24_forward_t<S, 2>(w, static_cast<const S*>(x), tokens, static_cast<const S*>(bias),             \
-                             static_cast<S*>(y), static_cast<C*>(x_panels), par);                          \
-    else                                                                                                   \
-      semi24_forward_t<S, 4>(w, static_cast<const S*>(x), tokens, static_cast<const S*>(bias),             \
-                             static_cast<S*>(y), static_cast<C*>(x_panels), par);                          \
-  }
-  switch (dt) {
-    case DType::kFloat32: SPARSE_T5_24_CALL(float) break;
-    case DType::kFloat64: SPARSE_T5_24_CALL(double) break;
-    case DType::kBFloat16: SPARSE_T5_24_CALL(BF16) break;
-  }
-#undef SPARSE_T5_24_CALL
+  SPARSE_T5_24_DISPATCH((semi24_forward_t<S, NV>(w, static_cast<const S*>(x), tokens, static_cast<const S*>(bias),
+                                                 static_cast<S*>(y), static_cast<C*>(x_panels), par)),
+                        4)
 }
+
+void semi24_backward_input(const Semi24View& w, DType dt, const void* dy, int64_t tokens, void* dx,
+                           void* dy_panels, void* dx_panels, int nv, const Parallel& par) {
+  SPARSE_T5_24_DISPATCH((semi24_backward_input_t<S, NV>(w, static_cast<const S*>(dy), tokens, static_cast<S*>(dx),
+                                                        static_cast<C*>(dy_panels), static_cast<C*>(dx_panels), par)),
+                        4)
+}
+
+void semi24_sddmm(const Semi24View& w, DType dt, const void* dy, const void* x, int64_t tokens, void* dvalues,
+                  void* dy_panels, void* x_panels, void* dvalues_acc, int nv, const Parallel& par) {
+  SPARSE_T5_24_DISPATCH((semi24_sddmm_t<S, NV>(w, static_cast<const S*>(dy), static_cast<const S*>(x), tokens,
+                                               static_cast<S*>(dvalues), static_cast<C*>(dy_panels),
+                                               static_cast<C*>(x_panels), static_cast<C*>(dvalues_acc), par)),
+                        8)
+}
+
+#undef SPARSE_T5_24_DISPATCH
+#undef SPARSE_T5_24_DISPATCH_NV
 
 }  // namespace
 }  // namespace SPARSE_T5_ISA_NS

@@ -1,7 +1,7 @@
 """Python side of the 2:4 ops: fake (meta) rules, autograd, and a typed wrapper.
 
-Schemas: csrc/registration.cpp. CPU bodies: csrc/semi24_linear.cpp. Forward kernel:
-csrc/cpu/semi24_kernels_impl.h (the backward products reuse the CSR kernels). Tests:
+Schemas: csrc/registration.cpp. CPU bodies: csrc/semi24_linear.cpp. Kernels:
+csrc/cpu/semi24_kernels_impl.h (forward, dx and dvalues). Tests:
 tests/test_semi24_linear.py. Benchmarks: benches/test_bench_semi24_linear.py.
 """
 from __future__ import annotations

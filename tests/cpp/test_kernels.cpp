@@ -141,7 +141,9 @@ void check_case(const KernelTable& k, const Case& c, bool idx16, std::mt19937& r
   }
 }
 
-// 2:4: pack a random 2-of-4 pattern, run the forward kernel, compare with the dense reference.
+// 2:4: pack a random 2-of-4 pattern, run the forward, dx and dvalues kernels at every tile width,
+// compare with the dense reference. (300, 1028, 20): several L1 chunks, an odd group count (257)
+// and a partial 128-token tile; (0, 16, 8): no tokens.
 template <typename T>
 void check_semi24(const KernelTable& k, int64_t tokens, int64_t in, int64_t out, std::mt19937& rng) {
   const DType dt = sizeof(T) == 8 ? DType::kFloat64 : DType::kFloat32;
@@ -181,6 +183,40 @@ void check_semi24(const KernelTable& k, int64_t tokens, int64_t in, int64_t out,
     EXPECT(rel_err(y, ref) <= tol, "semi24 %s nv=%d T=%ld in=%ld out=%ld: rel err %g", k.name, nv, (long)tokens,
            (long)in, (long)out, rel_err(y, ref));
   }
+  // Backward: dx = dy W and dvalues = (dy^T x) at the kept positions.
+  std::vector<T> dy(tokens * out), dx(tokens * in, T(-7)), dv(out * in / 2, T(-7));
+  for (auto& e : dy) e = static_cast<T>(v(rng));
+  std::vector<double> dx_ref(tokens * in, 0.0), dv_ref(out * in / 2, 0.0);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t r = 0; r < out; ++r)
+      for (int64_t i = 0; i < in; ++i) dx_ref[t * in + i] += static_cast<double>(dy[t * out + r]) * dense[r * in + i];
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const unsigned nib = (meta[r * width + g / 2] >> ((g & 1) * 4)) & 0xFu;
+      for (int j = 0; j < 2; ++j) {
+        const int64_t col = 4 * g + (j == 0 ? (nib & 3u) : (nib >> 2));
+        double s = 0.0;
+        for (int64_t t = 0; t < tokens; ++t) s += static_cast<double>(dy[t * out + r]) * static_cast<double>(x[t * in + col]);
+        dv_ref[r * in / 2 + 2 * g + j] = s;
+      }
+    }
+  for (int nv : {1, 2, 4}) {
+    const int64_t tile = nv * lanes_for(dt);
+    std::vector<T> dyp(panel_elements(tokens, out, tile)), dxp(panel_elements(tokens, in, tile));
+    std::fill(dx.begin(), dx.end(), T(-7));
+    k.semi24_backward_input(w, dt, dy.data(), tokens, dx.data(), dyp.data(), dxp.data(), nv, par);
+    EXPECT(rel_err(dx, dx_ref) <= tol, "semi24 dx %s nv=%d T=%ld in=%ld out=%ld: rel err %g", k.name, nv,
+           (long)tokens, (long)in, (long)out, rel_err(dx, dx_ref));
+  }
+  Semi24View structure{nullptr, meta.data(), out, in};  // the sddmm must not read values
+  for (int nv : {1, 2, 4, 8}) {
+    const int64_t tile = nv * lanes_for(dt);
+    std::vector<T> dyp(panel_elements(tokens, out, tile)), xp(panel_elements(tokens, in, tile)), acc(out * in / 2);
+    std::fill(dv.begin(), dv.end(), T(-7));
+    k.semi24_sddmm(structure, dt, dy.data(), x.data(), tokens, dv.data(), dyp.data(), xp.data(), acc.data(), nv, par);
+    EXPECT(rel_err(dv, dv_ref) <= tol, "semi24 sddmm %s nv=%d T=%ld in=%ld out=%ld: rel err %g", k.name, nv,
+           (long)tokens, (long)in, (long)out, rel_err(dv, dv_ref));
+  }
 }
 
 }  // namespace
@@ -210,7 +246,8 @@ int main() {
       }
     }
     for (const int64_t* c : {(const int64_t[]){5, 124, 77}, (const int64_t[]){70, 64, 40},
-                             (const int64_t[]){1, 32, 33}, (const int64_t[]){130, 4, 9}}) {
+                             (const int64_t[]){1, 32, 33}, (const int64_t[]){130, 4, 9},
+                             (const int64_t[]){300, 1028, 20}, (const int64_t[]){0, 16, 8}}) {
       check_semi24<float>(*k, c[0], c[1], c[2], rng);
       check_semi24<double>(*k, c[0], c[1], c[2], rng);
       checked += 2;
