@@ -4,7 +4,7 @@ density), on T5 shapes, fp32, 512 tokens.
     pytest benches/test_bench_semi24_linear.py
 
 Two kinds of group: pytest-benchmark rounds per provider ("fwd", "fwd+bwd"), and the three
-providers timed call by call in alternation ("fwd interleaved"), which is the figure to quote on a
+providers timed call by call in alternation ("... interleaved"), which is the figure to quote on a
 shared machine whose speed drifts (bench_utils.time_interleaved).
 """
 import pytest
@@ -54,7 +54,8 @@ def test_semi24_linear(record, pass_, shape, provider):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_semi24_linear_fwd_interleaved(record_interleaved, shape):
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_semi24_linear_interleaved(record_interleaved, pass_, shape):
     in_features, out_features = SHAPES[shape]
-    fns = {p: setup_semi24_linear(p, in_features, out_features, backward=False) for p in PROVIDERS}
-    record_interleaved(f"semi24_linear fwd interleaved {shape}", fns, rounds=30)
+    fns = {p: setup_semi24_linear(p, in_features, out_features, backward=pass_ == "fwd+bwd") for p in PROVIDERS}
+    record_interleaved(f"semi24_linear {pass_} interleaved {shape}", fns, rounds=30 if pass_ == "fwd" else 15)

@@ -12,6 +12,8 @@
 #define SPARSE_T5_ACC_SETS 2
 // 2:4 forward: output rows per register block (8 rows x 2 zmm = 16 of the 32 zmm registers as accumulators).
 #define SPARSE_T5_24_ROWS 8
+// Two-source permutes are one instruction (vpermt2ps): enables the few-token 2:4 forward.
+#define SPARSE_T5_HAS_PERMUTE2 1
 #include "kernel_table_impl.h"
 #pragma GCC pop_options
 #else
