@@ -159,38 +159,42 @@ template <typename F> void parallel_run(const Parallel& par, int64_t n, F& body)
 }
 
 // ---- panels -------------------------------------------------------------------------------
+// Token tile `item` of src [T, F] row-major (storage S) -> panel [F][TILE] (compute C), zero past T.
+template <typename S, typename C>
+void pack_tile(const S* src, int64_t tokens, int64_t features, int64_t tile, int64_t item, C* panel) {
+  const int64_t t0 = item * tile;
+  const int64_t valid = min_i64(tile, tokens - t0);
+  if (valid < tile) __builtin_memset(panel, 0, sizeof(C) * features * tile);
+  int64_t f_done = 0;
+  if constexpr (IsFloat<S>::value) {
+    // Full 16-token x 16-feature blocks: vector transpose.
+    const int64_t full_t = valid / 16 * 16;
+    f_done = features / 16 * 16;
+    for (int64_t f0 = 0; f0 < f_done; f0 += 16) {
+      for (int64_t i0 = 0; i0 < full_t; i0 += 16)
+        transpose16_copy(src + (t0 + i0) * features + f0, features, panel + f0 * tile + i0, tile);
+      for (int64_t i = full_t; i < valid; ++i)
+        for (int64_t f = f0; f < f0 + 16; ++f) panel[f * tile + i] = src[(t0 + i) * features + f];
+    }
+  }
+  // Blocks of 16 features keep both the source rows and the panel lines in L1.
+  for (int64_t f0 = f_done; f0 < features; f0 += 16) {
+    const int64_t f1 = min_i64(features, f0 + 16);
+    for (int64_t i = 0; i < valid; ++i) {
+      const S* row = src + (t0 + i) * features;
+      for (int64_t f = f0; f < f1; ++f) panel[f * tile + i] = load_scalar(row + f);
+    }
+  }
+}
+
 // src [T, F] row-major (storage S) -> dst [ntiles][F][TILE] (compute C), zero past T.
 template <typename S, typename C>
 void pack_panels(const S* src, int64_t tokens, int64_t features, int64_t tile, C* dst,
                  const Parallel& par) {
   const int64_t ntiles = (tokens + tile - 1) / tile;
   auto body = [&](int64_t b, int64_t e) {
-    for (int64_t item = b; item < e; ++item) {
-      C* panel = dst + item * features * tile;
-      const int64_t t0 = item * tile;
-      const int64_t valid = min_i64(tile, tokens - t0);
-      if (valid < tile) __builtin_memset(panel, 0, sizeof(C) * features * tile);
-      int64_t f_done = 0;
-      if constexpr (IsFloat<S>::value) {
-        // Full 16-token x 16-feature blocks: vector transpose.
-        const int64_t full_t = valid / 16 * 16;
-        f_done = features / 16 * 16;
-        for (int64_t f0 = 0; f0 < f_done; f0 += 16) {
-          for (int64_t i0 = 0; i0 < full_t; i0 += 16)
-            transpose16_copy(src + (t0 + i0) * features + f0, features, panel + f0 * tile + i0, tile);
-          for (int64_t i = full_t; i < valid; ++i)
-            for (int64_t f = f0; f < f0 + 16; ++f) panel[f * tile + i] = src[(t0 + i) * features + f];
-        }
-      }
-      // Blocks of 16 features keep both the source rows and the panel lines in L1.
-      for (int64_t f0 = f_done; f0 < features; f0 += 16) {
-        const int64_t f1 = min_i64(features, f0 + 16);
-        for (int64_t i = 0; i < valid; ++i) {
-          const S* row = src + (t0 + i) * features;
-          for (int64_t f = f0; f < f1; ++f) panel[f * tile + i] = load_scalar(row + f);
-        }
-      }
-    }
+    for (int64_t item = b; item < e; ++item)
+      pack_tile<S, C>(src, tokens, features, tile, item, dst + item * features * tile);
   };
   parallel_run(par, ntiles, body);
 }

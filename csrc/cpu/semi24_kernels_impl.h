@@ -148,15 +148,30 @@ void semi24_forward_t(const Semi24View& w, const S* x, int64_t tokens, const S* 
   constexpr int64_t kChunkBytes = 24 * 1024;
   constexpr int64_t GC = kChunkBytes / (4 * TILE * static_cast<int64_t>(sizeof(C)));
   static_assert(GC % 2 == 0, "chunks must start at an even group: semi24_rows decodes a byte per group pair");
-  pack_panels<S, C>(x, tokens, in, TILE, xp, par);
   const S* values = static_cast<const S*>(w.values);
   const int64_t nrb = (out + k24RowsPerBlock - 1) / k24RowsPerBlock;
 
-  auto body = [&](int64_t b, int64_t e) {
+  // With at least one token tile per thread, each thread packs the tile it is about to use into
+  // its own panel (in * TILE, a few hundred KB, so it stays in L2), instead of one packing pass
+  // over all tiles first whose panels went out to memory and came back: measured 5-10% faster on
+  // 2048->512, where x is 4 MB. The private panels are carved from the x_panels workspace (it
+  // holds ntiles >= threads panels). With fewer tiles than threads, threads share tiles: pack all.
+  const int64_t items = ntiles * nrb;
+  const int64_t threads = par.num_threads > 1 ? par.num_threads : 1;
+  const bool private_panels = ntiles >= threads;
+  if (!private_panels) pack_panels<S, C>(x, tokens, in, TILE, xp, par);
+  // Items run tile-major, so a range of items touches each of its tiles once, in order.
+  auto run_items = [&](int64_t b, int64_t e, C* own_panel) {
     C buf[k24RowsPerBlock * TILE];
+    int64_t packed = -1;
     for (int64_t item = b; item < e; ++item) {
       const int64_t tile = item / nrb, rb = item % nrb;
       const C* panel = xp + tile * in * TILE;
+      if (own_panel != nullptr) {
+        if (tile != packed) pack_tile<S, C>(x, tokens, in, TILE, tile, own_panel);
+        packed = tile;
+        panel = own_panel;
+      }
       const int64_t t0 = tile * TILE;
       const int64_t valid = min_i64(TILE, tokens - t0);
       const int64_t r0 = rb * k24RowsPerBlock;
@@ -176,7 +191,16 @@ void semi24_forward_t(const Semi24View& w, const S* x, int64_t tokens, const S* 
       store_row_block<S>(buf, TILE, nrows, valid, y, out, t0, r0, bias);
     }
   };
-  parallel_run(par, ntiles * nrb, body);
+  if (private_panels) {
+    const int64_t per = (items + threads - 1) / threads;
+    auto body = [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) run_items(c * per, min_i64(items, (c + 1) * per), xp + c * in * TILE);
+    };
+    parallel_run(par, threads, body);
+  } else {
+    auto body = [&](int64_t b, int64_t e) { run_items(b, e, nullptr); };
+    parallel_run(par, items, body);
+  }
 }
 
 // ---- forward for a few tokens (decoding steps) -----------------------------------------------------
