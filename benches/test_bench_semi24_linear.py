@@ -24,13 +24,13 @@ SHAPES = {
 PROVIDERS = ["dense", "cpp_csr", "cpp_2:4"]
 
 
-def setup_semi24_linear(provider, in_features, out_features, backward):
+def setup_semi24_linear(provider, in_features, out_features, backward, tokens=TOKENS):
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=g)
     layer24 = SparseLinear.from_dense(weight, format="2:4")
     masked = layer24.to_dense()  # all providers compute with the same 2:4-masked weight
-    x = torch.randn(TOKENS, in_features, generator=g, requires_grad=backward)
-    dy = torch.randn(TOKENS, out_features, generator=g)
+    x = torch.randn(tokens, in_features, generator=g, requires_grad=backward)
+    dy = torch.randn(tokens, out_features, generator=g)
     if provider == "dense":
         w = masked.clone().requires_grad_(backward)
         fwd = lambda: F.linear(x, w)  # noqa: E731
@@ -59,3 +59,11 @@ def test_semi24_linear_interleaved(record_interleaved, pass_, shape):
     in_features, out_features = SHAPES[shape]
     fns = {p: setup_semi24_linear(p, in_features, out_features, backward=pass_ == "fwd+bwd") for p in PROVIDERS}
     record_interleaved(f"semi24_linear {pass_} interleaved {shape}", fns, rounds=30 if pass_ == "fwd" else 15)
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_semi24_linear_decoding_step_interleaved(record_interleaved, tokens):
+    """A generation step: a few tokens (the few-token path of the 2:4 forward), t5-small FFN wi."""
+    in_features, out_features = SHAPES["t5-small FFN wi 512->2048"]
+    fns = {p: setup_semi24_linear(p, in_features, out_features, backward=False, tokens=tokens) for p in PROVIDERS}
+    record_interleaved(f"semi24_linear fwd interleaved {tokens} token(s) t5-small FFN wi 512->2048", fns, rounds=200)
