@@ -165,7 +165,7 @@ def main():
         "![peak memory and step time against sparsity](benches/results/recovery.png)", "",
         recovery_table(data),
         kernel_table(os.path.join(RESULTS, "csr_linear.json"), "**CSR kernels** (512 tokens, fp32):"),
-        kernel_table(os.path.join(RESULTS, "semi24_linear.json"), "**2:4 kernels** (512 tokens, fp32):"),
+        kernel_table(os.path.join(RESULTS, "semi24_linear.json"), "**2:4 kernels** (fp32; 512 tokens unless a group names its token count):"),
     ])
     update_readme(text)
     print(text)
