@@ -191,6 +191,21 @@ def semi24_meta_width(in_features: int) -> int:
     return (in_features // 4 + 1) // 2
 
 
+def semi24_nibbles(meta: torch.Tensor, out_features: int) -> torch.Tensor:
+    """[out, 2 * meta width] uint8: the nibble of every group, in group order (plus the pad nibble
+    of an odd last group)."""
+    return torch.stack([meta & 0xF, meta >> 4], -1).reshape(out_features, -1)
+
+
+def semi24_positions(meta: torch.Tensor, shape, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """[out, in/2] column of every kept value, decoded from `meta` on its device."""
+    out_features, in_features = int(shape[0]), int(shape[1])
+    groups = in_features // 4
+    nibbles = semi24_nibbles(meta, out_features)[:, :groups].to(dtype)
+    base = torch.arange(groups, device=meta.device, dtype=dtype) * 4
+    return torch.stack([base + (nibbles & 3), base + (nibbles >> 2)], -1).reshape(out_features, in_features // 2)
+
+
 def semi24_magnitude_mask(weight: torch.Tensor) -> torch.Tensor:
     """Keep the 2 largest |w| of every group of 4 consecutive inputs (ties: the earlier position)."""
     out_features, in_features = weight.shape
@@ -238,13 +253,7 @@ class Semi24Weight(_CompressedWeight):
 
     def positions(self) -> torch.Tensor:
         """[out, in/2] int64 column of every kept value."""
-        out_features, in_features = self.shape
-        groups = in_features // 4
-        low, high = self.meta & 0xF, self.meta >> 4
-        nibbles = torch.stack([low, high], -1).reshape(out_features, -1)[:, :groups].to(torch.int64)
-        first, second = nibbles & 3, nibbles >> 2
-        base = torch.arange(groups, device=self.meta.device) * 4
-        return torch.stack([base + first, base + second], -1).reshape(out_features, in_features // 2)
+        return semi24_positions(self.meta, self.shape)
 
     def mask(self) -> torch.Tensor:
         m = torch.zeros(self.shape, dtype=torch.bool, device=self.meta.device)
@@ -276,7 +285,7 @@ def validate_semi24(values: torch.Tensor, meta: torch.Tensor, shape) -> None:
     if meta.device.type == "meta":
         return
     groups = in_features // 4
-    nibbles = torch.stack([meta & 0xF, meta >> 4], -1).reshape(out_features, -1)
+    nibbles = semi24_nibbles(meta, out_features)
     used = nibbles[:, :groups]
     bad = (used & 3) >= (used >> 2)
     if bool(bad.any()):

@@ -9,13 +9,15 @@ positions, first < second).
   (the kept values placed at their nibble positions, zeros elsewhere) and multiplies them with
   tl.dot in the input dtype, accumulating in fp32. BLOCK_K is a multiple of 8 so a tile holds whole metadata bytes.
 - dvalues: the CSR SDDMM kernel (triton_kernels/csr_linear.py) on a column index decoded from the
-  metadata, as the CPU path does.
+  metadata (the CPU path has a kernel that reads the metadata directly).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from sparse_t5.formats import semi24_meta_width, semi24_positions
 
 from .csr_linear import CALLS, INTERPRET, _bucket, csr_sddmm
 
@@ -96,10 +98,6 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _meta_stride(in_features):
-    return (in_features // 4 + 1) // 2
-
-
 def semi24_linear(x, values, meta, bias=None):
     CALLS["semi24_linear"] += 1
     out_features, in_features = values.shape[0], values.shape[1] * 2
@@ -114,7 +112,7 @@ def semi24_linear(x, values, meta, bias=None):
         grid = lambda meta_: (triton.cdiv(T, meta_["BLOCK_M"]), triton.cdiv(out_features, meta_["BLOCK_N"]))  # noqa: E731
         _semi24_forward_kernel[grid](x2, values.contiguous(), meta.contiguous(),
                                      bias if bias is not None else values, y, T, in_features, out_features,
-                                     _meta_stride(in_features), _bucket(T), HAS_BIAS=bias is not None,
+                                     semi24_meta_width(in_features), _bucket(T), HAS_BIAS=bias is not None,
                                      PRECISION=_precision(x.dtype))
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -128,17 +126,14 @@ def semi24_linear_backward_input(grad_out, values, meta):
     if T and in_features:
         grid = lambda meta_: (triton.cdiv(T, meta_["BLOCK_M"]), triton.cdiv(in_features, meta_["BLOCK_N"]))  # noqa: E731
         _semi24_backward_input_kernel[grid](g2, values.contiguous(), meta.contiguous(), dx, T, in_features,
-                                            out_features, _meta_stride(in_features), _bucket(T),
+                                            out_features, semi24_meta_width(in_features), _bucket(T),
                                             PRECISION=_precision(grad_out.dtype))
     return dx.reshape(*grad_out.shape[:-1], in_features)
 
 
 def decode_columns(meta, out_features, in_features):
     """(row_ptr int32, col_idx int32) of the CSR view of a 2:4 weight, computed on meta's device."""
-    groups = in_features // 4
-    nib = torch.stack([meta & 0xF, meta >> 4], -1).reshape(out_features, -1)[:, :groups].to(torch.int32)
-    base = torch.arange(groups, device=meta.device, dtype=torch.int32) * 4
-    cols = torch.stack([base + (nib & 3), base + (nib >> 2)], -1).reshape(-1)
+    cols = semi24_positions(meta, (out_features, in_features), torch.int32).reshape(-1)
     row_ptr = torch.arange(out_features + 1, device=meta.device, dtype=torch.int32) * (in_features // 2)
     return row_ptr, cols.contiguous()
 

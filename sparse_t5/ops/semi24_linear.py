@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loads the library that defines the schemas)
+from ..formats import semi24_meta_width
 from .csr_linear import bias_grad
 
 _ops = torch.ops.sparse_t5
@@ -18,7 +19,7 @@ def _check(values, meta, in_features):
     torch._check(values.dim() == 2, lambda: "sparse_t5: 2:4 values must be 2-D [out, in/2]")
     torch._check(in_features % 4 == 0, lambda: f"sparse_t5: 2:4 needs in_features divisible by 4, got {in_features}")
     torch._check(meta.dim() == 2 and meta.shape[0] == values.shape[0]
-                 and meta.shape[1] == (in_features // 4 + 1) // 2,
+                 and meta.shape[1] == semi24_meta_width(in_features),
                  lambda: f"sparse_t5: 2:4 meta has shape {tuple(meta.shape)}")
 
 
