@@ -107,16 +107,13 @@ __attribute__((always_inline)) inline void semi24_rows(const S* values, const ui
       for (int j = 0; j < NV; ++j) acc[i][j] += vd * vload<V>(xd + j * L);
     }
   }
-  for (; g < g1; ++g) {  // an odd group left over (g0 is always even: chunks hold an even count)
-    const C* xo = panel + 4 * g * TILE;
+  if (g < g1) {  // an odd last group (g0 is always even: chunks hold an even count): a low nibble
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const int64_t r = r0 + i;
-      const unsigned nib = (meta[r * meta_stride + (g >> 1)] >> ((g & 1) * 4)) & 0xFu;
-      const C* x0 = xo + (nib & 3u) * TILE;
-      const C* x1 = xo + (nib >> 2) * TILE;
-      const C v0 = load_scalar(values + r * half + 2 * g);
-      const C v1 = load_scalar(values + r * half + 2 * g + 1);
+      const unsigned nib = *mp[i] & 0xFu;
+      const C* x0 = reinterpret_cast<const C*>(xg + position_offset<kShift, 0>(nib));
+      const C* x1 = reinterpret_cast<const C*>(xg + position_offset<kShift, 1>(nib));
+      const C v0 = load_scalar(vp[i]), v1 = load_scalar(vp[i] + 1);
 #pragma GCC unroll 4
       for (int j = 0; j < NV; ++j) acc[i][j] += v0 * vload<V>(x0 + j * L);
 #pragma GCC unroll 4
