@@ -39,11 +39,19 @@ class SparseLinear(nn.Module):
             SparseLinear._formats[cls.format] = cls
             SparseLinear._weight_types[weight_type] = cls
 
-    def _init_bias(self, bias, dtype):
+    def __init__(self, weight, bias: torch.Tensor | None = None):
+        """Adopt a compressed weight (a copy): `values` becomes the parameter, the structure tensors
+        (`_structure_keys`) buffers."""
+        super().__init__()
+        weight.validate()
+        self.out_features, self.in_features = weight.shape
+        self.values = nn.Parameter(weight.values.detach().clone())
+        for key in self._structure_keys():
+            self.register_buffer(key, getattr(weight, key).clone())
         if bias is not None:
             if bias.shape != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
-            self.bias = nn.Parameter(bias.detach().clone().to(dtype))
+            self.bias = nn.Parameter(bias.detach().clone().to(weight.values.dtype))
         else:
             self.register_parameter("bias", None)
 
@@ -170,15 +178,6 @@ class CSRLinear(SparseLinear, weight_type=CSRWeight):
 
     format = "csr"
 
-    def __init__(self, weight: CSRWeight, bias: torch.Tensor | None = None):
-        super().__init__()
-        weight.validate()
-        self.out_features, self.in_features = weight.shape
-        self.values = nn.Parameter(weight.values.detach().clone())
-        self.register_buffer("row_ptr", weight.row_ptr.clone())
-        self.register_buffer("col_idx", weight.col_idx.clone())
-        self._init_bias(bias, weight.values.dtype)
-
     @staticmethod
     def _compress(weight, mask, index_dtype=None):
         return CSRWeight.from_dense(weight, mask, index_dtype=index_dtype)
@@ -220,14 +219,6 @@ class Semi24Linear(SparseLinear, weight_type=Semi24Weight):
     kept value). Exactly 50% sparse; the pattern never changes during training."""
 
     format = "2:4"
-
-    def __init__(self, weight: Semi24Weight, bias: torch.Tensor | None = None):
-        super().__init__()
-        weight.validate()
-        self.out_features, self.in_features = weight.shape
-        self.values = nn.Parameter(weight.values.detach().clone())
-        self.register_buffer("meta", weight.meta.clone())
-        self._init_bias(bias, weight.values.dtype)
 
     @staticmethod
     def _compress(weight, mask):
