@@ -1,5 +1,6 @@
 """DSI: data, BM25 (real Lucene through Pyserini), docids, constrained decoding, rescoring, metrics,
 the trainer (cycle, resume, DDP) and the CLI, on tiny corpora and tiny models (seconds each)."""
+import copy
 import json
 import os
 
@@ -40,6 +41,12 @@ def tokenizer(lee, tmp_path_factory):
     _, data, _ = lee
     return load_or_train_tokenizer(None, [d.contents for d in data.corpus], str(tmp_path_factory.mktemp("tok")),
                                    vocab_size=800)
+
+
+@pytest.fixture
+def tok(tokenizer):
+    """A fresh copy of the module's tokenizer: build_docids adds the docid tokens to it."""
+    return copy.deepcopy(tokenizer)
 
 
 # ---- data ------------------------------------------------------------------------------------------
@@ -103,11 +110,8 @@ def test_bm25_reports_java_failure(monkeypatch, tmp_path):
 
 # ---- docids -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_docid_schemes_are_bijections(lee, tokenizer, scheme, tmp_path):
-    import copy
-
+def test_docid_schemes_are_bijections(lee, tok, scheme, tmp_path):
     _, data, _ = lee
-    tok = copy.deepcopy(tokenizer)
     mapping = build_docids(scheme, data.corpus, tok, seed=1, k=3, c=5)
     seqs = [tuple(s) for s in mapping.sequences.values()]
     assert len(set(seqs)) == len(data.corpus) == len(mapping)
@@ -125,11 +129,8 @@ def tiny_model(tok, seed=0):
     return new_model(cfg, tok)
 
 
-def test_constrained_beam_search_returns_valid_distinct_docids(lee, tokenizer):
-    import copy
-
+def test_constrained_beam_search_returns_valid_distinct_docids(lee, tok):
     _, data, _ = lee
-    tok = copy.deepcopy(tokenizer)
     docs = data.corpus[:6]
     mapping = build_docids("naive", docs, tok)
     model = tiny_model(tok)
@@ -143,11 +144,8 @@ def test_constrained_beam_search_returns_valid_distinct_docids(lee, tokenizer):
         assert all(len(r) <= 3 for r in run_small.values())
 
 
-def test_trie_never_returns_an_empty_allowed_set(lee, tokenizer):
-    import copy
-
+def test_trie_never_returns_an_empty_allowed_set(lee, tok):
     _, data, _ = lee
-    tok = copy.deepcopy(tokenizer)
     mapping = build_docids("naive", data.corpus[:5], tok)
     trie = DocidTrie(mapping, len(tok), tok.pad_token_id)
     assert trie.allowed_tokens([]) and trie.allowed_tokens([99999]) == [tok.pad_token_id]
@@ -158,11 +156,8 @@ def test_trie_never_returns_an_empty_allowed_set(lee, tokenizer):
     assert torch.isfinite(scores).any(dim=1).all()
 
 
-def test_rescoring_ranks_the_preferred_docid_first(lee, tokenizer):
-    import copy
-
+def test_rescoring_ranks_the_preferred_docid_first(lee, tok):
     _, data, _ = lee
-    tok = copy.deepcopy(tokenizer)
     docs = data.corpus[:8]
     mapping = build_docids("atomic", docs, tok)
     model = tiny_model(tok)
@@ -225,8 +220,6 @@ def test_tiny_end_to_end_cycle(lee, tmp_path):
 
 
 def _trainer(lee, tokenizer, out, seed=0, **kw):
-    import copy
-
     _, data, _ = lee
     tok = copy.deepcopy(tokenizer)
     mapping = build_docids("atomic", data.corpus, tok)
