@@ -133,8 +133,9 @@ void semi24_forward_t(const Semi24View& w, const S* x, int64_t tokens, const S* 
   constexpr int L = Vec<C>::lanes;
   constexpr int64_t TILE = NV * L;
   // Rows per register block: R x NV accumulators (16 zmm on AVX-512: 8 rows x 2 or 4 rows x 4).
-  // Measured at t5-small/base FFN shapes, 512 tokens: 4 x 4 (64-token tiles) 0.74-1.02x dense,
-  // 8 x 2 0.71-0.83x, 2 x 8 (128-token tiles) 0.5-0.65x.
+  // Measured at t5-small/base FFN shapes, 512 tokens, before the position_offset decode: 4 x 4
+  // (64-token tiles) 0.74-1.02x dense, 8 x 2 0.71-0.83x, 2 x 8 (128-token tiles) 0.5-0.65x. After
+  // it, 128-token tiles with 2 or 3 rows measured within 3% of 4 x 4, so 4 x 4 stays.
   constexpr int R = NV >= 4 ? (SPARSE_T5_24_ROWS / 2 > 0 ? SPARSE_T5_24_ROWS / 2 : 1) : SPARSE_T5_24_ROWS;
   const int64_t in = w.in_features, out = w.out_features;
   const int64_t ntiles = (tokens + TILE - 1) / TILE;
