@@ -1,5 +1,5 @@
 # Quick start targets (README). Each installs what is missing first (scripts/setup.sh).
-.PHONY: demo test bench report
+.PHONY: demo test bench report compat
 # The DSI train -> prune -> recover cycle on the embedded offline corpus, with the study's settings
 # (AdamW betas 0.9/0.98, lr 1e-3, batch 8, global magnitude pruning, 15 recovery epochs); a small
 # T5 (d_model 64) from random init gets 80 training epochs so the demo fits ~15 minutes on 2 cores.
@@ -12,3 +12,7 @@ bench:
 # Measure the memory and speed suites and regenerate the README's Results and the plot.
 report:
 	scripts/setup.sh test && python3 benches/report.py
+# Build and run the op tests in fresh virtual environments against both ends of the supported torch
+# range (2.13.0 and 2.15.0), each with a plain `pip install -e .` (README "Install").
+compat:
+	scripts/check_torch_compat.sh

@@ -1,25 +1,56 @@
-"""Builds sparse_t5._C, the C++ CPU kernels registered under torch.ops.sparse_t5.
+"""Builds sparse_t5._C, the C++ CPU kernels registered under torch.ops.sparse_t5, against the torch
+installed in the target environment.
 
-Install (torch must already be installed, so the extension builds against it):
-    pip install --no-build-isolation -e .
-DEBUG=1 builds with -O0 -g. The default build has no -march flag: AVX2 and AVX-512 variants are
-compiled per file with `#pragma GCC target` and chosen at run time (csrc/cpu/dispatch.cpp).
+Install, in an environment that has torch (scripts/setup.sh installs a tested one):
+    pip install -e .            (or `pip install .`)
+The in-tree build backend (build_backend/sparse_t5_build.py) makes that environment's torch
+visible to this file under pip's build isolation, so nothing is downloaded and the extension
+matches the torch it runs with. `--no-build-isolation` works too.
+
+torch chooses the C++ standard (cpp_extension passes -std=c++20; torch >= 2.15's headers need it),
+so no -std flag is given here. DEBUG=1 builds with -O0 -g. The default build has no -march flag:
+AVX2 and AVX-512 variants are compiled per file with `#pragma GCC target` and chosen at run time
+(csrc/cpu/dispatch.cpp).
+
+The torch version the extension was compiled against is written beside it
+(sparse_t5/_build_info.json); importing sparse_t5 under another torch raises an ImportError that
+names both versions (sparse_t5/_extension.py).
 """
 import glob
+import json
 import os
 
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+try:
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # without the in-tree backend, e.g. `python setup.py ...` in an env without torch
+    raise SystemExit("sparse-t5: torch is not installed; install torch first, then `pip install -e .`") from None
 
 DEBUG = os.environ.get("DEBUG", "0") == "1"
+BUILD_INFO = "_build_info.json"
 
-cxx_flags = ["-std=c++17", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+cxx_flags = ["-Wall", "-Wextra", "-Wno-unused-parameter"]
 cxx_flags += ["-O0", "-g"] if DEBUG else ["-O3"]
 # at::parallel_for is an OpenMP region compiled into this library; the GOMP symbols resolve to
 # the libgomp torch ships (already loaded with libtorch_cpu), so no second OpenMP runtime.
 cxx_flags += ["-fopenmp"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+
+
+class BuildExtensionRecordingTorch(BuildExtension):
+    """BuildExtension that writes the torch version it compiled against beside the extension."""
+
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            target_dir = os.path.dirname(self.get_ext_fullpath(ext.name))
+            os.makedirs(target_dir, exist_ok=True)
+            with open(os.path.join(target_dir, BUILD_INFO), "w") as f:
+                json.dump({"torch": torch.__version__, "debug": DEBUG}, f)
+
 
 setup(
     packages=[
@@ -39,5 +70,5 @@ setup(
             extra_compile_args={"cxx": cxx_flags},
         )
     ],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtensionRecordingTorch.with_options(use_ninja=True)},
 )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C  # noqa: F401  (loads the library that defines the schemas)
+from .._extension import _C  # noqa: F401  (loads the library that defines the schemas, after the torch check)
 
 _ops = torch.ops.sparse_t5
 
