@@ -14,6 +14,7 @@ scatters by column instead.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -295,3 +296,47 @@ def validate_semi24(values: torch.Tensor, meta: torch.Tensor, shape) -> None:
                          "must be distinct and increasing")
     if groups % 2 and bool((nibbles[:, groups] != 0).any()):
         raise ValueError("invalid 2:4 weight: malformed meta: the unused high nibble of the last byte must be 0")
+
+
+# ---- validation once per structure --------------------------------------------------------------
+class _ValidatedStructures:
+    """Structure tensors (row_ptr/col_idx, or meta) that passed validation, remembered until they are
+    modified in place (their version counter moves) or freed.
+
+    Why: the CUDA bodies of the ops (Triton) gather through these indices, so a malformed structure
+    would read out of bounds; but a full check costs a device-to-host sync, too much for every call
+    of a layer whose GEMM takes tens of microseconds (GUIDE section 5). The structure of a layer never
+    changes between calls, so checking it once per version gives the CPU ops' guarantee (a clear
+    ValueError, never an illegal memory access) at the price of one check per layer."""
+
+    def __init__(self):
+        self._seen: dict = {}
+
+    def check(self, tensors, extra, validate) -> None:
+        try:
+            versions = tuple(t._version for t in tensors)
+        except RuntimeError:  # inference tensors have no version counter: check every call
+            validate()
+            return
+        key = tuple(id(t) for t in tensors) + tuple(extra)
+        entry = self._seen.get(key)
+        if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], tensors)):
+            return
+        validate()
+        refs = tuple(weakref.ref(t, lambda _, k=key: self._seen.pop(k, None)) for t in tensors)
+        self._seen[key] = (refs, versions)
+
+
+_VALIDATED = _ValidatedStructures()
+
+
+def validate_csr_structure_once(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, shape) -> None:
+    """validate_csr, skipped for a structure already validated and unchanged since (see above)."""
+    extra = (values.numel(), values.dtype, int(shape[0]), int(shape[1]))
+    _VALIDATED.check((row_ptr, col_idx), extra, lambda: validate_csr(values, row_ptr, col_idx, shape))
+
+
+def validate_semi24_structure_once(values: torch.Tensor, meta: torch.Tensor, shape) -> None:
+    """validate_semi24, skipped for metadata already validated and unchanged since."""
+    extra = (tuple(values.shape), values.dtype, int(shape[0]), int(shape[1]))
+    _VALIDATED.check((meta,), extra, lambda: validate_semi24(values, meta, shape))

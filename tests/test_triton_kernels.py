@@ -7,8 +7,13 @@ interpreter is chosen when triton is imported.
 - the op-level tests of tests/test_csr_linear.py and tests/test_semi24_linear.py through the Triton
   path (SPARSE_T5_TRITON_ON_CPU=1 registers the Triton bodies for CPU tensors; the session fails if no
   op actually went through Triton).
+- the autotuner's side effects: under the interpreter every kernel is tuned over two configs with a
+  benchmark that launches each config several times into the real arguments, as Triton does on a GPU
+  (triton_kernels/autotune.py), and every op's first call on fresh shapes must match the reference;
+- validation: malformed CSR structures and 2:4 metadata given straight to the Triton bodies raise
+  the CPU ops' ValueError instead of gathering out of bounds.
 What the interpreter cannot show: GPU speed, and bf16 (no bf16 arithmetic in the interpreter); the
-bf16 test below runs only on a CUDA machine.
+bf16 test below, and tests/test_cuda.py, run only on a CUDA machine.
 """
 import os
 import subprocess
@@ -61,6 +66,97 @@ print("ok", n)
 def test_kernels_match_the_dense_reference_in_the_interpreter():
     out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and out.stdout.startswith("ok 8"), out.stderr[-4000:]
+
+
+FIRST_CALL_CHECK = r"""
+import torch, torch.nn.functional as F
+from sparse_t5_triton import autotune, csr_linear as tc, semi24_linear as ts
+from sparse_t5 import SparseLinear
+torch.manual_seed(1)
+# The autotuner must really benchmark: at least two configs for every kernel.
+assert len(autotune.AUTOTUNED) == 5, sorted(autotune.AUTOTUNED)
+for name, tuner in autotune.AUTOTUNED.items():
+    assert len(tuner.configs) >= 2, (name, len(tuner.configs))
+tol = {torch.float32: 1e-5, torch.float16: 2e-3}
+def rel(a, b):
+    b = b.double(); return float((a.double() - b).abs().max() / b.abs().max().clamp(min=1e-30))
+checked = 0
+# Each (dtype, shape) is new to the process, so every kernel call below is the first of its autotune key.
+for dtype in (torch.float32, torch.float16):
+    for T, inn, out in ((9, 40, 19), (21, 72, 33), (3, 24, 50)):
+        for fmt in ("csr", "2:4"):
+            W = torch.randn(out, inn)
+            layer = SparseLinear.from_dense(W, (torch.rand(out, inn) < 0.4) if fmt == "csr" else None, format=fmt,
+                                            bias=torch.randn(out)).to(dtype)
+            Wd = layer.to_dense().double()
+            x = torch.randn(T, inn).to(dtype).requires_grad_()
+            y = layer(x)
+            yd = y.detach()
+            ref = F.linear(x.detach().double(), Wd, layer.bias.detach().double())
+            assert rel(yd, ref) <= tol[dtype], (fmt, "forward", dtype, T, rel(yd, ref))
+            dy = torch.randn(T, out).to(dtype)
+            y.backward(dy)
+            assert rel(x.grad, dy.double() @ Wd) <= tol[dtype], (fmt, "dX", dtype, T, rel(x.grad, dy.double() @ Wd))
+            dW = dy.double().t() @ x.detach().double()
+            got = torch.zeros_like(Wd); got[layer.mask()] = layer.values.grad.double().flatten()
+            assert rel(got, dW * layer.mask()) <= tol[dtype], (fmt, "dvalues", dtype, T)
+            checked += 1
+launches = tc.CALLS["csr_linear_backward_input"] + ts.CALLS["semi24_linear_backward_input"]
+assert launches == checked, (launches, checked)
+benchmarked = dict(autotune.BENCH_CALLS)
+assert len(benchmarked) == 5 and min(benchmarked.values()) >= 2, benchmarked
+print("ok", checked, benchmarked)
+"""
+
+
+def test_first_calls_of_fresh_shapes_are_exact_while_the_autotuner_benchmarks():
+    """The autotuner launches every config into the real outputs before the first call of a shape
+    returns: a kernel that accumulates into its output without reset_to_zero returns the sum of those
+    launches (the CSR dX bug seen on an H100). Two configs and a multi-launch benchmark reproduce
+    that on CPU; forward, dX and dvalues of both formats must match the dense reference at once."""
+    env = dict(ENV, SPARSE_T5_TRITON_ON_CPU="1")
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL_CHECK], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and out.stdout.startswith("ok 12"), out.stdout[-2000:] + out.stderr[-4000:]
+
+
+MALFORMED_CHECK = r"""
+import torch
+from sparse_t5_triton import csr_linear as tc, semi24_linear as ts
+from sparse_t5.formats import CSRWeight, Semi24Weight
+w = CSRWeight.from_dense(torch.randn(6, 10), torch.rand(6, 10) < 0.5)
+x = torch.randn(3, 10); dy = torch.randn(3, 6)
+def expect(fn, words):
+    try:
+        fn()
+    except ValueError as err:
+        assert words in str(err), (words, str(err))
+        return
+    raise AssertionError("no ValueError for: " + words)
+bad_cols = w.col_idx.clone(); bad_cols[0] = 10
+bad_rows = w.row_ptr.clone(); bad_rows[2] = bad_rows[3] + 1  # decreases from row 2 to row 3
+for rp, ci, words in ((w.row_ptr, bad_cols, "outside"), (bad_rows, w.col_idx, "not monotone")):
+    expect(lambda: tc.csr_linear(x, w.values, rp, ci, 6, 10), words)
+    expect(lambda: tc.csr_linear_backward_input(dy, w.values, rp, ci, 6, 10), words)
+    expect(lambda: tc.csr_sddmm(dy, x, rp, ci, 6, 10), words)
+# A structure validated once and then corrupted in place is checked again (its version moved).
+good = w.col_idx.clone()
+tc.csr_linear(x, w.values, w.row_ptr, good, 6, 10)
+good[-1] = 99
+expect(lambda: tc.csr_linear(x, w.values, w.row_ptr, good, 6, 10), "outside")
+s = Semi24Weight.from_dense(torch.randn(6, 16))
+meta = s.meta.clone(); meta[1, 0] = 0x00  # positions 0 and 0
+xs = torch.randn(3, 16)
+expect(lambda: ts.semi24_linear(xs, s.values, meta), "malformed meta")
+expect(lambda: ts.semi24_linear_backward_input(dy, s.values, meta), "malformed meta")
+expect(lambda: ts.semi24_sddmm(dy, xs, meta), "malformed meta")
+expect(lambda: tc.csr_linear(torch.randn(3, 11), w.values, w.row_ptr, w.col_idx, 6, 10), "features")
+print("ok")
+"""
+
+
+def test_malformed_structures_raise_before_any_kernel_runs():
+    out = subprocess.run([sys.executable, "-c", MALFORMED_CHECK], env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout[-2000:] + out.stderr[-4000:]
 
 
 def test_op_level_tests_run_through_triton():

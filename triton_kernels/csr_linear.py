@@ -16,22 +16,24 @@ interpreter (TRITON_INTERPRET=1) on CPU tensors, where the tests run them.
 from __future__ import annotations
 
 import collections
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from sparse_t5.formats import validate_csr_structure_once
+
+from .autotune import autotune
+
 # Launches per op, so tests can check that an op really went through Triton.
 CALLS: collections.Counter = collections.Counter()
 
-
-def _configs(kind):
-    if INTERPRET:  # the interpreter would benchmark every config: one is enough to check correctness
-        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w)
-            for bt, bk, w in ((32, 32, 4), (64, 32, 4), (64, 64, 8), (128, 32, 8))]
+CONFIGS = [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w)
+           for bt, bk, w in ((32, 32, 4), (64, 32, 4), (64, 64, 8), (128, 32, 8))]
+# Two small configs: the interpreter is slow, and two are what make the autotuner benchmark.
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_T": 16, "BLOCK_K": 16}, num_warps=1),
+                       triton.Config({"BLOCK_T": 8, "BLOCK_K": 32}, num_warps=1)]
+KEY = ["T_BUCKET", "IN", "OUT", "NNZ_BUCKET"]
 
 
 def _bucket(n):
@@ -39,7 +41,7 @@ def _bucket(n):
     return 1 << max(0, int(n - 1).bit_length())
 
 
-@triton.autotune(configs=_configs("fwd"), key=["T_BUCKET", "IN", "OUT", "NNZ_BUCKET"])
+@autotune(CONFIGS, INTERPRETER_CONFIGS, KEY, reset_to_zero=[])  # stores each y element once
 @triton.jit
 def _csr_forward_kernel(x_ptr, values_ptr, row_ptr_ptr, col_ptr, bias_ptr, y_ptr, T, IN, OUT,
                         T_BUCKET, NNZ_BUCKET, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -64,7 +66,8 @@ def _csr_forward_kernel(x_ptr, values_ptr, row_ptr_ptr, col_ptr, bias_ptr, y_ptr
     tl.store(y_ptr + t.to(tl.int64) * OUT + r, acc.to(y_ptr.dtype.element_ty), mask=t_mask)
 
 
-@triton.autotune(configs=_configs("dx"), key=["T_BUCKET", "IN", "OUT", "NNZ_BUCKET"])
+# Accumulates into dx with atomics: every benchmark launch must start from zeros.
+@autotune(CONFIGS, INTERPRETER_CONFIGS, KEY, reset_to_zero=["dx_ptr"])
 @triton.jit
 def _csr_backward_input_kernel(dy_ptr, values_ptr, row_ptr_ptr, col_ptr, dx_ptr, T, IN, OUT, T_BUCKET,
                                NNZ_BUCKET, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -84,7 +87,7 @@ def _csr_backward_input_kernel(dy_ptr, values_ptr, row_ptr_ptr, col_ptr, dx_ptr,
                       mask=t_mask[:, None] & k_mask[None, :])
 
 
-@triton.autotune(configs=_configs("sddmm"), key=["T_BUCKET", "IN", "OUT", "NNZ_BUCKET"])
+@autotune(CONFIGS, INTERPRETER_CONFIGS, KEY, reset_to_zero=[])  # stores each dvalue once
 @triton.jit
 def _csr_sddmm_kernel(dy_ptr, x_ptr, row_ptr_ptr, col_ptr, out_ptr, T, IN, OUT, T_BUCKET, NNZ_BUCKET,
                       BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -108,13 +111,35 @@ def _csr_sddmm_kernel(dy_ptr, x_ptr, row_ptr_ptr, col_ptr, out_ptr, T, IN, OUT, 
 
 
 # ---- launchers --------------------------------------------------------------------------------------
-def _check(x, values, row_ptr, col_idx, in_features, what="x"):
-    if x.shape[-1] != in_features:
-        raise ValueError(f"sparse_t5: {what} has {x.shape[-1]} features, expected {in_features}")
+# Every call checks shapes, dtypes and devices (cheap, no sync); the CSR structure is validated the
+# first time a layer's row_ptr / col_idx are seen and again only if they change
+# (formats.validate_csr_structure_once), so malformed input raises the same ValueError as the CPU ops
+# instead of sending the gathers out of bounds.
+def check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("sparse_t5: all tensors must be on the same device, got "
+                         + ", ".join(f"{name} on {d}" for name, d in devices.items()))
+
+
+def _check_activation(x, values, features, what, features_name):
+    if x.shape[-1] != features:
+        raise ValueError(f"sparse_t5: {what} has {x.shape[-1]} features, expected {features_name}={features}")
     if x.dtype != values.dtype:
         raise TypeError(f"sparse_t5: {what} dtype {x.dtype} does not match values dtype {values.dtype}")
-    if not (x.device == values.device == row_ptr.device == col_idx.device):
-        raise ValueError("sparse_t5: all tensors must be on the same device")
+
+
+def _check_bias(bias, values, out_features):
+    if bias is None:
+        return
+    if bias.shape != (out_features,):
+        raise ValueError(f"sparse_t5: bias must have shape [{out_features}], got {tuple(bias.shape)}")
+    if bias.dtype != values.dtype:
+        raise TypeError(f"sparse_t5: bias dtype {bias.dtype} does not match values dtype {values.dtype}")
+
+
+def _check_csr(values, row_ptr, col_idx, out_features, in_features):
+    validate_csr_structure_once(values, row_ptr, col_idx, (out_features, in_features))
 
 
 def _max_row_nnz(row_ptr):
@@ -123,7 +148,10 @@ def _max_row_nnz(row_ptr):
 
 def csr_linear(x, values, row_ptr, col_idx, out_features, in_features, bias=None):
     CALLS["csr_linear"] += 1
-    _check(x, values, row_ptr, col_idx, in_features)
+    check_same_device(x=x, values=values, row_ptr=row_ptr, col_idx=col_idx, bias=bias)
+    _check_activation(x, values, in_features, "x", "in_features")
+    _check_bias(bias, values, out_features)
+    _check_csr(values, row_ptr, col_idx, out_features, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     T = x2.shape[0]
     y = torch.empty(T, out_features, device=x.device, dtype=x.dtype)
@@ -137,10 +165,14 @@ def csr_linear(x, values, row_ptr, col_idx, out_features, in_features, bias=None
 
 def csr_linear_backward_input(grad_out, values, row_ptr, col_idx, out_features, in_features):
     CALLS["csr_linear_backward_input"] += 1
-    _check(grad_out, values, row_ptr, col_idx, out_features, "grad_out")
+    check_same_device(grad_out=grad_out, values=values, row_ptr=row_ptr, col_idx=col_idx)
+    _check_activation(grad_out, values, out_features, "grad_out", "out_features")
+    _check_csr(values, row_ptr, col_idx, out_features, in_features)
     g2 = grad_out.reshape(-1, out_features).contiguous()
     T = g2.shape[0]
-    dx = torch.zeros(T, in_features, device=g2.device, dtype=torch.float32)  # atomics accumulate in fp32
+    # The kernel accumulates with atomics (in fp32): zeroed here on every call, and before every
+    # autotuner benchmark launch by reset_to_zero.
+    dx = torch.zeros(T, in_features, device=g2.device, dtype=torch.float32)
     if T and values.numel():
         grid = lambda meta: (out_features, triton.cdiv(T, meta["BLOCK_T"]))  # noqa: E731
         _csr_backward_input_kernel[grid](g2, values.contiguous(), row_ptr, col_idx, dx, T, in_features,
@@ -150,18 +182,32 @@ def csr_linear_backward_input(grad_out, values, row_ptr, col_idx, out_features, 
 
 def csr_sddmm(grad_out, x, row_ptr, col_idx, out_features, in_features):
     CALLS["csr_sddmm"] += 1
-    g2 = grad_out.reshape(-1, out_features).contiguous()
-    x2 = x.reshape(-1, in_features).contiguous()
-    if g2.shape[0] != x2.shape[0]:
+    check_same_device(grad_out=grad_out, x=x, row_ptr=row_ptr, col_idx=col_idx)
+    if grad_out.shape[-1] != out_features or x.shape[-1] != in_features:
+        raise ValueError(f"sparse_t5: grad_out must end in out_features={out_features} and x in "
+                         f"in_features={in_features}, got {tuple(grad_out.shape)} and {tuple(x.shape)}")
+    if grad_out.shape[:-1] != x.shape[:-1]:
         raise ValueError("sparse_t5: grad_out and x must have the same leading dimensions")
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"sparse_t5: grad_out dtype {grad_out.dtype} does not match x dtype {x.dtype}")
+    nnz = col_idx.numel()
+    # values are not an argument: a stand-in (one element, expanded, so nothing is allocated) carries the
+    # nnz, dtype and device to check against.
+    _check_csr(x.new_empty(1).expand(nnz), row_ptr, col_idx, out_features, in_features)
+    return launch_sddmm(grad_out, x, row_ptr, col_idx, out_features, in_features, _max_row_nnz(row_ptr))
+
+
+def launch_sddmm(grad_out, x, row_ptr, col_idx, out_features, in_features, max_row):
+    """The SDDMM on an already validated structure whose longest row has `max_row` nonzeros."""
     nnz = col_idx.numel()
     out = torch.empty(nnz, device=x.device, dtype=x.dtype)
+    g2 = grad_out.reshape(-1, out_features).contiguous()
+    x2 = x.reshape(-1, in_features).contiguous()
     if nnz == 0:
         return out
     if g2.shape[0] == 0:
         return out.zero_()
-    max_row = max(1, _max_row_nnz(row_ptr))
-    grid = lambda meta: (out_features, triton.cdiv(max_row, meta["BLOCK_K"]))  # noqa: E731
+    grid = lambda meta: (out_features, triton.cdiv(max(1, max_row), meta["BLOCK_K"]))  # noqa: E731
     _csr_sddmm_kernel[grid](g2, x2, row_ptr, col_idx, out, g2.shape[0], in_features, out_features,
                             _bucket(g2.shape[0]), _bucket(nnz))
     return out

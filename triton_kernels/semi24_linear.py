@@ -17,16 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_t5.formats import semi24_meta_width, semi24_positions
+from sparse_t5.formats import semi24_meta_width, semi24_positions, validate_semi24_structure_once
 
-from .csr_linear import CALLS, INTERPRET, _bucket, csr_sddmm
+from .autotune import autotune
+from .csr_linear import CALLS, _bucket, _check_activation, _check_bias, check_same_device, launch_sddmm
 
-
-def _configs():
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 2))]
+CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+           for bm, bn, bk, w, s in ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 2))]
+# tl.dot needs every block dimension >= 16; two configs so the interpreter's autotuner benchmarks.
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1),
+                       triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=1)]
+KEY = ["T_BUCKET", "IN", "OUT"]
 
 
 @triton.jit
@@ -48,7 +49,7 @@ def _decompress_tile(values_ptr, meta_ptr, n, k, OUT, IN, META_STRIDE):
     return tl.where(p == first, v0, tl.where(p == second, v1, 0.0))
 
 
-@triton.autotune(configs=_configs(), key=["T_BUCKET", "IN", "OUT"])
+@autotune(CONFIGS, INTERPRETER_CONFIGS, KEY, reset_to_zero=[])  # each y tile is stored once
 @triton.jit
 def _semi24_forward_kernel(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, T, IN, OUT, META_STRIDE, T_BUCKET,
                            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -70,7 +71,7 @@ def _semi24_forward_kernel(x_ptr, values_ptr, meta_ptr, bias_ptr, y_ptr, T, IN, 
              mask=(m[:, None] < T) & (n[None, :] < OUT))
 
 
-@triton.autotune(configs=_configs(), key=["T_BUCKET", "IN", "OUT"])
+@autotune(CONFIGS, INTERPRETER_CONFIGS, KEY, reset_to_zero=[])  # each dx tile is stored once
 @triton.jit
 def _semi24_backward_input_kernel(dy_ptr, values_ptr, meta_ptr, dx_ptr, T, IN, OUT, META_STRIDE, T_BUCKET,
                                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -98,13 +99,21 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _check_semi24(values, meta):
+    """values [out, in/2] and meta; the metadata is validated once per version (as CSR structures are)."""
+    if values.dim() != 2:
+        raise ValueError(f"sparse_t5: 2:4 values must be 2-D [out, in/2], got shape {tuple(values.shape)}")
+    out_features, in_features = values.shape[0], values.shape[1] * 2
+    validate_semi24_structure_once(values, meta, (out_features, in_features))
+    return out_features, in_features
+
+
 def semi24_linear(x, values, meta, bias=None):
     CALLS["semi24_linear"] += 1
-    out_features, in_features = values.shape[0], values.shape[1] * 2
-    if x.shape[-1] != in_features:
-        raise ValueError(f"sparse_t5: x has {x.shape[-1]} features, expected {in_features}")
-    if x.dtype != values.dtype:
-        raise TypeError(f"sparse_t5: x dtype {x.dtype} does not match values dtype {values.dtype}")
+    check_same_device(x=x, values=values, meta=meta, bias=bias)
+    out_features, in_features = _check_semi24(values, meta)
+    _check_activation(x, values, in_features, "x", "in_features")
+    _check_bias(bias, values, out_features)
     x2 = x.reshape(-1, in_features).contiguous()
     T = x2.shape[0]
     y = torch.empty(T, out_features, device=x.device, dtype=x.dtype)
@@ -119,7 +128,9 @@ def semi24_linear(x, values, meta, bias=None):
 
 def semi24_linear_backward_input(grad_out, values, meta):
     CALLS["semi24_linear_backward_input"] += 1
-    out_features, in_features = values.shape[0], values.shape[1] * 2
+    check_same_device(grad_out=grad_out, values=values, meta=meta)
+    out_features, in_features = _check_semi24(values, meta)
+    _check_activation(grad_out, values, out_features, "grad_out", "out_features")
     g2 = grad_out.reshape(-1, out_features).contiguous()
     T = g2.shape[0]
     dx = torch.empty(T, in_features, device=g2.device, dtype=grad_out.dtype)
@@ -140,6 +151,17 @@ def decode_columns(meta, out_features, in_features):
 
 def semi24_sddmm(grad_out, x, meta):
     CALLS["semi24_sddmm"] += 1
+    check_same_device(grad_out=grad_out, x=x, meta=meta)
     out_features, in_features = meta.shape[0], x.shape[-1]
+    if in_features % 4 or meta.dim() != 2 or meta.shape[1] != semi24_meta_width(in_features):
+        raise ValueError(f"sparse_t5: 2:4 meta of shape {tuple(meta.shape)} does not fit x with {in_features} features")
+    if grad_out.shape[-1] != out_features or grad_out.shape[:-1] != x.shape[:-1] or grad_out.dtype != x.dtype:
+        raise ValueError(f"sparse_t5: grad_out {tuple(grad_out.shape)} {grad_out.dtype} does not fit x "
+                         f"{tuple(x.shape)} {x.dtype} and {out_features} outputs")
+    # Validate the metadata (once per version) before decoding columns from it; the decoded CSR view is
+    # valid by construction, every row holding in/2 values.
+    stand_in = x.new_empty(1, 1).expand(out_features, in_features // 2)  # shape and dtype only, no allocation
+    validate_semi24_structure_once(stand_in, meta, (out_features, in_features))
     row_ptr, cols = decode_columns(meta, out_features, in_features)
-    return csr_sddmm(grad_out, x, row_ptr, cols, out_features, in_features).reshape(out_features, in_features // 2)
+    dvalues = launch_sddmm(grad_out, x, row_ptr, cols, out_features, in_features, in_features // 2)
+    return dvalues.reshape(out_features, in_features // 2)
