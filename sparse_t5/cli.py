@@ -50,6 +50,9 @@ def add_data_args(p):
     g.add_argument("--qrels", type=_existing_file, help="TREC qrels (qid 0 docid relevance)")
     g.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, init and data order (default 0)")
+    g.add_argument("--device", default="auto",
+                   help="auto (CUDA when available; under torchrun, the LOCAL_RANK GPU), cpu, cuda or cuda:N "
+                        "(default auto): the model, every batch and decoding run there")
     g.add_argument("--rescore-k", type=int, default=1000, help="BM25 candidates rescored for MAP / R@1000")
 
 
@@ -73,7 +76,8 @@ def train_config(args, prefix=""):
     return TrainConfig(epochs=a("epochs"), lr=a("lr"), batch_size=a("batch-size"), grad_accum=a("grad-accum"),
                        schedule=a("schedule"), warmup_steps=a("warmup-steps"), precision=a("precision"),
                        save_every=a("save-every"), early_stopping_patience=a("patience"), seed=args.seed,
-                       eval_beam=args.beam, index_ratio=args.index_ratio, index_tokens=args.index_tokens)
+                       eval_beam=args.beam, index_ratio=args.index_ratio, index_tokens=args.index_tokens,
+                       device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +169,9 @@ def main(argv=None) -> int:
     from .dsi import pipeline
 
     try:
+        from .dsi.trainer import init_distributed
+
+        device = init_distributed(args.device)  # validates --device; joins the process group under torchrun
         if args.command in ("run", "train"):
             report = pipeline.run(_run_config(args), resume=args.resume)
             print(pipeline.summary_table(report))
@@ -196,6 +203,7 @@ def main(argv=None) -> int:
             cfg = _run_config(args)
             prep = pipeline.prepare(cfg)
             model, tokenizer, mapping = load_checkpoint(args.checkpoint)
+            model.to(device)
             result = pipeline.evaluate_model(model, tokenizer, mapping, prep["data"], prep["splits"]["test"],
                                              prep["bm25_run"], args.beam, args.rescore_k,
                                              run_path=os.path.join(args.out, "runs", "evaluate.trec"))

@@ -250,10 +250,49 @@ def test_corrupt_trainer_checkpoint_is_reported(lee, tokenizer, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "trainer_state.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt trainer checkpoint"):
+    with pytest.raises(ValueError, match="refusing to load trainer checkpoint .* corrupt"):
         trainer.resume(str(bad))
     with pytest.raises(ValueError, match="no trainer_state.pt"):
         trainer.resume(str(tmp_path))
+
+
+class PicklePayload:
+    """Unpickling this runs code: it creates the file named by `marker` (a stand-in for an attack)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_pickle_payload_without_running_it(lee, tokenizer, tmp_path):
+    trainer = _trainer(lee, tokenizer, tmp_path / "run")
+    trainer.train(stop_after_steps=1)
+    path = trainer.save("last")
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    marker = tmp_path / "payload-ran"
+    state["state"]["history"] = [PicklePayload(marker)]
+    torch.save(state, os.path.join(path, "trainer_state.pt"))
+    with pytest.raises(ValueError, match="refusing to load trainer checkpoint .* never unpickled"):
+        _trainer(lee, tokenizer, tmp_path / "run").resume(path)
+    assert not marker.exists()
+
+
+def test_from_pretrained_refuses_a_pickle_payload_without_running_it(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from sparse_t5 import SparseT5ForConditionalGeneration
+
+    hf = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=16, d_kv=4, num_heads=2, d_ff=32, num_layers=1))
+    hf.save_pretrained(tmp_path / "ckpt")
+    state = hf.state_dict()
+    marker = tmp_path / "payload-ran"
+    os.remove(tmp_path / "ckpt" / "model.safetensors")
+    torch.save({**state, "extra": PicklePayload(marker)}, tmp_path / "ckpt" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="refusing to load .*pytorch_model.bin.* never unpickled"):
+        SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    assert not marker.exists()
 
 
 DDP_WORKER = r"""

@@ -97,6 +97,7 @@ def retrieve(model, tokenizer, mapping: DocidMapping, queries: dict[str, str], b
         chunk = qids[i:i + batch_size]
         enc = tokenizer([queries[q] for q in chunk], return_tensors="pt", padding=True, truncation=True,
                         max_length=max_query_len)
+        enc = enc.to(model.device)
         out = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, num_beams=beam,
                              num_return_sequences=beam, max_length=max_len, early_stopping=True,
                              output_scores=True, return_dict_in_generate=True, do_sample=False, **kwargs)
@@ -127,7 +128,7 @@ def rescore(model, tokenizer, mapping: DocidMapping, queries: dict[str, str], ca
         if not cands:
             run[qid] = {}
             continue
-        enc = tokenizer([queries[qid]], return_tensors="pt", truncation=True, max_length=max_query_len)
+        enc = tokenizer([queries[qid]], return_tensors="pt", truncation=True, max_length=max_query_len).to(model.device)
         encoder_out = model.get_encoder()(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
         scores = {}
         for i in range(0, len(cands), batch_size):
@@ -137,6 +138,7 @@ def rescore(model, tokenizer, mapping: DocidMapping, queries: dict[str, str], ca
             for r, d in enumerate(chunk):
                 seq = mapping.sequences[d]
                 labels[r, : len(seq)] = torch.tensor(seq)
+            labels = labels.to(model.device)
             dec_in = labels.clamp(min=0).roll(1, dims=1)
             dec_in[:, 0] = start
             hidden = encoder_out.last_hidden_state.expand(len(chunk), -1, -1)

@@ -9,9 +9,14 @@ Determinism: the data order of epoch e is a permutation drawn from seed + e, so 
 resumed run see the same batches. Checkpoints (every `save_every` steps and at each epoch end)
 hold the model, the optimizer, the scheduler, the RNG states and the position in the epoch; each
 is written to a temporary directory and renamed, so a crash never leaves a partial checkpoint.
-Distributed: under torchrun the model is wrapped in DistributedDataParallel (gloo on CPU, nccl
-on GPU); each rank takes every world_size-th example of the same global order, and the sparse
-`values` are ordinary parameters, so gradients are all-reduced like any other.
+Devices: `device` ("auto": CUDA when available) holds the model, every batch and decoding; bf16
+autocast runs on that device; on CUDA the phase report adds peak GPU memory
+(torch.cuda.max_memory_allocated) beside peak RSS. Checkpoints are device-free (tensors saved from
+the CPU), so a run saved on a GPU resumes on a CPU and the reverse.
+Distributed: under torchrun (`init_distributed`) the model is wrapped in DistributedDataParallel
+(nccl on GPUs, one per LOCAL_RANK; gloo on CPU); each rank takes every world_size-th example of the
+same global order, and the sparse `values` are ordinary parameters, so gradients are all-reduced
+like any other.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from ..devices import resolve_device
 from ..memory import peak_rss_bytes, reset_peak_rss
 from ..modeling_t5 import SparseT5ForConditionalGeneration
 from .docids import DocidMapping
@@ -56,6 +62,7 @@ class TrainConfig:
     gradual_format: str = "csr"
     gradual_scope: str = "global"
     gradual_frequency: int = 20
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
         if self.schedule not in ("constant", "linear"):
@@ -93,6 +100,17 @@ def _rank_world():
     return 0, 1
 
 
+def init_distributed(device_spec: str = "auto") -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: nccl when this rank runs on a GPU
+    (cuda:LOCAL_RANK), gloo on CPU. Returns this process's device; a no-op outside torchrun."""
+    device = resolve_device(device_spec)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
 def _atomic_dir(path: str, write) -> None:
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,6 +135,8 @@ class Trainer:
         self.evaluate_fn = evaluate_fn  # model -> {"loss": ..., metrics...} on the validation split
         self.log, self.progress = log, progress
         self.rank, self.world = _rank_world()
+        self.device = resolve_device(config.device)
+        self.model.to(self.device)
         torch.manual_seed(config.seed)
         self.ddp = None
         if self.world > 1:
@@ -139,7 +159,8 @@ class Trainer:
     def _wrap_ddp(self):
         # No buffer broadcast: the only buffers are the sparse structure (row_ptr, col_idx, meta), equal
         # on every rank by construction and fixed during training; gloo cannot broadcast int16 anyway.
-        return torch.nn.parallel.DistributedDataParallel(self.model, broadcast_buffers=False)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids, broadcast_buffers=False)
 
     def _make_optimizer(self):
         c = self.config
@@ -168,7 +189,8 @@ class Trainer:
         labels = torch.full((len(items), width), -100, dtype=torch.long)
         for i, s in enumerate(seqs):
             labels[i, : len(s)] = torch.tensor(s)
-        return enc.input_ids, enc.attention_mask, labels
+        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731
+        return move(enc.input_ids), move(enc.attention_mask), move(labels)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save(self, name: str) -> str:
@@ -183,6 +205,7 @@ class Trainer:
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "state": self.state, "config": asdict(self.config),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
                         "pruner_history": self.pruner.history if self.pruner else None},
                        os.path.join(tmp, "trainer_state.pt"))
 
@@ -194,10 +217,14 @@ class Trainer:
         state_file = os.path.join(path, "trainer_state.pt")
         if not os.path.isfile(state_file):
             raise ValueError(f"not a trainer checkpoint (no trainer_state.pt): {path}")
+        # weights_only: tensors and plain containers only, never an unpickled object (a crafted
+        # checkpoint could otherwise run code on resume; CVE-2026-1839 was this flaw in transformers'
+        # Trainer). There is deliberately no fallback to a full unpickle.
         try:
-            blob = torch.load(state_file, map_location="cpu", weights_only=False)
+            blob = torch.load(state_file, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"corrupt trainer checkpoint {state_file}: {err}") from err
+            raise ValueError(f"refusing to load trainer checkpoint {state_file}: it is corrupt or holds objects "
+                             f"other than tensors and plain containers, which are never unpickled ({err})") from err
         # The optimizer must track the checkpoint's parameters (sparse layers may have been rebuilt).
         self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(blob["optimizer"])
@@ -205,6 +232,9 @@ class Trainer:
         self.scheduler.load_state_dict(blob["scheduler"])
         self.state = blob["state"]
         torch.set_rng_state(blob["torch_rng"])
+        cuda_rng = blob.get("cuda_rng") or []
+        if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_rng)  # a CPU checkpoint resumed on a GPU starts its CUDA RNG fresh
         random.setstate(blob["python_rng"])
         if self.pruner is not None and blob.get("pruner_history"):
             self.pruner.history = blob["pruner_history"]
@@ -216,11 +246,13 @@ class Trainer:
 
         c = self.config
         module = self.ddp or self.model
-        autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16,
-                                  enabled=c.precision == "bf16")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16")
         steps_done_now = 0
         step_times = []
         reset_peak_rss()
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(self.device)
         while self.state["epoch"] < c.epochs:
             epoch = self.state["epoch"]
             order = self._epoch_order(epoch)
@@ -245,13 +277,15 @@ class Trainer:
                     (loss * len(mine) / max(1, len(chunk))).backward()
                     step_loss += loss.item() * len(mine)
                 if self.world > 1:
-                    total = torch.tensor([step_loss, float(len(chunk[self.rank::self.world]))])
+                    total = torch.tensor([step_loss, float(len(chunk[self.rank::self.world]))], device=self.device)
                     dist.all_reduce(total)
                     step_loss = (total[0] / total[1]).item()
                 else:
                     step_loss /= max(1, len(chunk))
                 self.optimizer.step()
                 self.scheduler.step()
+                if on_gpu:  # step time is the GPU's work, not the launch queue's
+                    torch.cuda.synchronize(self.device)
                 self.state["global_step"] += 1
                 self.state["step_in_epoch"] = step + 1
                 if self.pruner is not None and self.pruner.step(self.state["global_step"], self.optimizer) is not None:
@@ -288,8 +322,13 @@ class Trainer:
             if c.early_stopping_patience and self.state["epochs_without_improvement"] >= c.early_stopping_patience:
                 self.log(f"early stopping after epoch {epoch + 1}")
                 break
-        return {"history": self.state["history"], "peak_rss_bytes": peak_rss_bytes(),
-                "step_time_s": sorted(step_times)[len(step_times) // 2] if step_times else None}
+        result = {"history": self.state["history"], "peak_rss_bytes": peak_rss_bytes(),
+                  "step_time_s": sorted(step_times)[len(step_times) // 2] if step_times else None,
+                  "device": str(self.device)}
+        if on_gpu:
+            result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            result["gpu_name"] = torch.cuda.get_device_name(self.device)
+        return result
 
 
 def load_checkpoint(path: str):
