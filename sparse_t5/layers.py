@@ -19,6 +19,11 @@ from .ops.csr_linear import csr_linear
 from .ops.semi24_linear import semi24_linear
 
 
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a Linear's weight, dense or sparse."""
+    return module.values.dtype if isinstance(module, SparseLinear) else module.weight.dtype
+
+
 class SparseLinear(nn.Module):
     """y = x @ W^T + b with W stored compressed. See the module docstring."""
 

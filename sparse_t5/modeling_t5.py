@@ -12,16 +12,13 @@ Linear layers start as nn.Linear; `sparsify()` replaces the targeted ones with `
 (weights, gradients and optimizer state for the nonzeros only). Checkpoints written by
 `save_pretrained` hold the compressed tensors and the sparsity layout (config key `sparse_t5`);
 `from_pretrained` rebuilds that layout on the meta device first, so no dense weight is ever
-materialised for a sparse layer.
+materialised for a sparse layer. Checkpoint reading and writing, prune-at-load and dense export live
+in checkpoint.py; this file is the architecture.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
-import os
-import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +27,12 @@ from transformers import GenerationMixin, PreTrainedModel, T5Config
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 
+from . import checkpoint
+from .checkpoint import LAYOUT_KEY, WEIGHTS_NAME  # noqa: F401  (re-exported: older imports use them here)
+from .devices import placement
 from .formats import semi24_magnitude_mask
-from .layers import SparseLinear
-from .pruning import (check_sparsity, magnitude_keep, remap_optimizer_state_, select_targets,
-                      shrink_sparse_linear_)
-
-WEIGHTS_NAME = "model.safetensors"
-LAYOUT_KEY = "sparse_t5"  # config key holding {"format_version", "layers": {name: {...}}}
-
-
-def weight_dtype(module: nn.Module) -> torch.dtype:
-    return module.values.dtype if isinstance(module, SparseLinear) else module.weight.dtype
+from .layers import SparseLinear, weight_dtype
+from .pruning import check_prune_args, magnitude_keep, remap_optimizer_state_, select_targets, shrink_sparse_linear_
 
 
 def lm_head_is_tied(config: T5Config) -> bool:
@@ -433,7 +425,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         self._tie_lm_head()
         # A checkpoint's sparse layout (from `save_pretrained`) is rebuilt by from_pretrained.
         if getattr(config, LAYOUT_KEY, None):
-            self._apply_layout(getattr(config, LAYOUT_KEY))
+            checkpoint.apply_layout(self, getattr(config, LAYOUT_KEY))
 
     # ---- HF plumbing ------------------------------------------------------------------------
     def _tie_lm_head(self):
@@ -471,6 +463,19 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         shifted[..., 1:] = input_ids[..., :-1].clone()
         shifted[..., 0] = start
         return shifted.masked_fill_(shifted == -100, pad)
+
+    def _prepare_cache_for_generation(self, *args, **kwargs):
+        # transformers sizes generate's cache by config.get_text_config(decoder=True), which for T5 is the
+        # encoder's depth (num_layers): a decoder deeper than the encoder then indexes past the cache
+        # (IndexError; HF's own T5 does the same) and a shallower one gets unused layers. Build it with
+        # the decoder's depth, whatever kind of cache generate asks for.
+        config = self.config
+        encoder_depth = config.num_layers
+        config.num_layers = config.num_decoder_layers
+        try:
+            return super()._prepare_cache_for_generation(*args, **kwargs)
+        finally:
+            config.num_layers = encoder_depth
 
     def prepare_decoder_input_ids_from_labels(self, labels):
         return self._shift_right(labels)
@@ -538,16 +543,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         wi wi_0 wi_1 wo; embeddings and lm_head stay dense). With `optimizer`, its state is
         remapped to the surviving weights.
         """
-        layer_cls = SparseLinear.layer_class(format)  # ValueError for an unknown format
-        if method != "magnitude":
-            raise ValueError(f"unknown pruning method {method!r}; available: ['magnitude']")
-        if format == "2:4":
-            if sparsity is not None and float(sparsity) != 0.5:
-                raise ValueError(f"2:4 sparsity is 0.5 by construction, got sparsity={sparsity}")
-        elif sparsity is None:
-            raise ValueError("sparsity is required for format 'csr'")
-        else:
-            check_sparsity(sparsity)
+        layer_cls = check_prune_args(sparsity, format, method)
         targets = select_targets(self, include, exclude)
         if not targets:
             raise ValueError("no Linear layer matches the include/exclude patterns")
@@ -573,7 +569,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
                 if optimizer is not None:
                     remap_optimizer_state_(optimizer, module.weight, sparse.values, mask.flatten().nonzero().flatten())
                 self._replace_module(name, sparse)
-        self.config.__dict__[LAYOUT_KEY] = self._layout()
+        self.config.__dict__[LAYOUT_KEY] = checkpoint.layout_of(self)
         return {n: m.sparsity for n, m in self.sparse_layers().items()}
 
     @torch.no_grad()
@@ -586,20 +582,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
 
     def to_hf(self):
         """A plain transformers.T5ForConditionalGeneration with the same weights (dense), for export."""
-        from transformers import T5ForConditionalGeneration
-
-        dense = copy.deepcopy(self).densify()
-        config = copy.deepcopy(dense.config)
-        config.architectures = ["T5ForConditionalGeneration"]
-        hf = T5ForConditionalGeneration(config).to(dense.shared.weight.dtype)
-        state = {k: v for k, v in dense.state_dict().items()}
-        if not dense.lm_head_shared:
-            hf.lm_head.weight = nn.Parameter(torch.empty_like(hf.shared.weight))  # untie
-        missing, unexpected = hf.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("embed_tokens.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"export to HF failed: missing {missing}, unexpected {unexpected}")
-        return hf
+        return checkpoint.to_hf(self)
 
     def sparsity_report(self) -> dict:
         """nnz, dense size and bytes of the sparse layers and of everything else."""
@@ -616,85 +599,40 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         }
 
     def _replace_module(self, name: str, module: nn.Module):
-        parent_name, _, child = name.rpartition(".")
-        parent = self.get_submodule(parent_name) if parent_name else self
-        setattr(parent, child, module)
+        checkpoint.replace_module(self, name, module)
 
-    def _layout(self) -> dict:
-        return {"format_version": 1, "layers": {name: m.layout_spec() for name, m in self.sparse_layers().items()}}
-
-    def _apply_layout(self, layout: dict):
-        """Replace the named Linears by empty sparse layers of the recorded shapes (to be filled by
-        load_state_dict). Raises ValueError if the layout does not fit this architecture."""
-        if not isinstance(layout, dict) or not isinstance(layout.get("layers"), dict):
-            raise ValueError(f"corrupt checkpoint: config key '{LAYOUT_KEY}' is not a sparsity layout")
-        for name, spec in layout["layers"].items():
-            try:
-                module = self.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"checkpoint layout names layer '{name}', which this T5 config does not have") from None
-            fmt = spec.get("format")
-            try:
-                SparseLinear.layer_class(fmt)
-            except ValueError as err:
-                raise ValueError(f"checkpoint layout: layer '{name}': {err}") from None
-            if not isinstance(module, (nn.Linear, SparseLinear)) or (module.in_features, module.out_features) != (
-                    spec.get("in_features"), spec.get("out_features")):
-                raise ValueError(f"checkpoint layout: layer '{name}' shape {spec.get('out_features')}x"
-                                 f"{spec.get('in_features')} does not match the config")
-            device = module.values.device if isinstance(module, SparseLinear) else module.weight.device
-            dtype = weight_dtype(module)
-            sparse = SparseLinear.empty(module.in_features, module.out_features, int(spec["nnz"]), bias=False,
-                                        dtype=dtype, device=device, format=fmt)
-            self._replace_module(name, sparse)
-        self.config.__dict__[LAYOUT_KEY] = layout
-
-    # ---- checkpoints -------------------------------------------------------------------------
-    def _tensors_to_save(self) -> dict[str, torch.Tensor]:
-        state = self.state_dict()
-        # Tied copies are not stored (as HF): embed_tokens are `shared`, and so is a tied lm_head.
-        drop = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
-        if self.lm_head_shared:
-            drop.add("lm_head.weight")
-        return {k: v.detach().contiguous() for k, v in state.items() if k not in drop}
-
+    # ---- checkpoints (sparse_t5/checkpoint.py) ---------------------------------------------------------
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs):
         """Write config.json (with the sparsity layout), generation_config.json and
         model.safetensors (compressed tensors for sparse layers, plus a content hash). Each file is
         written to a temporary name and renamed, so a crash never leaves a half-written file."""
         if not safe_serialization:
             raise ValueError("sparse_t5 writes safetensors only")
-        from safetensors.torch import save_file
-
-        os.makedirs(save_directory, exist_ok=True)
-        tensors = {k: v.cpu() for k, v in self._tensors_to_save().items()}
-        config = copy.deepcopy(self.config)
-        layout = self._layout()
-        if layout["layers"]:
-            config.__dict__[LAYOUT_KEY] = layout
-            config.architectures = [type(self).__name__]
-        else:
-            config.__dict__.pop(LAYOUT_KEY, None)
-            config.architectures = ["T5ForConditionalGeneration"]
-        metadata = {"format": "pt", "sparse_t5_sha256": _content_hash(tensors)}
-        _atomic_write(os.path.join(save_directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata=metadata))
-        _atomic_write(os.path.join(save_directory, "config.json"),
-                      lambda p: open(p, "w").write(config.to_json_string(use_diff=False)))
-        if self.generation_config is not None:
-            _atomic_write(os.path.join(save_directory, "generation_config.json"),
-                          lambda p: open(p, "w").write(self.generation_config.to_json_string()))
+        checkpoint.save_pretrained(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None,
-                        torch_dtype=None, device=None, cache_dir=None, revision=None, local_files_only=False,
-                        token=None, subfolder="", **kwargs):
+                        torch_dtype=None, device=None, device_map=None, map_location=None, sparsity=None,
+                        format=None, scope="layer", include=None, exclude=None, cache_dir=None, revision=None,
+                        local_files_only=False, token=None, subfolder="", **kwargs):
         """Load any HF T5 checkpoint (hub name or local directory; safetensors or pytorch_model.bin,
         sharded or not), or a sparse checkpoint written by `save_pretrained`.
 
-        The model is built on the meta device, sparse layers are created at their stored nnz, and the
-        tensors are loaded with a strict key check: missing or unexpected keys, a truncated or
-        corrupt file, or a layout that does not match the tensors raise ValueError.
+        The checkpoint is streamed, tensor by tensor, into a model built on the meta device; sparse
+        layers are created at their stored nnz. Missing or unexpected keys, a truncated or corrupt
+        file, a pickle payload, or a layout that does not match the tensors raise ValueError.
+
+        Prune-at-load: `sparsity=`, `format=` ("csr" | "2:4"), `scope=` ("layer" | "global"),
+        `include=` / `exclude=` take `sparsify`'s arguments; each targeted weight is pruned and
+        compressed as it is read, so the dense model is never held (on the host or the device). The
+        result equals loading dense and calling `sparsify` with the same arguments.
+
+        Placement as in transformers: CPU by default; `device_map` ("auto", "cuda:0", {"": "cuda:0"}),
+        `map_location` or `device` put the whole model on one device (sparse_t5.devices.placement).
         """
+        from transformers import T5Config
+
+        target = placement(device, device_map, map_location)
         dtype = dtype or torch_dtype
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
@@ -702,123 +640,5 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
                    subfolder=subfolder)
         if config is None:
             config = T5Config.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
-        state = _load_checkpoint_tensors(pretrained_model_name_or_path, hub)
-        with torch.device("meta"):
-            model = cls(config)  # builds the sparse layout of config.sparse_t5 too
-        model.to_empty(device=device or "cpu")
-        model.tie_weights()
-        state = _normalise_hf_keys(state, model)
-        if not model.lm_head_shared and "lm_head.weight" not in state:
-            # As transformers does: with no lm_head.weight stored, lm_head shares the embeddings
-            # (what an untied T5Config built by transformers >= 5 saves).
-            model.lm_head_shared = True
-            model.tie_weights()
-        expected = set(model._tensors_to_save())
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {pretrained_model_name_or_path} does not match the T5 config: "
-                             f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
-        for name, spec in (getattr(config, LAYOUT_KEY, None) or {}).get("layers", {}).items():
-            if state[name + ".values"].numel() != int(spec["nnz"]):
-                raise ValueError(f"corrupt checkpoint: layer '{name}' layout says nnz={spec['nnz']} but the "
-                                 f"stored values have {state[name + '.values'].numel()}")
-        model.load_state_dict(state, strict=False)  # strictness checked above (tied aliases aside)
-        model.tie_weights()
-        if dtype not in (None, "auto"):
-            model.to(dtype)
-        model.eval()
-        try:
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub)
-        except (OSError, ValueError):
-            pass
-        return model
-
-
-def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _resolve(path_or_name, filename, hub):
-    if os.path.isdir(path_or_name):
-        candidate = os.path.join(path_or_name, hub.get("subfolder") or "", filename)
-        return candidate if os.path.isfile(candidate) else None
-    from transformers.utils import cached_file
-
-    return cached_file(path_or_name, filename, _raise_exceptions_for_missing_entries=False, **hub)
-
-
-def _load_checkpoint_tensors(path_or_name, hub) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    single = _resolve(path_or_name, WEIGHTS_NAME, hub)
-    if single is not None:
-        files = [single]
-    else:
-        index = _resolve(path_or_name, WEIGHTS_NAME + ".index.json", hub)
-        if index is not None:
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            files = [_resolve(path_or_name, s, hub) for s in shards]
-        else:
-            binary = _resolve(path_or_name, "pytorch_model.bin", hub)
-            if binary is None:
-                raise ValueError(f"no model.safetensors, sharded index or pytorch_model.bin in {path_or_name}")
-            try:
-                return torch.load(binary, map_location="cpu", weights_only=True)
-            except Exception as err:
-                raise ValueError(f"corrupt checkpoint {binary}: {err}") from err
-    state = {}
-    for file in files:
-        if file is None or not os.path.isfile(file):
-            raise ValueError(f"checkpoint shard missing in {path_or_name}")
-        try:
-            with safe_open(file, framework="pt") as f:
-                metadata = f.metadata() or {}
-            tensors = load_file(file)
-        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-            raise ValueError(f"corrupt or truncated checkpoint {file}: {err}") from err
-        expected_hash = metadata.get("sparse_t5_sha256")
-        if expected_hash is not None and _content_hash(tensors) != expected_hash:
-            raise ValueError(f"corrupt checkpoint {file}: tensor contents do not match their recorded sha256")
-        state.update(tensors)
-    return state
-
-
-def _normalise_hf_keys(state: dict, model: SparseT5ForConditionalGeneration) -> dict:
-    """Map an HF T5 state dict onto ours: drop tied aliases and keys HF itself ignores."""
-    state = dict(state)
-    # Some old checkpoints store a relative bias for the decoder's cross-attention; HF ignores it.
-    state.pop("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight", None)
-    if "shared.weight" not in state:
-        for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-            if alias in state:
-                state["shared.weight"] = state[alias]
-                break
-    state.pop("encoder.embed_tokens.weight", None)
-    state.pop("decoder.embed_tokens.weight", None)
-    if model.lm_head_shared:
-        state.pop("lm_head.weight", None)
-    return state
+        return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, config, hub, target, dtype, sparsity,
+                                          format, scope, include, exclude)

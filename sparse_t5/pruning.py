@@ -59,13 +59,88 @@ def _dense_size(module: nn.Module) -> int:
     return module.in_features * module.out_features
 
 
-def _keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask with exactly min(k, n) True at the largest scores (ties broken by position)."""
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    k = max(0, min(int(k), scores.numel()))
-    if k > 0:
-        keep[torch.topk(scores, k, sorted=False).indices] = True
-    return keep
+# ---- exact top-k by magnitude, streamable -------------------------------------------------------
+# The k largest scores over one or many tensors, with ties at the threshold broken by position (the
+# earlier element in the tensors' order wins), so a mask is a function of the weights alone. The
+# threshold is found by a two-pass radix select over the scores' float32 bit patterns (monotone in
+# value for scores >= 0): pass 1 counts the high 16 bits, pass 2 the low 16 bits of the one bucket
+# that holds the k-th largest. Memory is two histograms, so the same code selects over weights held
+# in memory (`sparsify`) and over weights streamed one at a time from a checkpoint (prune-at-load),
+# and both give the same masks.
+def _score_bits(scores: torch.Tensor) -> torch.Tensor:
+    return scores.detach().float().reshape(-1).view(torch.int32)
+
+
+@dataclass
+class MagnitudeThreshold:
+    """Keep every score whose bits exceed `bits`, plus the first `ties` scores equal to it (in the
+    order the scores were given; `tie_counts[i]` is how many of item i equal it)."""
+
+    bits: int
+    ties: int
+    keep_all: bool = False
+    keep_none: bool = False
+    tie_counts: list = field(default_factory=list)
+
+    def allot_ties(self) -> list[int]:
+        """How many of its ties each item keeps: the earliest items first."""
+        budget, allot = self.ties, []
+        for count in self.tie_counts:
+            allot.append(min(budget, count))
+            budget -= allot[-1]
+        return allot
+
+    def keep(self, scores: torch.Tensor, ties_left: int) -> tuple[torch.Tensor, int]:
+        """(keep mask for `scores`, keeping its first `ties_left` ties; ties still left after it)."""
+        if self.keep_all or self.keep_none:
+            return torch.full((scores.numel(),), self.keep_all, dtype=torch.bool, device=scores.device), 0
+        bits = _score_bits(scores)
+        keep = bits > self.bits
+        if ties_left > 0:
+            tied = bits == self.bits
+            keep |= tied & (torch.cumsum(tied, 0) <= ties_left)
+            ties_left = max(0, ties_left - int(tied.sum()))
+        return keep, ties_left
+
+
+def top_k_threshold(score_passes, k: int) -> MagnitudeThreshold:
+    """The threshold that keeps exactly k of the scores yielded by `score_passes()` (a callable that
+    returns a fresh iterable of non-negative score tensors each time; it is called twice)."""
+    hi = torch.zeros(1 << 15, dtype=torch.int64)  # sign bit is 0: the high half is < 2^15
+    n = 0
+    for scores in score_passes():
+        bits = _score_bits(scores)
+        n += bits.numel()
+        hi += torch.bincount((bits >> 16).cpu(), minlength=1 << 15)
+    k = int(k)
+    if k <= 0:
+        return MagnitudeThreshold(0, 0, keep_none=True)
+    if k >= n:
+        return MagnitudeThreshold(0, 0, keep_all=True)
+    uniques = []  # per item: the low halves present in the bucket, and their counts
+    above = torch.flip(torch.cumsum(torch.flip(hi, [0]), 0), [0])  # above[b] = count in buckets >= b
+    bucket = int((above >= k).nonzero().max())
+    greater = int(above[bucket + 1]) if bucket + 1 < hi.numel() else 0
+    lo = torch.zeros(1 << 16, dtype=torch.int64)
+    for scores in score_passes():
+        bits = _score_bits(scores)
+        in_bucket = (bits[(bits >> 16) == bucket] & 0xFFFF).cpu()
+        lo += torch.bincount(in_bucket, minlength=1 << 16)
+        uniques.append(torch.unique(in_bucket, return_counts=True))
+    need = k - greater
+    lo_above = torch.flip(torch.cumsum(torch.flip(lo, [0]), 0), [0])
+    low = int((lo_above >= need).nonzero().max())
+    greater += int(lo_above[low + 1]) if low + 1 < lo.numel() else 0
+    tie_counts = [int(counts[values == low].sum()) for values, counts in uniques]
+    return MagnitudeThreshold((bucket << 16) | low, k - greater, tie_counts=tie_counts)
+
+
+def keep_top_k(score_list: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Boolean masks keeping exactly min(k, n) of the largest scores over all tensors together
+    (ties broken by position, in list order)."""
+    threshold = top_k_threshold(lambda: score_list, k)
+    allot = threshold.allot_ties() or [0] * len(score_list)
+    return [threshold.keep(scores, ties)[0] for scores, ties in zip(score_list, allot)]
 
 
 def magnitude_keep(modules: dict[str, nn.Module], sparsity: float, scope: str = "layer") -> dict[str, torch.Tensor]:
@@ -73,19 +148,44 @@ def magnitude_keep(modules: dict[str, nn.Module], sparsity: float, scope: str = 
 
     scope="layer": each layer keeps round((1 - s) * out * in) weights.
     scope="global": all layers together keep round((1 - s) * sum(out * in)); a layer's share
-    follows its magnitudes.
+    follows its magnitudes. Ties at the threshold: the earlier weight (module order, then
+    row-major) is kept.
     A sparse layer that already holds fewer weights than asked keeps them all (no densifying).
     """
     sparsity = check_sparsity(sparsity)
+    check_scope(scope)
+    if scope == "layer":
+        return {name: keep_top_k([_scores(m)], keep_count(_dense_size(m), sparsity))[0] for name, m in modules.items()}
+    names = list(modules)
+    masks = keep_top_k([_scores(modules[n]) for n in names],
+                       keep_count(sum(_dense_size(m) for m in modules.values()), sparsity))
+    return dict(zip(names, masks))
+
+
+def check_prune_args(sparsity, format: str, method: str = "magnitude"):
+    """Validate sparsify's arguments; returns the SparseLinear class of `format`."""
+    layer_cls = SparseLinear.layer_class(format)  # ValueError for an unknown format
+    if method != "magnitude":
+        raise ValueError(f"unknown pruning method {method!r}; available: ['magnitude']")
+    if format == "2:4":
+        if sparsity is not None and float(sparsity) != 0.5:
+            raise ValueError(f"2:4 sparsity is 0.5 by construction, got sparsity={sparsity}")
+    elif sparsity is None:
+        raise ValueError("sparsity is required for format 'csr'")
+    else:
+        check_sparsity(sparsity)
+    return layer_cls
+
+
+def check_scope(scope: str) -> str:
     if scope not in ("layer", "global"):
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-    if scope == "layer":
-        return {name: _keep_largest(_scores(m), round((1 - sparsity) * _dense_size(m))) for name, m in modules.items()}
-    names = list(modules)
-    scores = [_scores(modules[n]) for n in names]
-    total_keep = round((1 - sparsity) * sum(_dense_size(modules[n]) for n in names))
-    keep_all = _keep_largest(torch.cat(scores), total_keep) if scores else torch.zeros(0, dtype=torch.bool)
-    return dict(zip(names, torch.split(keep_all, [s.numel() for s in scores])))
+    return scope
+
+
+def keep_count(dense_size: int, sparsity: float) -> int:
+    """How many of `dense_size` weights a magnitude pruning to `sparsity` keeps."""
+    return round((1 - sparsity) * dense_size)
 
 
 def shrink_sparse_linear_(layer: SparseLinear, keep: torch.Tensor) -> torch.Tensor:
