@@ -138,6 +138,30 @@ def test_generate_greedy_and_beam_match_hf(pair):
     assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, num_beams=4, **GEN), beam_hf)
 
 
+@pytest.mark.parametrize("depths", [(1, 3), (3, 1)], ids=["deeper_decoder", "deeper_encoder"])
+@pytest.mark.parametrize("sparsity", [0.0, 0.4])
+def test_generate_for_any_decoder_depth(tmp_path, depths, sparsity):
+    """The cache is sized by the decoder's depth (HF's own T5 raises IndexError for a deeper decoder
+    with its cache on, so the reference runs with use_cache=False)."""
+    encoder_layers, decoder_layers = depths
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                      d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=encoder_layers,
+                      num_decoder_layers=decoder_layers, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    hf = T5ForConditionalGeneration(config).eval()
+    hf.lm_head.weight = nn.Parameter(torch.randn(VOCAB, config.d_model) * 4.0)  # large: varied ids
+    ours = load_ours(hf, tmp_path)
+    assert len(ours.decoder.block) == decoder_layers and len(ours.encoder.block) == encoder_layers
+    if sparsity:
+        ours.sparsify(sparsity)
+        hf = masked_hf_like(ours, hf)
+    ids, mask, _ = batch(4)
+    for kwargs in ({}, {"num_beams": 4}):
+        reference = hf.generate(input_ids=ids, attention_mask=mask, use_cache=False, **GEN, **kwargs)
+        assert reference[:, 1:].unique().numel() >= 2, reference
+        assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, **GEN, **kwargs), reference), kwargs
+
+
 def test_generate_sampling_and_prefix_allowed_tokens(pair):
     hf, ours = pair
     ids, mask, _ = batch(4)
