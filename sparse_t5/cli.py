@@ -120,8 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(train, "", epochs=10)
     train.add_argument("--resume", action="store_true", help="continue from out/baseline/last")
 
-    prune = cmds.add_parser("prune", help="prune a checkpoint and save it compressed")
-    prune.add_argument("--checkpoint", type=_existing_dir, required=True, help="trainer checkpoint directory")
+    prune = cmds.add_parser("prune", help="prune a checkpoint while loading it, and save it compressed")
+    source = prune.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=_existing_dir, help="trainer checkpoint directory")
+    source.add_argument("--model", type=_existing_dir,
+                        help="any local HF T5 checkpoint (dense): pruned tensor by tensor as it is read, so the "
+                             "dense model is never held in memory")
     prune.add_argument("--sparsity", type=_sparsity, help="fraction of weights removed, in [0, 1) (CSR)")
     prune.add_argument("--format", choices=["csr", "2:4"], default="csr", help="sparse format (default csr)")
     prune.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude threshold scope")
@@ -171,21 +175,27 @@ def main(argv=None) -> int:
     try:
         from .dsi.trainer import init_distributed
 
-        device = init_distributed(args.device)  # validates --device; joins the process group under torchrun
+        device = init_distributed(getattr(args, "device", "auto"))  # validates --device; joins torchrun's group
         if args.command in ("run", "train"):
             report = pipeline.run(_run_config(args), resume=args.resume)
             print(pipeline.summary_table(report))
         elif args.command == "prune":
             from .dsi.trainer import load_checkpoint
 
+            from . import SparseT5ForConditionalGeneration
+
             if args.format == "csr" and args.sparsity is None:
                 raise ValueError("--sparsity is required for --format csr")
-            model, tokenizer, mapping = load_checkpoint(args.checkpoint)
-            report = model.sparsify(args.sparsity, format=args.format, scope=args.scope)
-            model.save_pretrained(args.output)
-            tokenizer.save_pretrained(args.output)
-            mapping.save(os.path.join(args.output, "docids.json"))
-            print(json.dumps({"layers": len(report), "sparsity": model.sparsity_report()}, indent=1))
+            prune_at_load = dict(sparsity=args.sparsity, format=args.format, scope=args.scope)
+            if args.model:
+                model = SparseT5ForConditionalGeneration.from_pretrained(args.model, **prune_at_load)
+                model.save_pretrained(args.output)
+            else:
+                model, tokenizer, mapping = load_checkpoint(args.checkpoint, **prune_at_load)
+                model.save_pretrained(args.output)
+                tokenizer.save_pretrained(args.output)
+                mapping.save(os.path.join(args.output, "docids.json"))
+            print(json.dumps({"layers": len(model.sparse_layers()), "sparsity": model.sparsity_report()}, indent=1))
         elif args.command == "recover":
             from .dsi.trainer import Trainer, load_checkpoint, make_examples
 

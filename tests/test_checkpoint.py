@@ -147,3 +147,15 @@ def test_prune_at_load_peak_memory_stays_within_its_bound(tmp_path):
     bound = pruned["model_bytes"] + 2 * largest + 64 * 2**20
     assert pruned["peak"] <= bound, (pruned, bound)
     assert dense["peak"] >= pruned["model_bytes"] + 0.8 * (dense_bytes - pruned["model_bytes"]), (dense, dense_bytes)
+
+
+def test_cli_prune_model_prunes_a_dense_checkpoint_while_loading(tmp_path, capsys):
+    from sparse_t5.cli import main
+
+    path = write_dense(str(tmp_path / "dense"), "v11_gated_untied", "safetensors")
+    assert main(["dsi", "prune", "--model", path, "--sparsity", "0.6", "--scope", "global",
+                 "--output", str(tmp_path / "out")]) == 0
+    reference = SparseT5ForConditionalGeneration.from_pretrained(path)
+    reference.sparsify(0.6, scope="global")
+    assert_identical(SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "out"), reference)
+    assert json.loads(capsys.readouterr().out)["layers"] == len(reference.sparse_layers())

@@ -243,12 +243,13 @@ def prune_and_recover(cfg, setting: PruneSetting, baseline_path, tokenizer, mapp
     if resume and os.path.isdir(os.path.join(out, "last")):
         model, tokenizer, mapping = load_checkpoint(os.path.join(out, "last"))
     else:
-        model, _, _ = load_checkpoint(baseline_path)
         if setting.mode == "gradual":
+            model, _, _ = load_checkpoint(baseline_path)
             recover_cfg.gradual_final_sparsity = setting.sparsity
             recover_cfg.gradual_scope = setting.scope
-        else:
-            model.sparsify(setting.sparsity, format=setting.format, scope=setting.scope)
+        else:  # prune-at-load: the dense baseline is never held in this phase
+            model, _, _ = load_checkpoint(baseline_path, sparsity=setting.sparsity, format=setting.format,
+                                          scope=setting.scope)
     pruned = model_report(model)
     phase, _ = train_and_evaluate(cfg, setting.name, model, tokenizer, mapping, examples, recover_cfg, out, prep,
                                   beam, label_qrels, resume, progress)

@@ -331,13 +331,14 @@ class Trainer:
         return result
 
 
-def load_checkpoint(path: str):
-    """(model, tokenizer, mapping) from a checkpoint directory written by the trainer."""
+def load_checkpoint(path: str, **prune_at_load):
+    """(model, tokenizer, mapping) from a checkpoint directory written by the trainer. `prune_at_load`
+    (sparsity=, format=, scope=, ...) prunes the weights as they are read (from_pretrained)."""
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint directory not found: {path}")
-    model = SparseT5ForConditionalGeneration.from_pretrained(path)
+    model = SparseT5ForConditionalGeneration.from_pretrained(path, **prune_at_load)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     mapping = DocidMapping.load(os.path.join(path, "docids.json"))
     return model, tokenizer, mapping
