@@ -159,3 +159,19 @@ def test_cli_prune_model_prunes_a_dense_checkpoint_while_loading(tmp_path, capsy
     reference.sparsify(0.6, scope="global")
     assert_identical(SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "out"), reference)
     assert json.loads(capsys.readouterr().out)["layers"] == len(reference.sparse_layers())
+
+
+def test_placement_arguments_as_transformers_users_pass_them(tmp_path):
+    path = write_dense(str(tmp_path / "dense"), "v1_relu_tied", "safetensors")
+    for kwargs in ({}, dict(device_map="cpu"), dict(device_map={"": "cpu"}), dict(map_location="cpu"),
+                   dict(device="cpu"), dict(device_map="auto")):
+        model = SparseT5ForConditionalGeneration.from_pretrained(path, **kwargs)
+        expected = "cuda" if kwargs.get("device_map") == "auto" and torch.cuda.is_available() else "cpu"
+        assert {p.device.type for p in model.parameters()} == {expected}, kwargs
+    with pytest.raises(ValueError, match="splits the model across devices"):
+        SparseT5ForConditionalGeneration.from_pretrained(path, device_map={"encoder": "cpu", "decoder": "cpu"})
+    with pytest.raises(ValueError, match="conflicting placements"):
+        SparseT5ForConditionalGeneration.from_pretrained(path, device_map="cpu", map_location="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            SparseT5ForConditionalGeneration.from_pretrained(path, device_map="cuda")

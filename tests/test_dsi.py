@@ -391,3 +391,14 @@ def test_cli_help_explains_every_option(capsys):
         for action in cmd._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"dsi {name} {action.option_strings} has no help"
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "tpu", "cuda:x"])
+def test_a_device_this_machine_lacks_is_a_clear_error(capsys, tmp_path, device):
+    from sparse_t5.cli import main
+
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    assert main(["dsi", "train", "--device", device, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparse-t5: error:") and f"{device!r}" in err, err
