@@ -4,7 +4,13 @@
 
 Variants: hf_dense (HF T5, dense), hf_mask (HF T5 + torch.nn.utils.prune global L1 at 0.2, the
 seed study's approach), csr:<sparsity> and 2:4 (ours, loaded from a pruned checkpoint the way a
-recovery run starts, so no dense weight ever exists in this process).
+recovery run starts, so no dense weight ever exists in this process). Starting from a dense
+checkpoint on disk (written once, HF's format): load_then_sparsify:csr:<s> (from_pretrained, then
+sparsify: the dense model is the peak) and prune_at_load:csr:<s> (from_pretrained(sparsity=...):
+each weight is pruned as it is read).
+
+--whole-process keeps the peak of the whole process (loading included) instead of resetting it after
+setup: the figure for "load a checkpoint, prune it, recover". --steps 0 measures the load alone.
 
 Setup: random init, AdamW(betas 0.9, 0.98), batch 8, source 32 tokens, target 8 tokens. After the
 model and optimizer exist, the process's peak-RSS mark is reset (/proc/self/clear_refs), so the
@@ -29,6 +35,7 @@ SHAPES = {
     # name: d_model, d_ff, heads, d_kv, layers (encoder = decoder), vocab
     "t5-small": dict(d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=6, vocab_size=32128),
     "t5-base": dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12, vocab_size=32128),
+    "t5-large": dict(d_model=1024, d_ff=4096, num_heads=16, d_kv=64, num_layers=24, vocab_size=32128),
     "tiny": dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2, vocab_size=256),
 }
 BATCH, SRC, TGT = 8, 32, 8
@@ -41,9 +48,9 @@ def config_for(shape):
     return T5Config(**SHAPES[shape], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
-def sparse_checkpoint(shape: str, variant: str) -> str:
-    """Path of a pruned checkpoint of `shape` for `variant`, built once in a child process."""
-    path = os.path.join(CACHE, f"{shape}-{variant.replace(':', '_')}")
+def _checkpoint_once(path: str, shape: str, make_model: str) -> str:
+    """Write a random-init checkpoint of `shape` to `path` once, in a child process (so no figure here
+    includes building it). `make_model` is Python that sets `m` from `config`."""
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         import subprocess
 
@@ -51,14 +58,26 @@ def sparse_checkpoint(shape: str, variant: str) -> str:
             "import sys, torch; sys.path.insert(0, %r)\n"
             "from recovery_step import config_for\n"
             "from sparse_t5 import SparseT5ForConditionalGeneration\n"
+            "from transformers import T5ForConditionalGeneration\n"
             "torch.manual_seed(0)\n"
-            "m = SparseT5ForConditionalGeneration(config_for(%r))\n"
-            "v = %r\n"
-            "m.sparsify(format='2:4') if v == '2:4' else m.sparsify(float(v.split(':')[1]), scope='global')\n"
-            "m.save_pretrained(%r)\n" % (os.path.dirname(os.path.abspath(__file__)), shape, variant, path)
+            "config = config_for(%r)\n"
+            "%s\n"
+            "m.save_pretrained(%r)\n" % (os.path.dirname(os.path.abspath(__file__)), shape, make_model, path)
         )
         subprocess.run([sys.executable, "-c", code], check=True)
     return path
+
+
+def sparse_checkpoint(shape: str, variant: str) -> str:
+    """Path of a pruned checkpoint of `shape` for `variant`."""
+    prune = "m.sparsify(format='2:4')" if variant == "2:4" else f"m.sparsify({float(variant.split(':')[1])}, scope='global')"
+    return _checkpoint_once(os.path.join(CACHE, f"{shape}-{variant.replace(':', '_')}"), shape,
+                            f"m = SparseT5ForConditionalGeneration(config)\n{prune}")
+
+
+def dense_checkpoint(shape: str) -> str:
+    """Path of a dense HF checkpoint of `shape` (random init, safetensors, as transformers writes it)."""
+    return _checkpoint_once(os.path.join(CACHE, f"{shape}-dense"), shape, "m = T5ForConditionalGeneration(config)")
 
 
 def build(shape: str, variant: str):
@@ -77,6 +96,14 @@ def build(shape: str, variant: str):
         return model
     from sparse_t5 import SparseT5ForConditionalGeneration
 
+    if variant.startswith(("prune_at_load:", "load_then_sparsify:")):
+        how, _, sparsity = variant.split(":")
+        path = dense_checkpoint(shape)
+        if how == "prune_at_load":
+            return SparseT5ForConditionalGeneration.from_pretrained(path, sparsity=float(sparsity), scope="global")
+        model = SparseT5ForConditionalGeneration.from_pretrained(path)
+        model.sparsify(float(sparsity), scope="global")
+        return model
     return SparseT5ForConditionalGeneration.from_pretrained(sparse_checkpoint(shape, variant))
 
 
@@ -120,14 +147,29 @@ def state_bytes(model, optimizer) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    parser.add_argument("--variant", required=True, help="hf_dense | hf_mask | csr:<sparsity> | 2:4")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (after one warm-up step)")
+    parser.add_argument("--variant", required=True, help="hf_dense | hf_mask | csr:<sparsity> | 2:4 | "
+                        "prune_at_load:csr:<sparsity> | load_then_sparsify:csr:<sparsity>")
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (after one warm-up step); "
+                        "0: load only")
+    parser.add_argument("--whole-process", action="store_true", help="peak RSS of the whole process, load included")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.variant.startswith(("prune_at_load:", "load_then_sparsify:")):
+        dense_checkpoint(args.shape)  # written by a child before anything is measured here
     baseline_rss = current_rss_bytes()
+    reset_peak_rss()
+    t_load = time.perf_counter()
     model = build(args.shape, args.variant)
+    load_s = time.perf_counter() - t_load
+    load_peak = peak_rss_bytes()
+    largest_tensor = max(t.numel() * t.element_size() for t in model.state_dict().values())
+    if args.variant.startswith(("prune_at_load:", "load_then_sparsify:")):
+        from sparse_t5.checkpoint import CheckpointReader
+
+        with CheckpointReader(dense_checkpoint(args.shape)) as reader:  # shapes from the header only
+            largest_tensor = max(largest_tensor, max(torch.Size(s).numel() * 4 for s in reader.shapes.values()))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(1)
@@ -135,7 +177,15 @@ def main():
     ids = torch.randint(2, vocab, (BATCH, SRC), generator=g)
     labels = torch.randint(2, vocab, (BATCH, TGT), generator=g)
     loaded_rss = current_rss_bytes()
-    peak_reset = reset_peak_rss()
+    model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in
+                                                               list(model.parameters()) + list(model.buffers())}.values())
+    load_info = {"load_peak_rss_bytes": load_peak, "load_seconds": load_s, "model_bytes": model_bytes,
+                 "largest_tensor_bytes": largest_tensor, "whole_process": args.whole_process}
+    if args.steps == 0:
+        json.dump({"shape": args.shape, "variant": args.variant, "rss_after_import_bytes": baseline_rss,
+                   **load_info}, sys.stdout)
+        return
+    peak_reset = False if args.whole_process else reset_peak_rss()
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -154,7 +204,7 @@ def main():
         "shape": args.shape, "variant": args.variant, "threads": torch.get_num_threads(),
         "peak_rss_bytes": peak_rss_bytes(), "peak_rss_reset_after_setup": peak_reset,
         "rss_after_import_bytes": baseline_rss, "rss_after_setup_bytes": loaded_rss,
-        "step_time_median_s": statistics.median(times), "step_times_s": times,
+        "step_time_median_s": statistics.median(times), "step_times_s": times, **load_info,
     }
     result.update(state_bytes(model, optimizer))
     json.dump(result, sys.stdout)

@@ -381,7 +381,7 @@ def _model_keys(names, model) -> dict[str, str | None]:
             mapping[alias] = None
     if model.lm_head_shared and "lm_head.weight" in mapping:
         mapping["lm_head.weight"] = None
-    return {k: v for k, v in mapping.items()}
+    return mapping
 
 
 def _install(model, key: str, tensor: torch.Tensor) -> None:
