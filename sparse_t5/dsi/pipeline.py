@@ -297,12 +297,16 @@ def summary_table(report: dict) -> str:
         ckpt = f"{m['checkpoint_bytes'] / 2**20:.1f} MB" if m.get("checkpoint_bytes") else "-"
         step = f"{phase['step_time_s'] * 1e3:.0f} ms" if phase.get("step_time_s") else "-"
         label = "dense baseline" if name == "baseline" else f"recovered {name}"
+        memory = f"{phase['peak_rss_bytes'] / 2**20:.0f} MB"
+        if phase.get("peak_gpu_bytes"):  # trained on CUDA: the GPU's peak is the figure that matters
+            memory += f" (GPU {phase['peak_gpu_bytes'] / 2**20:.0f} MB)"
         lines.append(f"| {label} | " + " | ".join(f"{t.get(c, 0):.3f}" for c in COLUMNS) +
-                     f" | {phase['peak_rss_bytes'] / 2**20:.0f} MB | {step} | {stored} | {ckpt} |")
+                     f" | {memory} | {step} | {stored} | {ckpt} |")
     modes = report["phases"].get("baseline", {}).get("test", {}).get("modes", {})
     lines.append("")
     lines.append("Modes: " + ", ".join(f"{k}: {v}" for k, v in modes.items()) +
-                 f". {report['bm25']['n_queries']} test queries. Peak memory: peak RSS of each training phase.")
+                 f". {report['bm25']['n_queries']} test queries. Peak memory: peak RSS of each training phase "
+                 "(on CUDA, with torch.cuda.max_memory_allocated in brackets).")
     return "\n".join(lines) + "\n"
 
 
