@@ -427,7 +427,7 @@ class _PrunePlan:
             return self.layer_cls.from_dense(weight)
         scores = weight.abs()
         if self.threshold is not None:
-            keep, _ = self.threshold.keep(scores, self.allot[name])
+            keep = self.threshold.keep(scores, self.allot[name])
         else:
             keep = keep_top_k([scores], keep_count(weight.numel(), self.sparsity))[0]
         return self.layer_cls.from_dense(weight, keep.view(weight.shape))

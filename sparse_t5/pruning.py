@@ -90,17 +90,17 @@ class MagnitudeThreshold:
             budget -= allot[-1]
         return allot
 
-    def keep(self, scores: torch.Tensor, ties_left: int) -> tuple[torch.Tensor, int]:
-        """(keep mask for `scores`, keeping its first `ties_left` ties; ties still left after it)."""
+    def keep(self, scores: torch.Tensor, ties: int) -> torch.Tensor:
+        """Flat keep mask for `scores`, keeping its first `ties` scores equal to the threshold (its
+        share from allot_ties)."""
         if self.keep_all or self.keep_none:
-            return torch.full((scores.numel(),), self.keep_all, dtype=torch.bool, device=scores.device), 0
+            return torch.full((scores.numel(),), self.keep_all, dtype=torch.bool, device=scores.device)
         bits = _score_bits(scores)
         keep = bits > self.bits
-        if ties_left > 0:
+        if ties > 0:
             tied = bits == self.bits
-            keep |= tied & (torch.cumsum(tied, 0) <= ties_left)
-            ties_left = max(0, ties_left - int(tied.sum()))
-        return keep, ties_left
+            keep |= tied & (torch.cumsum(tied, 0) <= ties)
+        return keep
 
 
 def top_k_threshold(score_passes, k: int) -> MagnitudeThreshold:
@@ -111,7 +111,7 @@ def top_k_threshold(score_passes, k: int) -> MagnitudeThreshold:
     for scores in score_passes():
         bits = _score_bits(scores)
         n += bits.numel()
-        hi += torch.bincount((bits >> 16).cpu(), minlength=1 << 15)
+        hi += torch.bincount(bits >> 16, minlength=1 << 15).cpu()  # counted where the scores are
     k = int(k)
     if k <= 0:
         return MagnitudeThreshold(0, 0, keep_none=True)
@@ -124,9 +124,10 @@ def top_k_threshold(score_passes, k: int) -> MagnitudeThreshold:
     lo = torch.zeros(1 << 16, dtype=torch.int64)
     for scores in score_passes():
         bits = _score_bits(scores)
-        in_bucket = (bits[(bits >> 16) == bucket] & 0xFFFF).cpu()
-        lo += torch.bincount(in_bucket, minlength=1 << 16)
-        uniques.append(torch.unique(in_bucket, return_counts=True))
+        in_bucket = bits[(bits >> 16) == bucket] & 0xFFFF
+        lo += torch.bincount(in_bucket, minlength=1 << 16).cpu()
+        values, counts = torch.unique(in_bucket, return_counts=True)
+        uniques.append((values.cpu(), counts.cpu()))
     need = k - greater
     lo_above = torch.flip(torch.cumsum(torch.flip(lo, [0]), 0), [0])
     low = int((lo_above >= need).nonzero().max())
@@ -140,7 +141,7 @@ def keep_top_k(score_list: list[torch.Tensor], k: int) -> list[torch.Tensor]:
     (ties broken by position, in list order)."""
     threshold = top_k_threshold(lambda: score_list, k)
     allot = threshold.allot_ties() or [0] * len(score_list)
-    return [threshold.keep(scores, ties)[0] for scores, ties in zip(score_list, allot)]
+    return [threshold.keep(scores, ties) for scores, ties in zip(score_list, allot)]
 
 
 def magnitude_keep(modules: dict[str, nn.Module], sparsity: float, scope: str = "layer") -> dict[str, torch.Tensor]:
