@@ -10,8 +10,8 @@ What it does. pip runs this backend with the target environment's own interprete
 environment's site-packages. The backend finds torch there (by its installed metadata, without
 importing it) and appends those site-packages to the end of sys.path, so setup.py compiles against
 the installed torch while the build tools (setuptools, wheel, ninja) still come from the isolated
-environment. Nothing is downloaded: measured here, a plain `pip install -e .` costs the same as
-`--no-build-isolation` plus a few seconds for the build tools.
+environment. Nothing is downloaded: measured here on the same tree (torch 2.13.0+cpu, 2 cores), a
+plain `pip install -e .` took 35.6 s and `--no-build-isolation` 35.5 s.
 
 Rejected alternatives (README, "Install"): requiring `torch==<installed version>` in the isolated
 environment re-installs torch (5 GB for a CUDA build) on every build and cannot find local builds
