@@ -70,14 +70,24 @@ def add_train_args(p, prefix="", epochs=10):
 
 
 def train_config(args, prefix=""):
+    """The TrainConfig of the parsed options; a command without some options (evaluate, bm25) gets
+    TrainConfig's defaults for them."""
+    from dataclasses import fields
+
     from .dsi.trainer import TrainConfig
 
-    a = lambda name: getattr(args, (prefix + name).replace("-", "_"))  # noqa: E731
-    return TrainConfig(epochs=a("epochs"), lr=a("lr"), batch_size=a("batch-size"), grad_accum=a("grad-accum"),
-                       schedule=a("schedule"), warmup_steps=a("warmup-steps"), precision=a("precision"),
-                       save_every=a("save-every"), early_stopping_patience=a("patience"), seed=args.seed,
-                       eval_beam=args.beam, index_ratio=args.index_ratio, index_tokens=args.index_tokens,
-                       device=args.device)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    a = lambda name, field: getattr(args, (prefix + name).replace("-", "_"), defaults[field])  # noqa: E731
+    return TrainConfig(epochs=a("epochs", "epochs"), lr=a("lr", "lr"), batch_size=a("batch-size", "batch_size"),
+                       grad_accum=a("grad-accum", "grad_accum"), schedule=a("schedule", "schedule"),
+                       warmup_steps=a("warmup-steps", "warmup_steps"), precision=a("precision", "precision"),
+                       save_every=a("save-every", "save_every"),
+                       early_stopping_patience=a("patience", "early_stopping_patience"), seed=args.seed,
+                       eval_beam=getattr(args, "beam", defaults["eval_beam"]),
+                       index_ratio=getattr(args, "index_ratio", defaults["index_ratio"]),
+                       index_tokens=getattr(args, "index_tokens", defaults["index_tokens"]),
+                       index_stride=getattr(args, "index_stride", defaults["index_stride"]),
+                       pseudo_queries=getattr(args, "pseudo_queries", defaults["pseudo_queries"]), device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="retrieval training labels: qrels, or BM25 top-K as in the pruning study")
         g.add_argument("--label-k", type=int, default=5, help="K for BM25 labels (default 5, the study's)")
         g.add_argument("--beam", type=int, default=10, help="beam size for constrained decoding (default 10)")
+        g.add_argument("--encoder", default="auto",
+                       help="sentence encoder for semantic docids and the dense-retrieval row: auto "
+                            "(all-MiniLM-L6-v2 when installed), lsa (no encoder), or a local HF encoder directory")
+        indexing_args(g)
+
+    def indexing_args(g):
         g.add_argument("--index-ratio", type=float, default=1.0,
-                       help="indexing examples per retrieval example (default 1)")
-        g.add_argument("--index-tokens", type=int, default=64, help="document tokens used for indexing (default 64)")
+                       help="indexing examples (windows, pseudo-queries) per retrieval example (default 1)")
+        g.add_argument("--index-tokens", type=int, default=64, help="tokens per document window (default 64)")
+        g.add_argument("--index-stride", type=int, default=0,
+                       help="tokens between window starts (default 0: --index-tokens, no overlap)")
+        g.add_argument("--pseudo-queries", type=int, default=20,
+                       help="pseudo-queries per document, generated from its text (default 20)")
+        g.add_argument("--qg-model", type=_existing_dir,
+                       help="local doc2query-style HF seq2seq checkpoint that samples the pseudo-queries "
+                            "(default: offline keyword and span sampling)")
 
     run = cmds.add_parser("run", help="the whole cycle: BM25, dense training, prune + recover per setting, "
                                       "evaluate, report (JSON, Markdown, plots)")
@@ -135,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(recover)
     recover.add_argument("--checkpoint", type=_existing_dir, required=True, help="pruned checkpoint directory")
     recover.add_argument("--beam", type=int, default=10, help="beam size for validation")
-    recover.add_argument("--index-ratio", type=float, default=1.0, help="indexing examples per retrieval example")
-    recover.add_argument("--index-tokens", type=int, default=64, help="document tokens used for indexing")
+    indexing_args(recover)
     recover.add_argument("--labels", default="qrels", choices=["qrels", "bm25"], help="retrieval labels")
     recover.add_argument("--label-k", type=int, default=5, help="K for BM25 labels")
     add_train_args(recover, "", epochs=15)
@@ -164,6 +186,7 @@ def _run_config(args):
                      tokenizer=getattr(args, "tokenizer", None), model=getattr(args, "model", None),
                      model_size=getattr(args, "model_size", "mini"), docid_scheme=getattr(args, "docids", "atomic"),
                      labels=getattr(args, "labels", "qrels"), label_k=getattr(args, "label_k", 5),
+                     encoder=getattr(args, "encoder", "auto"), qg_model=getattr(args, "qg_model", None),
                      train=train_config(args), recover=train_config(args, "recover-") if args.command == "run"
                      else train_config(args), prune=prune, rescore_k=args.rescore_k, seed=args.seed)
 
@@ -197,14 +220,12 @@ def main(argv=None) -> int:
                 mapping.save(os.path.join(args.output, "docids.json"))
             print(json.dumps({"layers": len(model.sparse_layers()), "sparsity": model.sparsity_report()}, indent=1))
         elif args.command == "recover":
-            from .dsi.trainer import Trainer, load_checkpoint, make_examples
+            from .dsi.trainer import Trainer, load_checkpoint
 
             cfg = _run_config(args)
             prep = pipeline.prepare(cfg)
             model, tokenizer, mapping = load_checkpoint(args.checkpoint)
-            train_q = {q: prep["data"].queries[q] for q in prep["splits"]["train"]}
-            examples = make_examples(prep["data"].corpus, train_q, prep["labels"], tokenizer, args.index_tokens,
-                                     args.index_ratio, args.seed)
+            examples = pipeline.training_examples(cfg, prep, tokenizer)
             result = Trainer(model, tokenizer, mapping, examples, cfg.train, os.path.join(args.out, "recover")).train()
             print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
         elif args.command == "evaluate":

@@ -227,7 +227,12 @@ def build_lee_dataset(out_dir: str, queries_per_doc: int = 2, index_words: int =
 # ---- tokenizer ------------------------------------------------------------------------------------------
 def load_or_train_tokenizer(path: str | None, texts: list[str], out_dir: str, vocab_size: int = 4000):
     """An HF tokenizer from a local path, or (with none given) a SentencePiece unigram tokenizer
-    trained on `texts` and saved to out_dir, with T5's special ids: pad 0, eos 1, unk 2."""
+    trained on `texts` and saved to out_dir, with T5's special ids: pad 0, eos 1, unk 2.
+
+    Trained by the sentencepiece library with one thread, which is deterministic: the same texts give
+    the same tokenizer in every run. (The `tokenizers` library's unigram trainer gave a different
+    vocabulary on every run, even single-threaded, and with it different training downstream.) The
+    trained pieces and scores become a `tokenizers` Unigram model, the fast tokenizer HF users expect."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if path:
@@ -236,16 +241,25 @@ def load_or_train_tokenizer(path: str | None, texts: list[str], out_dir: str, vo
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
         return PreTrainedTokenizerFast.from_pretrained(out_dir)
-    from tokenizers import SentencePieceUnigramTokenizer
+    import io
 
-    spm = SentencePieceUnigramTokenizer()
-    spm.train_from_iterator(texts, vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                            unk_token="<unk>", show_progress=False)
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import SentencePieceUnigramTokenizer, Tokenizer
+    from tokenizers.models import Unigram
     from tokenizers.processors import TemplateProcessing
 
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="unigram",
+        num_threads=1, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
+        minloglevel=2)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    spm = SentencePieceUnigramTokenizer(vocab=vocab, replacement="\u2581", add_prefix_space=True)
+    spm._tokenizer.model = Unigram(vocab, 2, False)  # the constructor leaves unk unset
     spm.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    from tokenizers import Tokenizer
-
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(spm.to_str()), pad_token="<pad>",
                                   eos_token="</s>", unk_token="<unk>")
     os.makedirs(out_dir, exist_ok=True)

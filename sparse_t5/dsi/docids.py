@@ -6,9 +6,10 @@ Schemes (each maps every docid to exactly one token sequence ending in EOS, and 
 - random: a seeded random permutation of 0..N-1, each number tokenised as its decimal string;
 - semantic: hierarchical k-means (k = 10 clusters per level, at most c = 100 documents per leaf)
   over document vectors; the path of cluster indices, then the position in the leaf, each one new
-  token <c_j>. Vectors: TF-IDF of the document text reduced to 128 dimensions by truncated SVD
-  (LSA). Chosen over the model's own mean-pooled encoder because it needs no trained model, is
-  deterministic for a seed, and is what keeps similar documents on shared prefixes before training.
+  token <c_j>. Vectors: a sentence encoder's document embeddings, as in the paper (which clustered
+  BERT embeddings): all-MiniLM-L6-v2 by default, or any local HF encoder (encoder.py). Without one,
+  LSA: TF-IDF of the document text reduced to 128 dimensions by truncated SVD. Either way
+  deterministic for a seed.
 
 The mapping is saved as docids.json next to the model, and reloaded with it.
 """
@@ -60,9 +61,11 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(ids) + [tokenizer.eos_token_id]
 
 
-def build_docids(scheme: str, docs, tokenizer, seed: int = 0, k: int = 10, c: int = 100) -> DocidMapping:
+def build_docids(scheme: str, docs, tokenizer, seed: int = 0, k: int = 10, c: int = 100,
+                 encoder: str | None = None, vectors=None) -> DocidMapping:
     """Build the mapping; for atomic and semantic, new tokens are added to `tokenizer` (resize the
-    model's embeddings afterwards)."""
+    model's embeddings afterwards). Semantic docids cluster `vectors` (one row per document) if
+    given, else the embeddings of `encoder` (a local HF encoder directory), else LSA."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown docid scheme {scheme!r}; available: {SCHEMES}")
     ids = [d.id for d in docs]
@@ -77,7 +80,11 @@ def build_docids(scheme: str, docs, tokenizer, seed: int = 0, k: int = 10, c: in
         perm = list(range(len(ids)))
         random.Random(seed).shuffle(perm)
         return DocidMapping(scheme, {d: _encode(tokenizer, str(p)) for d, p in zip(ids, perm)})
-    paths = semantic_paths([d.contents for d in docs], k=k, c=c, seed=seed)
+    if vectors is None and encoder is not None:
+        from .encoder import SentenceEncoder
+
+        vectors = SentenceEncoder(encoder).encode_documents([d.contents for d in docs])[2]
+    paths = semantic_paths([d.contents for d in docs], k=k, c=c, seed=seed, vectors=vectors)
     width = max(max(p) for p in paths) + 1
     tokens = [f"<c_{j}>" for j in range(width)]
     tokenizer.add_tokens(tokens, special_tokens=False)
@@ -86,17 +93,17 @@ def build_docids(scheme: str, docs, tokenizer, seed: int = 0, k: int = 10, c: in
                         tokens)
 
 
-def semantic_paths(texts: list[str], k: int = 10, c: int = 100, seed: int = 0, dims: int = 128) -> list[list[int]]:
-    """Hierarchical k-means paths: cluster indices from the root, then the position in the leaf."""
+def semantic_paths(texts: list[str], k: int = 10, c: int = 100, seed: int = 0, dims: int = 128,
+                   vectors=None) -> list[list[int]]:
+    """Hierarchical k-means paths over `vectors` (default: LSA of `texts`): cluster indices from the
+    root, then the position in the leaf."""
     import numpy as np
     from sklearn.cluster import KMeans
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
 
-    tfidf = TfidfVectorizer(sublinear_tf=True, stop_words="english").fit_transform(texts)
-    n_comp = max(1, min(dims, tfidf.shape[1] - 1, len(texts) - 1))
-    vectors = TruncatedSVD(n_components=n_comp, random_state=seed).fit_transform(tfidf) if n_comp > 1 \
-        else tfidf.toarray()
+    if vectors is None:
+        vectors = lsa_vectors(texts, dims, seed)
+    if len(vectors) != len(texts):
+        raise ValueError(f"semantic docids: {len(vectors)} vectors for {len(texts)} documents")
     paths: list[list[int]] = [[] for _ in texts]
 
     def split(indices):
@@ -117,3 +124,14 @@ def semantic_paths(texts: list[str], k: int = 10, c: int = 100, seed: int = 0, d
 
     split(list(range(len(texts))))
     return paths
+
+
+def lsa_vectors(texts: list[str], dims: int = 128, seed: int = 0):
+    """TF-IDF reduced to `dims` dimensions by truncated SVD: the fallback without an encoder."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    tfidf = TfidfVectorizer(sublinear_tf=True, stop_words="english").fit_transform(texts)
+    n_comp = max(1, min(dims, tfidf.shape[1] - 1, len(texts) - 1))
+    return TruncatedSVD(n_components=n_comp, random_state=seed).fit_transform(tfidf) if n_comp > 1 \
+        else tfidf.toarray()

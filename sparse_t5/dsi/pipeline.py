@@ -6,6 +6,9 @@ Evaluation modes, recorded next to every figure:
   MRR@10 and Recall@beam;
 - "rescore@K": the BM25 top-K candidates (K = 1000, or the whole corpus if smaller) rescored by
   the model's log p(docid | query) gives MAP and Recall@1000.
+Reference rows beside the DSI models, on the same test queries: BM25 (Pyserini), zero-shot dense
+retrieval with the sentence encoder (encoder.py; cosine, best passage), and chance (a uniformly
+random ranking: the mean of seeded shuffles, so a reader sees at once what a figure means).
 """
 from __future__ import annotations
 
@@ -26,9 +29,11 @@ from .bm25 import labels_from_run, search_corpus
 from .data import DSIData, build_lee_dataset, load, load_or_train_tokenizer, split_queries
 from .decoding import rescore, retrieve
 from .docids import build_docids
+from .encoder import MINILM, SentenceEncoder, dense_search, resolve_encoder
+from .examples import KeywordSpanGenerator, Seq2SeqQueryGenerator, make_examples
 from .metrics import evaluate as ir_evaluate
 from .metrics import qrels_from_labels, write_run
-from .trainer import Trainer, TrainConfig, load_checkpoint, make_examples, write_json
+from .trainer import Trainer, TrainConfig, load_checkpoint, write_json
 
 log = logging.getLogger("sparse_t5.dsi")
 
@@ -37,7 +42,8 @@ MODEL_SIZES = {
     "mini": dict(d_model=256, d_ff=1024, num_heads=4, d_kv=64, num_layers=4),
     "t5-small": dict(d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=6),
     "t5-base": dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12),
-    "tiny": dict(d_model=64, d_ff=128, num_heads=2, d_kv=32, num_layers=2),  # tests
+    "small": dict(d_model=128, d_ff=512, num_heads=4, d_kv=32, num_layers=2),
+    "tiny": dict(d_model=64, d_ff=128, num_heads=2, d_kv=32, num_layers=2),
 }
 
 
@@ -80,6 +86,8 @@ class RunConfig:
     model: str | None = None  # a local HF T5 checkpoint; None: random init of `model_size`
     model_size: str = "mini"
     docid_scheme: str = "atomic"
+    encoder: str | None = "auto"  # semantic docids and the dense row: auto (MiniLM if installed) | lsa | PATH
+    qg_model: str | None = None  # a local doc2query-style seq2seq checkpoint for pseudo-queries
     labels: str = "qrels"  # qrels | bm25 (the study's BM25 top-K)
     label_k: int = 5
     split: tuple = (0.7, 0.1, 0.2)
@@ -114,6 +122,17 @@ def prepare(cfg: RunConfig) -> dict:
         raise ValueError(f"labels must be 'qrels' or 'bm25', got {cfg.labels!r}")
     return {"data": data, "splits": splits, "bm25_run": bm25_run, "labels": labels,
             "bm25_seconds": bm25_seconds}
+
+
+def training_examples(cfg: RunConfig, prep: dict, tokenizer, train_cfg: TrainConfig | None = None):
+    """The training examples of a run: windows and pseudo-queries of every document, and the labelled
+    training queries (examples.py). Pseudo-queries come from the document text only."""
+    tc = train_cfg or cfg.train
+    data, splits = prep["data"], prep["splits"]
+    generator = Seq2SeqQueryGenerator(cfg.qg_model, seed=cfg.seed) if cfg.qg_model else KeywordSpanGenerator(cfg.seed)
+    return make_examples(data.corpus, {q: data.queries[q] for q in splits["train"]}, prep["labels"], tokenizer,
+                         tc.index_tokens, tc.index_ratio, cfg.seed, index_stride=tc.index_stride or None,
+                         pseudo_queries=tc.pseudo_queries, generator=generator)
 
 
 def new_model(cfg: RunConfig, tokenizer) -> SparseT5ForConditionalGeneration:
@@ -161,14 +180,32 @@ def evaluate_model(model, tokenizer, mapping, data: DSIData, qids: list[str], bm
     return result
 
 
-def evaluate_bm25(data, qids, bm25_run, beam, run_path):
+def evaluate_bm25(data, qids, bm25_run, beam, run_path, system="bm25"):
+    """Metrics of a precomputed run (BM25's, or dense retrieval's with system="dense")."""
     qrels = {q: data.qrels[q] for q in qids if q in data.qrels}
     run = {q: bm25_run[q] for q in qids}
-    write_run(run, run_path, "bm25")
+    write_run(run, run_path, system)
     m = ir_evaluate(run, qrels, beam)
-    m["modes"] = {k: "bm25" for k in m}
+    m["modes"] = {k: system for k in m}
     m["n_queries"] = len(qids)
     return m
+
+
+def evaluate_chance(data, qids, beam, seed: int = 0, shuffles: int = 20) -> dict:
+    """The expected metrics of a uniformly random ranking: the mean over seeded shuffles."""
+    import random
+
+    qrels = {q: data.qrels[q] for q in qids if q in data.qrels}
+    ids, rng, total = data.doc_ids(), random.Random(seed), {}
+    for _ in range(shuffles):
+        run = {}
+        for q in qids:
+            order = rng.sample(ids, len(ids))
+            run[q] = {d: float(len(order) - i) for i, d in enumerate(order)}
+        for k, v in ir_evaluate(run, qrels, beam).items():
+            total[k] = total.get(k, 0.0) + v / shuffles
+    total["n_queries"] = len(qids)
+    return total
 
 
 def validation_fn(tokenizer, mapping, prep, cfg: RunConfig, beam):
@@ -208,16 +245,33 @@ def run(cfg: RunConfig, resume: bool = False, phases=("train", "prune", "evaluat
     report["bm25"]["seconds"] = prep["bm25_seconds"]
     log.info("BM25 on %d test queries: %s", len(test), {k: round(v, 4) for k, v in report["bm25"].items()
                                                         if isinstance(v, float)})
+    encoder, doc_vectors = resolve_encoder(cfg.encoder), None
+    if encoder:  # one encoding of the corpus serves the dense row and the semantic docids
+        t0 = time.perf_counter()
+        sentence_encoder = SentenceEncoder(encoder)
+        encoded = sentence_encoder.encode_documents([d.contents for d in data.corpus])
+        doc_vectors = encoded[2]
+        dense_run = dense_search(sentence_encoder, data.corpus, {q: data.queries[q] for q in test}, k=cfg.rescore_k,
+                                 encoded=encoded)
+        report["dense"] = evaluate_bm25(data, test, dense_run, beam, os.path.join(cfg.out_dir, "runs", "dense.trec"),
+                                        "dense")
+        report["dense"].update(seconds=time.perf_counter() - t0, encoder=_encoder_name(encoder))
+        log.info("dense retrieval (%s): %s", report["dense"]["encoder"],
+                 {k: round(v, 4) for k, v in report["dense"].items() if isinstance(v, float)})
+        del sentence_encoder
+    report["chance"] = evaluate_chance(data, test, beam, cfg.seed)
 
     # dense baseline
     base_dir = os.path.join(cfg.out_dir, "baseline")
     if resume and os.path.isdir(os.path.join(base_dir, "last")):
         model, tokenizer, mapping = load_checkpoint(os.path.join(base_dir, "last"))
     else:
-        mapping = build_docids(cfg.docid_scheme, data.corpus, tokenizer, seed=cfg.seed)
+        mapping = build_docids(cfg.docid_scheme, data.corpus, tokenizer, seed=cfg.seed, vectors=doc_vectors)
         model = new_model(cfg, tokenizer)
-    examples = make_examples(data.corpus, {q: data.queries[q] for q in splits["train"]}, prep["labels"], tokenizer,
-                             cfg.train.index_tokens, cfg.train.index_ratio, cfg.seed)
+    examples = training_examples(cfg, prep, tokenizer)
+    report["docids"] = {"scheme": mapping.scheme, "vectors": (_encoder_name(encoder) if encoder else "lsa")
+                        if mapping.scheme == "semantic" else None}
+    report["examples"] = {kind: sum(e.kind == kind for e in examples) for kind in ("index", "pseudo", "query")}
     phase, baseline_path = train_and_evaluate(cfg, "baseline", model, tokenizer, mapping, examples, cfg.train,
                                               base_dir, prep, beam, label_qrels, resume, progress)
     report["phases"]["baseline"] = phase
@@ -283,11 +337,23 @@ def train_and_evaluate(cfg: RunConfig, name: str, model, tokenizer, mapping, exa
 COLUMNS = ("Hits@1", "Hits@10", "MRR@10", "MAP", "R@1000")
 
 
+def _encoder_name(path: str) -> str:
+    return MINILM if os.path.basename(os.path.normpath(path)) == MINILM else path
+
+
 def summary_table(report: dict) -> str:
-    lines = ["| system | " + " | ".join(COLUMNS) + " | peak memory | step time | stored weights | checkpoint |",
-             "|---|" + "---|" * (len(COLUMNS) + 4)]
+    lines = ["| system | " + " | ".join(COLUMNS) + " | model state | peak memory | step time | stored weights "
+             "| checkpoint |", "|---|" + "---|" * (len(COLUMNS) + 5)]
+    fixed = " | - | - | - | - | - |"
     b = report["bm25"]
-    lines.append("| BM25 (Pyserini) | " + " | ".join(f"{b.get(c, 0):.3f}" for c in COLUMNS) + " | - | - | - | - |")
+    lines.append("| BM25 (Pyserini) | " + " | ".join(f"{b.get(c, 0):.3f}" for c in COLUMNS) + fixed)
+    if "dense" in report:
+        d = report["dense"]
+        lines.append(f"| dense retrieval ({d.get('encoder', 'encoder')}, zero-shot) | " +
+                     " | ".join(f"{d.get(c, 0):.3f}" for c in COLUMNS) + fixed)
+    if "chance" in report:
+        ch = report["chance"]
+        lines.append("| chance (random ranking) | " + " | ".join(f"{ch.get(c, 0):.3f}" for c in COLUMNS) + fixed)
     for name, phase in report["phases"].items():
         t = phase["test"]
         m = phase.get("model", {})
@@ -298,15 +364,19 @@ def summary_table(report: dict) -> str:
         step = f"{phase['step_time_s'] * 1e3:.0f} ms" if phase.get("step_time_s") else "-"
         label = "dense baseline" if name == "baseline" else f"recovered {name}"
         memory = f"{phase['peak_rss_bytes'] / 2**20:.0f} MB"
+        state = phase.get("model_state_bytes", {}).get("total")
+        state = f"{state / 2**20:.2f} MB" if state else "-"
         if phase.get("peak_gpu_bytes"):  # trained on CUDA: the GPU's peak is the figure that matters
             memory += f" (GPU {phase['peak_gpu_bytes'] / 2**20:.0f} MB)"
         lines.append(f"| {label} | " + " | ".join(f"{t.get(c, 0):.3f}" for c in COLUMNS) +
-                     f" | {memory} | {step} | {stored} | {ckpt} |")
+                     f" | {state} | {memory} | {step} | {stored} | {ckpt} |")
     modes = report["phases"].get("baseline", {}).get("test", {}).get("modes", {})
     lines.append("")
     lines.append("Modes: " + ", ".join(f"{k}: {v}" for k, v in modes.items()) +
-                 f". {report['bm25']['n_queries']} test queries. Peak memory: peak RSS of each training phase "
-                 "(on CUDA, with torch.cuda.max_memory_allocated in brackets).")
+                 f". {report['bm25']['n_queries']} test queries. Model state: weights, gradients and AdamW "
+                 "state, the memory that sparsity saves. Peak memory: peak RSS of each training phase, mostly "
+                 "interpreter and libraries for a small model (on CUDA, with torch.cuda.max_memory_allocated "
+                 "in brackets).")
     return "\n".join(lines) + "\n"
 
 
