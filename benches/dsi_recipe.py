@@ -32,6 +32,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model-size", default="tiny", choices=sorted(MODEL_SIZES))
     p.add_argument("--docids", default="atomic")
+    p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--encoder", default=None, help="encoder for semantic docids (default: LSA)")
     p.add_argument("--pseudo-queries", type=int, default=10)
     p.add_argument("--index-tokens", type=int, default=64)
@@ -52,7 +53,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     mapping = build_docids(a.docids, data.corpus, tok, seed=a.seed, encoder=a.encoder)
     docid_seconds = time.perf_counter() - t0
-    cfg = RunConfig(model_size=a.model_size, seed=a.seed)
+    cfg = RunConfig(model_size=a.model_size, dropout=a.dropout, seed=a.seed)
     model = new_model(cfg, tok)
     labels = [(q, d) for q in splits["train"] for d in data.qrels[q]]
     examples = make_examples(data.corpus, {q: data.queries[q] for q in splits["train"]}, labels, tok, a.index_tokens,

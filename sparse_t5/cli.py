@@ -56,13 +56,19 @@ def add_data_args(p):
     g.add_argument("--rescore-k", type=int, default=1000, help="BM25 candidates rescored for MAP / R@1000")
 
 
-def add_train_args(p, prefix="", epochs=10):
+def add_train_args(p, prefix="", recipe=None):
+    """Optimisation options; defaults from `recipe` (pipeline.TRAIN_RECIPE or RECOVER_RECIPE)."""
+    from .dsi.pipeline import TRAIN_RECIPE
+
+    r = recipe or TRAIN_RECIPE
     g = p.add_argument_group(f"{prefix or 'training'} optimisation")
-    g.add_argument(f"--{prefix}epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
-    g.add_argument(f"--{prefix}lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3, the study's)")
-    g.add_argument(f"--{prefix}batch-size", type=int, default=8, help="batch size per step (default 8)")
+    g.add_argument(f"--{prefix}epochs", type=int, default=r["epochs"], help=f"epochs (default {r['epochs']})")
+    g.add_argument(f"--{prefix}lr", type=float, default=r["lr"], help=f"AdamW peak learning rate (default {r['lr']:g})")
+    g.add_argument(f"--{prefix}batch-size", type=int, default=r["batch_size"],
+                   help=f"batch size per step (default {r['batch_size']})")
     g.add_argument(f"--{prefix}grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    g.add_argument(f"--{prefix}schedule", choices=["constant", "linear"], default="constant", help="LR schedule")
+    g.add_argument(f"--{prefix}schedule", choices=["constant", "linear"], default=r["schedule"],
+                   help=f"LR schedule: constant, or linear decay to 0 after the warm-up (default {r['schedule']})")
     g.add_argument(f"--{prefix}warmup-steps", type=int, default=0, help="LR warm-up steps")
     g.add_argument(f"--{prefix}precision", choices=["fp32", "bf16"], default="fp32", help="bf16 uses autocast")
     g.add_argument(f"--{prefix}save-every", type=int, default=0, help="checkpoint every N steps (and each epoch)")
@@ -91,6 +97,8 @@ def train_config(args, prefix=""):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .dsi.pipeline import MODEL_SIZES, RECIPE, RECOVER_RECIPE, TRAIN_RECIPE
+
     parser = argparse.ArgumentParser(prog="sparse-t5", description=__doc__)
     sub = parser.add_subparsers(dest="group", required=True)
     dsi = sub.add_parser("dsi", help="Differentiable Search Index: train, prune, recover, evaluate")
@@ -99,11 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p):
         g = p.add_argument_group("model")
         g.add_argument("--model", type=_existing_dir, help="local HF T5 checkpoint to start from (default: random init)")
-        g.add_argument("--model-size", default="mini", choices=["tiny", "mini", "t5-small", "t5-base"],
-                       help="shape for random init (default mini: d_model 256, 4+4 layers)")
+        g.add_argument("--model-size", default=RECIPE["model_size"], choices=sorted(MODEL_SIZES),
+                       help=f"shape for random init (default {RECIPE['model_size']}: "
+                            f"{MODEL_SIZES[RECIPE['model_size']]})")
+        g.add_argument("--dropout", type=float, default=RECIPE["dropout"],
+                       help=f"dropout rate of a randomly initialised model (default {RECIPE['dropout']:g})")
         g.add_argument("--tokenizer", type=_existing_dir, help="local HF tokenizer (default: train one on the corpus)")
-        g.add_argument("--docids", default="atomic", choices=["atomic", "naive", "random", "semantic"],
-                       help="docid scheme (default atomic)")
+        g.add_argument("--docids", default=RECIPE["docid_scheme"], choices=["atomic", "naive", "random", "semantic"],
+                       help=f"docid scheme (default {RECIPE['docid_scheme']}; semantic: hierarchical k-means over the "
+                            "encoder's document embeddings)")
         g.add_argument("--labels", default="qrels", choices=["qrels", "bm25"],
                        help="retrieval training labels: qrels, or BM25 top-K as in the pruning study")
         g.add_argument("--label-k", type=int, default=5, help="K for BM25 labels (default 5, the study's)")
@@ -114,13 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         indexing_args(g)
 
     def indexing_args(g):
-        g.add_argument("--index-ratio", type=float, default=1.0,
-                       help="indexing examples (windows, pseudo-queries) per retrieval example (default 1)")
+        g.add_argument("--index-ratio", type=float, default=TRAIN_RECIPE["index_ratio"],
+                       help="indexing examples (windows, pseudo-queries) per retrieval example "
+                            f"(default {TRAIN_RECIPE['index_ratio']:g})")
         g.add_argument("--index-tokens", type=int, default=64, help="tokens per document window (default 64)")
         g.add_argument("--index-stride", type=int, default=0,
                        help="tokens between window starts (default 0: --index-tokens, no overlap)")
-        g.add_argument("--pseudo-queries", type=int, default=20,
-                       help="pseudo-queries per document, generated from its text (default 20)")
+        g.add_argument("--pseudo-queries", type=int, default=TRAIN_RECIPE["pseudo_queries"],
+                       help=f"pseudo-queries per document, generated from its text "
+                            f"(default {TRAIN_RECIPE['pseudo_queries']})")
         g.add_argument("--qg-model", type=_existing_dir,
                        help="local doc2query-style HF seq2seq checkpoint that samples the pseudo-queries "
                             "(default: offline keyword and span sampling)")
@@ -129,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "evaluate, report (JSON, Markdown, plots)")
     add_data_args(run)
     model_args(run)
-    add_train_args(run, "", epochs=10)
-    add_train_args(run, "recover-", epochs=15)
+    add_train_args(run, "")
+    add_train_args(run, "recover-", RECOVER_RECIPE)
     run.add_argument("--prune", type=_prune_setting, nargs="+", default=None,
                      help="pruning settings: a sparsity (CSR, e.g. 0.2), csr:<sparsity>, or 2:4 (default 0.2)")
     run.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude threshold scope")
@@ -140,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = cmds.add_parser("train", help="dense training only (the baseline)")
     add_data_args(train)
     model_args(train)
-    add_train_args(train, "", epochs=10)
+    add_train_args(train, "")
     train.add_argument("--resume", action="store_true", help="continue from out/baseline/last")
 
     prune = cmds.add_parser("prune", help="prune a checkpoint while loading it, and save it compressed")
@@ -161,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     indexing_args(recover)
     recover.add_argument("--labels", default="qrels", choices=["qrels", "bm25"], help="retrieval labels")
     recover.add_argument("--label-k", type=int, default=5, help="K for BM25 labels")
-    add_train_args(recover, "", epochs=15)
+    add_train_args(recover, "", RECOVER_RECIPE)
 
     ev = cmds.add_parser("evaluate", help="evaluate a checkpoint on the test split")
     add_data_args(ev)
@@ -175,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_config(args):
-    from .dsi.pipeline import PruneSetting, RunConfig
+    from .dsi.pipeline import RECIPE, PruneSetting, RunConfig
 
     prune = args.prune if getattr(args, "prune", None) else ([] if args.command == "train" else [PruneSetting(0.2)])
     for p in prune:
@@ -184,7 +198,9 @@ def _run_config(args):
             p.mode = "gradual"
     return RunConfig(out_dir=args.out, corpus=args.corpus, queries=args.queries, qrels=args.qrels,
                      tokenizer=getattr(args, "tokenizer", None), model=getattr(args, "model", None),
-                     model_size=getattr(args, "model_size", "mini"), docid_scheme=getattr(args, "docids", "atomic"),
+                     model_size=getattr(args, "model_size", RECIPE["model_size"]),
+                     dropout=getattr(args, "dropout", RECIPE["dropout"]),
+                     docid_scheme=getattr(args, "docids", RECIPE["docid_scheme"]),
                      labels=getattr(args, "labels", "qrels"), label_k=getattr(args, "label_k", 5),
                      encoder=getattr(args, "encoder", "auto"), qg_model=getattr(args, "qg_model", None),
                      train=train_config(args), recover=train_config(args, "recover-") if args.command == "run"

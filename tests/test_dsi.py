@@ -428,3 +428,16 @@ def test_a_device_this_machine_lacks_is_a_clear_error(capsys, tmp_path, device):
     assert main(["dsi", "train", "--device", device, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparse-t5: error:") and f"{device!r}" in err, err
+
+
+@pytest.mark.parametrize("argv", [["dsi", "evaluate", "--checkpoint", "."], ["dsi", "bm25"],
+                                  ["dsi", "recover", "--checkpoint", "."], ["dsi", "run"]])
+def test_every_command_builds_its_run_config(argv):
+    """evaluate and bm25 have no training options; building their config once raised AttributeError."""
+    from sparse_t5.cli import _run_config, build_parser
+    from sparse_t5.dsi.pipeline import RECIPE, TRAIN_RECIPE
+
+    cfg = _run_config(build_parser().parse_args(argv))
+    assert cfg.model_size == RECIPE["model_size"] and cfg.docid_scheme == RECIPE["docid_scheme"]
+    if argv[1] == "run":  # whole-document indexing and pseudo-queries by default, for any corpus
+        assert cfg.train.pseudo_queries == TRAIN_RECIPE["pseudo_queries"] > 0 and cfg.train.index_stride == 0
