@@ -18,7 +18,7 @@ import torch
 
 from sparse_t5.dsi.data import build_lee_dataset, load, load_or_train_tokenizer, split_queries
 from sparse_t5.dsi.docids import build_docids
-from sparse_t5.dsi.examples import make_examples
+from sparse_t5.dsi.examples import ResampledExamples, make_examples
 from sparse_t5.dsi.pipeline import MODEL_SIZES, RunConfig, evaluate_model, new_model
 from sparse_t5.dsi.trainer import Trainer, TrainConfig
 
@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("--index-tokens", type=int, default=64)
     p.add_argument("--index-stride", type=int, default=None)
     p.add_argument("--index-ratio", type=float, default=1.0)
+    p.add_argument("--fixed-pseudo-queries", action="store_true",
+                   help="one draw of pseudo-queries for every epoch (default: a fresh draw each epoch)")
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -56,8 +58,11 @@ def main(argv=None):
     cfg = RunConfig(model_size=a.model_size, dropout=a.dropout, seed=a.seed)
     model = new_model(cfg, tok)
     labels = [(q, d) for q in splits["train"] for d in data.qrels[q]]
-    examples = make_examples(data.corpus, {q: data.queries[q] for q in splits["train"]}, labels, tok, a.index_tokens,
-                             a.index_ratio, a.seed, index_stride=a.index_stride, pseudo_queries=a.pseudo_queries)
+    examples = ResampledExamples(
+        lambda draw: make_examples(data.corpus, {q: data.queries[q] for q in splits["train"]}, labels, tok,
+                                   a.index_tokens, a.index_ratio, a.seed, index_stride=a.index_stride,
+                                   pseudo_queries=a.pseudo_queries, draw=draw),
+        resample=not a.fixed_pseudo_queries)
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, schedule=a.schedule,
                      warmup_steps=a.warmup_steps, index_tokens=a.index_tokens, seed=a.seed, device="cpu")
     val = splits["validation"]

@@ -93,7 +93,8 @@ def train_config(args, prefix=""):
                        index_ratio=getattr(args, "index_ratio", defaults["index_ratio"]),
                        index_tokens=getattr(args, "index_tokens", defaults["index_tokens"]),
                        index_stride=getattr(args, "index_stride", defaults["index_stride"]),
-                       pseudo_queries=getattr(args, "pseudo_queries", defaults["pseudo_queries"]), device=args.device)
+                       pseudo_queries=getattr(args, "pseudo_queries", defaults["pseudo_queries"]),
+                       resample_pseudo_queries=not getattr(args, "fixed_pseudo_queries", False), device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens between window starts (default 0: --index-tokens, no overlap)")
         g.add_argument("--pseudo-queries", type=int, default=TRAIN_RECIPE["pseudo_queries"],
                        help=f"pseudo-queries per document, generated from its text "
-                            f"(default {TRAIN_RECIPE['pseudo_queries']})")
+                            f"(default {TRAIN_RECIPE['pseudo_queries']}), a fresh draw each epoch")
+        g.add_argument("--fixed-pseudo-queries", action="store_true",
+                       help="draw the pseudo-queries once and reuse them every epoch (the --qg-model default)")
         g.add_argument("--qg-model", type=_existing_dir,
                        help="local doc2query-style HF seq2seq checkpoint that samples the pseudo-queries "
                             "(default: offline keyword and span sampling)")

@@ -13,7 +13,8 @@ import torch
 from sparse_t5.dsi.data import Document, build_lee_dataset, load, load_or_train_tokenizer, split_queries
 from sparse_t5.dsi.docids import build_docids, semantic_paths
 from sparse_t5.dsi.encoder import SentenceEncoder, dense_search, installed_minilm, resolve_encoder
-from sparse_t5.dsi.examples import KeywordSpanGenerator, Seq2SeqQueryGenerator, document_windows, make_examples
+from sparse_t5.dsi.examples import (KeywordSpanGenerator, ResampledExamples, Seq2SeqQueryGenerator, document_windows,
+                                    make_examples)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,32 @@ def test_no_validation_or_test_query_is_a_training_input(lee_full, tokenizer):
     leaky = make_examples(lee_full.corpus, lee_full.queries, [(q, d) for q, r in lee_full.qrels.items() for d in r],
                           tokenizer, 64, 4.0, 0)
     assert {" ".join(e.text.lower().split()) for e in leaky} & held_out
+
+
+def test_pseudo_queries_are_drawn_afresh_each_epoch_and_never_leak(lee_full, tokenizer):
+    """ResampledExamples: each epoch's pseudo-queries are a new draw (a function of seed and epoch, so a
+    resumed run sees the same data), windows and training queries stay, and every epoch has the same
+    number of examples. No draw holds a held-out query."""
+    splits = split_queries(list(lee_full.queries), seed=0)
+    queries = {q: lee_full.queries[q] for q in splits["train"]}
+    labels = [(q, d) for q in splits["train"] for d in lee_full.qrels[q]]
+    windows = {d.id: document_windows(d.contents, tokenizer, 64) for d in lee_full.corpus}
+    make = lambda draw: make_examples(lee_full.corpus, queries, labels, tokenizer, 64, 4.0, 0,  # noqa: E731
+                                      pseudo_queries=20, draw=draw, windows=windows)
+    source = ResampledExamples(make, resample=True)
+    epochs = [source.for_epoch(e) for e in range(4)]
+    assert len({len(ex) for ex in epochs}) == 1 and len(source) == len(epochs[0])
+    kinds = lambda ex, kind: [(e.text, e.docid) for e in ex if e.kind == kind]  # noqa: E731
+    for ex in epochs[1:]:
+        assert kinds(ex, "index") == kinds(epochs[0], "index") and kinds(ex, "query") == kinds(epochs[0], "query")
+        fresh = set(kinds(ex, "pseudo")) - set(kinds(epochs[0], "pseudo"))
+        assert len(fresh) > 0.8 * len(kinds(ex, "pseudo"))
+    assert [(e.text, e.docid) for e in source.for_epoch(2)] == [(e.text, e.docid) for e in make(2)]  # deterministic
+    fixed = ResampledExamples(make, resample=False)
+    assert fixed.for_epoch(3) is fixed.for_epoch(0)
+    held_out = {" ".join(lee_full.queries[q].lower().split()) for q in splits["validation"] + splits["test"]}
+    for ex in epochs:
+        assert not {" ".join(e.text.lower().split()) for e in ex} & held_out
 
 
 def test_examples_mix_keeps_the_ratio_and_covers_every_document(lee_full, tokenizer):

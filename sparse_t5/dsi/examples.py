@@ -57,13 +57,15 @@ class KeywordSpanGenerator:
     """Offline pseudo-queries from a document's own text (see the module docstring)."""
 
     name = "keywords+spans"
+    resample = True  # cheap: a fresh draw every epoch (ResampledExamples)
 
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def __call__(self, doc_id: str, text: str, n: int) -> list[str]:
-        # A string seed is hashed with SHA-512 by `random`: the same stream in every process.
-        rng = random.Random(f"pseudo-queries:{self.seed}:{doc_id}")
+    def __call__(self, doc_id: str, text: str, n: int, draw: int = 0) -> list[str]:
+        # A string seed is hashed with SHA-512 by `random`: the same stream in every process. `draw`
+        # numbers independent draws (one per epoch when resampled).
+        rng = random.Random(f"pseudo-queries:{self.seed}:{draw}:{doc_id}")
         sentences = _sentences(text) or [text]
         out = []
         for i in range(n):
@@ -83,7 +85,11 @@ class KeywordSpanGenerator:
 
 
 class Seq2SeqQueryGenerator:
-    """Pseudo-queries sampled from a local doc2query-style HF seq2seq checkpoint (DSI-QG)."""
+    """Pseudo-queries sampled from a local doc2query-style HF seq2seq checkpoint (DSI-QG). Sampling
+    a model per document per epoch costs more than the training it feeds, so its pseudo-queries are
+    drawn once (`resample = False`: every epoch reuses draw 0)."""
+
+    resample = False
 
     def __init__(self, path: str, seed: int = 0, max_input_tokens: int = 256, max_new_tokens: int = 32,
                  top_k: int = 10, batch_size: int = 8, device: str = "cpu"):
@@ -99,7 +105,7 @@ class Seq2SeqQueryGenerator:
         self.seed, self.device = seed, device
         self.max_input_tokens, self.max_new_tokens, self.top_k = max_input_tokens, max_new_tokens, top_k
 
-    def __call__(self, doc_id: str, text: str, n: int) -> list[str]:
+    def __call__(self, doc_id: str, text: str, n: int, draw: int = 0) -> list[str]:
         import torch
 
         if n <= 0:
@@ -115,9 +121,13 @@ class Seq2SeqQueryGenerator:
 
 def make_examples(docs, train_queries: dict[str, str], labels: list[tuple[str, str]], tokenizer,
                   index_tokens: int, index_ratio: float, seed: int, index_stride: int | None = None,
-                  pseudo_queries: int = 0, generator=None) -> list[Example]:
+                  pseudo_queries: int = 0, generator=None, draw: int = 0,
+                  windows: dict[str, list[str]] | None = None) -> list[Example]:
     """Windows and pseudo-queries of every document, plus the labelled training queries, mixed at
-    `index_ratio` indexing examples per retrieval example (module docstring)."""
+    `index_ratio` indexing examples per retrieval example (module docstring). `draw` selects the
+    generator's draw of pseudo-queries; each document gets exactly `pseudo_queries` of them (its
+    draw cycled if the generator returned fewer), so every draw gives the same number of examples.
+    `windows` (doc id -> its windows) reuses the windows of an earlier call (ResampledExamples)."""
     if index_ratio <= 0:
         raise ValueError(f"index_ratio must be > 0, got {index_ratio}")
     if pseudo_queries < 0:
@@ -125,10 +135,12 @@ def make_examples(docs, train_queries: dict[str, str], labels: list[tuple[str, s
     generator = generator or KeywordSpanGenerator(seed)
     indexing = []
     for doc in docs:
-        indexing += [Example(w, doc.id, "index") for w in document_windows(doc.contents, tokenizer, index_tokens,
-                                                                            index_stride)]
+        doc_windows = windows[doc.id] if windows is not None else document_windows(doc.contents, tokenizer,
+                                                                                     index_tokens, index_stride)
+        indexing += [Example(w, doc.id, "index") for w in doc_windows]
         if pseudo_queries:
-            indexing += [Example(q, doc.id, "pseudo") for q in generator(doc.id, doc.contents, pseudo_queries) if q]
+            made = [q for q in generator(doc.id, doc.contents, pseudo_queries, draw=draw) if q]
+            indexing += [Example(q, doc.id, "pseudo") for q in _cycle(made, pseudo_queries, None)] if made else []
     retrieval = [Example(train_queries[q], d, "query") for q, d in labels if q in train_queries]
     if not retrieval:
         return indexing
@@ -140,7 +152,33 @@ def make_examples(docs, train_queries: dict[str, str], labels: list[tuple[str, s
     return indexing + retrieval
 
 
-def _cycle(items: list, count: int, rng: random.Random) -> list:
-    """`count` items: all of `items` as many whole times as fit, then a seeded sample of the rest."""
+def _cycle(items: list, count: int, rng: random.Random | None) -> list:
+    """`count` items: all of `items` as many whole times as fit, then a seeded sample of the rest
+    (with no rng: the first ones)."""
     whole, rest = divmod(max(count, len(items)), len(items))
-    return items * whole + rng.sample(items, rest)
+    return items * whole + (rng.sample(items, rest) if rng else items[:rest])
+
+
+class ResampledExamples:
+    """The training examples of each epoch, with the pseudo-queries drawn afresh for that epoch
+    (draw = epoch) when the generator is cheap enough (`generator.resample`); windows and labelled
+    queries are the same every epoch. A fixed set of pseudo-queries is memorised within a few epochs
+    (training loss near 0 while validation stalls); fresh draws keep teaching which words point to
+    which document, and they are a function of (seed, epoch), so a resumed run sees the same data.
+    Every epoch has the same number of examples (make_examples), so the schedule's length is known."""
+
+    def __init__(self, make, resample: bool):
+        self._make, self.resample = make, resample
+        self._cache: tuple[int, list[Example]] | None = None
+
+    def for_epoch(self, epoch: int) -> list[Example]:
+        draw = epoch if self.resample else 0
+        if self._cache is None or self._cache[0] != draw:
+            self._cache = (draw, self._make(draw))
+        return self._cache[1]
+
+    def __len__(self) -> int:
+        return len(self.for_epoch(0))
+
+    def __iter__(self):
+        return iter(self.for_epoch(0))

@@ -30,7 +30,8 @@ from .data import DSIData, build_lee_dataset, load, load_or_train_tokenizer, spl
 from .decoding import rescore, retrieve
 from .docids import build_docids
 from .encoder import MINILM, SentenceEncoder, dense_search, resolve_encoder
-from .examples import KeywordSpanGenerator, Seq2SeqQueryGenerator, make_examples
+from .examples import (KeywordSpanGenerator, ResampledExamples, Seq2SeqQueryGenerator, document_windows,
+                       make_examples)
 from .metrics import evaluate as ir_evaluate
 from .metrics import qrels_from_labels, write_run
 from .trainer import Trainer, TrainConfig, load_checkpoint, write_json
@@ -141,9 +142,16 @@ def training_examples(cfg: RunConfig, prep: dict, tokenizer, train_cfg: TrainCon
     tc = train_cfg or cfg.train
     data, splits = prep["data"], prep["splits"]
     generator = Seq2SeqQueryGenerator(cfg.qg_model, seed=cfg.seed) if cfg.qg_model else KeywordSpanGenerator(cfg.seed)
-    return make_examples(data.corpus, {q: data.queries[q] for q in splits["train"]}, prep["labels"], tokenizer,
-                         tc.index_tokens, tc.index_ratio, cfg.seed, index_stride=tc.index_stride or None,
-                         pseudo_queries=tc.pseudo_queries, generator=generator)
+    queries = {q: data.queries[q] for q in splits["train"]}
+    windows = {d.id: document_windows(d.contents, tokenizer, tc.index_tokens, tc.index_stride or None)
+               for d in data.corpus}  # the same every epoch: cut once
+
+    def make(draw: int):
+        return make_examples(data.corpus, queries, prep["labels"], tokenizer, tc.index_tokens, tc.index_ratio,
+                             cfg.seed, index_stride=tc.index_stride or None, pseudo_queries=tc.pseudo_queries,
+                             generator=generator, draw=draw, windows=windows)
+
+    return ResampledExamples(make, resample=generator.resample and tc.resample_pseudo_queries)
 
 
 def new_model(cfg: RunConfig, tokenizer) -> SparseT5ForConditionalGeneration:

@@ -54,6 +54,7 @@ class TrainConfig:
     index_tokens: int = 64  # tokens per document window
     index_stride: int = 0  # tokens between window starts; 0: index_tokens (no overlap)
     pseudo_queries: int = 0  # per document, generated from its text (examples.py)
+    resample_pseudo_queries: bool = True  # a fresh draw each epoch where the generator is cheap (examples.py)
     group_by_length: bool = True  # steps of similar-length inputs (_epoch_order)
     max_query_len: int = 64
     seed: int = 0
@@ -114,7 +115,9 @@ class Trainer:
                  examples: list[Example], config: TrainConfig, out_dir: str, evaluate_fn=None,
                  log=print, progress: bool = True):
         self.model, self.tokenizer, self.mapping = model, tokenizer, mapping
-        self.examples, self.config, self.out_dir = examples, config, out_dir
+        # A list, or a ResampledExamples whose pseudo-queries are drawn afresh each epoch (examples.py).
+        self.example_source, self.config, self.out_dir = examples, config, out_dir
+        self.examples = examples.for_epoch(0) if hasattr(examples, "for_epoch") else examples
         self.evaluate_fn = evaluate_fn  # model -> {"loss": ..., metrics...} on the validation split
         self.log, self.progress = log, progress
         self.rank, self.world = _rank_world()
@@ -125,7 +128,7 @@ class Trainer:
         if self.world > 1:
             self.ddp = self._wrap_ddp()
         self.optimizer = self._make_optimizer()
-        self.steps_per_epoch = math.ceil(len(examples) / (config.batch_size * self.world * config.grad_accum))
+        self.steps_per_epoch = math.ceil(len(self.examples) / (config.batch_size * self.world * config.grad_accum))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.pruner = None
         if config.gradual_final_sparsity > 0:
@@ -178,6 +181,14 @@ class Trainer:
         last = steps.pop() if len(steps[-1]) < per_step else []  # a partial step stays last: the
         rng.shuffle(steps)                                         # loop slices the order per_step at a time
         return [i for step in steps for i in step] + last
+
+    def _use_epoch_examples(self, epoch: int) -> None:
+        if hasattr(self.example_source, "for_epoch"):
+            examples = self.example_source.for_epoch(epoch)
+            if examples is not self.examples:
+                if len(examples) != len(self.examples):  # make_examples guarantees it; the schedule needs it
+                    raise ValueError(f"epoch {epoch} has {len(examples)} examples, epoch 0 had {len(self.examples)}")
+                self.examples, self._example_lengths = examples, None
 
     def _lengths(self) -> list[int]:
         if getattr(self, "_example_lengths", None) is None:
@@ -270,6 +281,7 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.state["epoch"] < c.epochs:
             epoch = self.state["epoch"]
+            self._use_epoch_examples(epoch)
             order = self._epoch_order(epoch)
             per_step = c.batch_size * self.world * c.grad_accum
             bar = tqdm(total=self.steps_per_epoch, initial=self.state["step_in_epoch"], desc=f"epoch {epoch + 1}",
