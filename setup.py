@@ -62,6 +62,8 @@ setup(
     # Triton publishes its own top-level `triton_kernels` package; ours installs as
     # `sparse_t5_triton` so both can be installed side by side.
     package_dir={"sparse_t5_triton": "triton_kernels"},
+    # The measured method tables of the kernel policy (sparse_t5/kernel_policy.py).
+    package_data={"sparse_t5": ["kernel_tables/*.json"]},
     ext_modules=[
         CppExtension(
             "sparse_t5._C",

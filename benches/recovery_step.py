@@ -153,9 +153,22 @@ def main():
                         "0: load only")
     parser.add_argument("--whole-process", action="store_true", help="peak RSS of the whole process, load included")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--policy", default=None, choices=["auto", "sparse", "dense"],
+                        help="sparse_t5.kernel_policy for the ops (default: the process's, auto)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (GPU: peak = torch.cuda.max_memory_allocated)")
+    parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--source", type=int, default=SRC)
+    parser.add_argument("--target", type=int, default=TGT)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on the device)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.policy:
+        from sparse_t5 import set_kernel_policy
+
+        set_kernel_policy(args.policy)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     if args.variant.startswith(("prune_at_load:", "load_then_sparsify:")):
         dense_checkpoint(args.shape)  # written by a child before anything is measured here
     baseline_rss = current_rss_bytes()
@@ -170,12 +183,13 @@ def main():
 
         with CheckpointReader(dense_checkpoint(args.shape)) as reader:  # shapes from the header only
             largest_tensor = max(largest_tensor, max(torch.Size(s).numel() * 4 for s in reader.shapes.values()))
-    model.train()
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
     g = torch.Generator().manual_seed(1)
     vocab = SHAPES[args.shape]["vocab_size"]
-    ids = torch.randint(2, vocab, (BATCH, SRC), generator=g)
-    labels = torch.randint(2, vocab, (BATCH, TGT), generator=g)
+    ids = torch.randint(2, vocab, (args.batch, args.source), generator=g).to(device)
+    labels = torch.randint(2, vocab, (args.batch, args.target), generator=g).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     loaded_rss = current_rss_bytes()
     model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in
                                                                list(model.parameters()) + list(model.buffers())}.values())
@@ -189,12 +203,15 @@ def main():
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=labels, use_cache=False).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=labels, use_cache=False).loss
         loss.backward()
         optimizer.step()
-        return loss.item()
+        return loss.item()  # synchronises a GPU: the step's work is inside the timing
 
     step()  # warm-up: allocates grads and optimizer state
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -205,7 +222,12 @@ def main():
         "peak_rss_bytes": peak_rss_bytes(), "peak_rss_reset_after_setup": peak_reset,
         "rss_after_import_bytes": baseline_rss, "rss_after_setup_bytes": loaded_rss,
         "step_time_median_s": statistics.median(times), "step_times_s": times, **load_info,
+        "policy": args.policy or "auto", "device": str(device), "batch": args.batch, "source": args.source,
+        "target": args.target, "bf16": args.bf16,
     }
+    if cuda:
+        result.update(gpu=torch.cuda.get_device_name(device),
+                      cuda_max_memory_allocated_bytes=torch.cuda.max_memory_allocated(device))
     result.update(state_bytes(model, optimizer))
     json.dump(result, sys.stdout)
 

@@ -12,6 +12,7 @@
 
 #include "cpu/kernel_api.h"
 #include "cpu/parallel.h"
+#include "kernel_policy.h"
 #include "op_common.h"
 
 namespace sparse_t5 {
@@ -63,6 +64,14 @@ void check_csr(int64_t nnz, const at::Tensor& row_ptr, const at::Tensor& col_idx
 }
 
 
+double density(int64_t nnz, int64_t out, int64_t in) {
+  return out * in > 0 ? static_cast<double>(nnz) / (static_cast<double>(out) * static_cast<double>(in)) : 1.0;
+}
+
+bool use_dense(PolicyOp op, at::ScalarType dtype, int64_t tokens, int64_t nnz, int64_t out, int64_t in) {
+  return choose_method("cpu", op, dtype, tokens, out, in, density(nnz, out, in)) == Method::kDense;
+}
+
 }  // namespace
 
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
@@ -82,6 +91,8 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   }
   at::Tensor y = at::empty(with_last_dim(x.sizes(), out_features), x.options());
   if (tokens == 0 || out_features == 0) return y;
+  if (use_dense(PolicyOp::kCsrForward, x.scalar_type(), tokens, values.size(0), out_features, in_features))
+    return csr_linear_dense_cpu(x, values, row_ptr, col_idx, out_features, in_features, bias);
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor vc = values.contiguous();
@@ -104,6 +115,9 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
       check_activation(grad_out, "grad_out", out_features, "out_features", values.scalar_type());
   at::Tensor dx = at::empty(with_last_dim(grad_out.sizes(), in_features), grad_out.options());
   if (tokens == 0 || in_features == 0) return dx;
+  if (use_dense(PolicyOp::kCsrBackwardInput, grad_out.scalar_type(), tokens, values.size(0), out_features,
+                in_features))
+    return csr_linear_backward_input_dense_cpu(grad_out, values, row_ptr, col_idx, out_features, in_features);
 
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor vc = values.contiguous();
@@ -131,6 +145,8 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
   at::Tensor dvalues = at::empty({nnz}, x.options());
   if (nnz == 0) return dvalues;
   if (tokens == 0) return dvalues.zero_();
+  if (use_dense(PolicyOp::kCsrSddmm, x.scalar_type(), tokens, nnz, out_features, in_features))
+    return csr_sddmm_dense_cpu(grad_out, x, row_ptr, col_idx, out_features, in_features);
 
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();

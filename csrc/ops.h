@@ -24,4 +24,19 @@ at::Tensor semi24_linear_backward_input_cpu(const at::Tensor& grad_out, const at
                                             const at::Tensor& meta);
 at::Tensor semi24_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& meta);
 
+// The transient-dense method of the same ops (transient_dense.cpp), for arguments already checked.
+at::Tensor csr_linear_dense_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                                const at::Tensor& col_idx, int64_t out, int64_t in,
+                                const std::optional<at::Tensor>& bias);
+at::Tensor csr_linear_backward_input_dense_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                               const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t out,
+                                               int64_t in);
+at::Tensor csr_sddmm_dense_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
+                               const at::Tensor& col_idx, int64_t out, int64_t in);
+at::Tensor semi24_linear_dense_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                   const std::optional<at::Tensor>& bias);
+at::Tensor semi24_linear_backward_input_dense_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                                  const at::Tensor& meta);
+at::Tensor semi24_sddmm_dense_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& meta);
+
 }  // namespace sparse_t5

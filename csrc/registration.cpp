@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/kernel_api.h"
+#include "kernel_policy.h"
 
 namespace sparse_t5 {
 namespace {
@@ -33,4 +34,11 @@ TORCH_LIBRARY(sparse_t5, m) {
   m.def("semi24_sddmm(Tensor grad_out, Tensor x, Tensor meta) -> Tensor");
   // Name of the CPU kernel variant in use: baseline | avx2 | avx512 (SPARSE_T5_CPU_ISA overrides).
   m.def("cpu_isa() -> str", &sparse_t5::cpu_isa);
+  // Which exact method each op call runs (kernel_policy.h; Python: sparse_t5.kernel_policy).
+  m.def("set_kernel_policy(str policy) -> ()", &sparse_t5::set_kernel_policy);
+  m.def("get_kernel_policy() -> str", &sparse_t5::get_kernel_policy);
+  m.def("set_method_table(str device_class, Tensor table) -> ()", &sparse_t5::set_method_table);
+  m.def("choose_method(str device_class, str op, ScalarType dtype, int tokens, int out_features, "
+        "int in_features, float density) -> str",
+        &sparse_t5::choose_method_op);
 }

@@ -10,6 +10,7 @@
 
 #include "cpu/kernel_api.h"
 #include "cpu/parallel.h"
+#include "kernel_policy.h"
 #include "op_common.h"
 #include "ops.h"
 
@@ -91,6 +92,8 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   }
   at::Tensor y = at::empty(with_last_dim(x.sizes(), out), x.options());
   if (tokens == 0 || out == 0) return y;
+  if (choose_method("cpu", PolicyOp::kSemi24Forward, x.scalar_type(), tokens, out, in, 0.5) == Method::kDense)
+    return semi24_linear_dense_cpu(x, values, meta, bias);
   const at::Tensor xc = x.contiguous(), vc = values.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int nv = vectors_per_tile(tokens, dt, 1);  // 64-token tiles from 33 tokens on (see the kernel)
@@ -108,6 +111,9 @@ at::Tensor semi24_linear_backward_input_cpu(const at::Tensor& grad_out, const at
   const int64_t tokens = check_activation(grad_out, "grad_out", out, "out_features", values.scalar_type());
   at::Tensor dx = at::empty(with_last_dim(grad_out.sizes(), in), grad_out.options());
   if (tokens == 0 || in == 0) return dx;
+  if (choose_method("cpu", PolicyOp::kSemi24BackwardInput, grad_out.scalar_type(), tokens, out, in, 0.5) ==
+      Method::kDense)
+    return semi24_linear_backward_input_dense_cpu(grad_out, values, meta);
   const at::Tensor gc = grad_out.contiguous(), vc = values.contiguous();
   // Threads split (token tile, chunk of inputs) items, so one tile of tokens still uses them all.
   const int nv = vectors_per_tile(tokens, dt, 1);
@@ -133,6 +139,8 @@ at::Tensor semi24_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, con
   at::Tensor dvalues = at::empty({out, in / 2}, x.options());
   if (dvalues.numel() == 0) return dvalues;
   if (tokens == 0) return dvalues.zero_();
+  if (choose_method("cpu", PolicyOp::kSemi24Sddmm, x.scalar_type(), tokens, out, in, 0.5) == Method::kDense)
+    return semi24_sddmm_dense_cpu(grad_out, x, meta);
   const at::Tensor gc = grad_out.contiguous(), xc = x.contiguous();
   // 8 vectors (128 fp32 tokens) per tile from 256 tokens on: each tile ends in a lane reduction
   // per kept value, which longer tiles amortise (measured 0.77-0.81x dense dW at 4, 0.86-0.87x at 8).

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Under the Triton test entry point (tests/test_triton_kernels.py runs these op-level tests in a
@@ -24,3 +25,13 @@ def pytest_sessionfinish(session, exitstatus):
             session.exitstatus = 1
         else:
             print(f"\nTriton launches: {dict(CALLS)}")
+
+
+@pytest.fixture(params=["sparse", "dense"])
+def kernel_method(request):
+    """Runs a test under each exact method of the ops (sparse_t5.kernel_policy): the op-level
+    suites use it for every test, so both methods meet the same reference."""
+    from sparse_t5 import kernel_policy
+
+    with kernel_policy(request.param):
+        yield request.param

@@ -15,6 +15,9 @@ from sparse_t5 import CSRWeight, SparseLinear
 from sparse_t5.formats import validate_csr
 from sparse_t5.ops import cpu_isa, csr_linear
 
+# Every test here runs under each exact method of the ops (conftest.py kernel_method).
+pytestmark = pytest.mark.usefixtures("kernel_method")
+
 # Relative tolerance per dtype, against a reference computed in fp64 from the same (rounded) inputs.
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 

@@ -15,6 +15,9 @@ from transformers import T5Config, T5ForConditionalGeneration
 from sparse_t5 import Semi24Linear, Semi24Weight, SparseLinear, SparseT5ForConditionalGeneration
 from sparse_t5.formats import semi24_magnitude_mask, validate_semi24
 
+# Every test here runs under each exact method of the ops (conftest.py kernel_method).
+pytestmark = pytest.mark.usefixtures("kernel_method")
+
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 SHAPES = [
     ((5,), 124, 77),      # awkward: one token tile, odd number of groups (124 / 4 = 31)

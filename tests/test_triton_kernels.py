@@ -59,12 +59,23 @@ for dtype in (torch.float32, torch.float16):
             dv = ts.semi24_sddmm(dy, x, s.meta)
             assert rel(dv.flatten(), (dy.double().t() @ x.double())[s.mask()]) <= tol[dtype], ("2:4 sddmm", dtype, T)
         n += 1
+import os
+from sparse_t5_triton import transient_dense as td
+dense_ran = sum(td.CALLS.values())
+if os.environ["SPARSE_T5_KERNEL_POLICY"] == "dense":  # every op ran by the dense method
+    assert len(td.CALLS) == 6 and tc.CALLS["csr_linear"] == td.CALLS["csr_linear"], (dict(td.CALLS), dict(tc.CALLS))
+else:
+    assert dense_ran == 0, dict(td.CALLS)
 print("ok", n)
 """
 
 
-def test_kernels_match_the_dense_reference_in_the_interpreter():
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=ENV, capture_output=True, text=True, timeout=900)
+@pytest.mark.parametrize("policy", ["sparse", "dense"])
+def test_kernels_match_the_dense_reference_in_the_interpreter(policy):
+    """Both exact methods of the GPU bodies (sparse_t5.kernel_policy): the Triton sparse kernels, and
+    transient dense (Triton decompression / gather kernels around torch's GEMM)."""
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=dict(ENV, SPARSE_T5_KERNEL_POLICY=policy),
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and out.stdout.startswith("ok 8"), out.stderr[-4000:]
 
 
@@ -114,7 +125,7 @@ def test_first_calls_of_fresh_shapes_are_exact_while_the_autotuner_benchmarks():
     returns: a kernel that accumulates into its output without reset_to_zero returns the sum of those
     launches (the CSR dX bug seen on an H100). Two configs and a multi-launch benchmark reproduce
     that on CPU; forward, dX and dvalues of both formats must match the dense reference at once."""
-    env = dict(ENV, SPARSE_T5_TRITON_ON_CPU="1")
+    env = dict(ENV, SPARSE_T5_TRITON_ON_CPU="1", SPARSE_T5_KERNEL_POLICY="sparse")  # the autotuned kernels
     out = subprocess.run([sys.executable, "-c", FIRST_CALL_CHECK], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0 and out.stdout.startswith("ok 12"), out.stdout[-2000:] + out.stderr[-4000:]
 

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from sparse_t5.formats import validate_csr_structure_once
 
+from . import transient_dense
 from .autotune import autotune
 
 # Launches per op, so tests can check that an op really went through Triton.
@@ -142,6 +143,14 @@ def _check_csr(values, row_ptr, col_idx, out_features, in_features):
     validate_csr_structure_once(values, row_ptr, col_idx, (out_features, in_features))
 
 
+def use_dense(op, dtype, tokens, out_features, in_features, nnz):
+    """The kernel policy's choice for this call (sparse_t5.kernel_policy; the "cuda" table and rule,
+    also for CPU tensors under the interpreter test entry point): True runs transient dense."""
+    density = nnz / max(1, out_features * in_features)
+    return torch.ops.sparse_t5.choose_method("cuda", op, dtype, max(1, tokens), max(1, out_features),
+                                             max(1, in_features), max(density, 1e-9)) == "dense"
+
+
 def _max_row_nnz(row_ptr):
     return int((row_ptr[1:] - row_ptr[:-1]).max()) if row_ptr.numel() > 1 else 0
 
@@ -154,6 +163,9 @@ def csr_linear(x, values, row_ptr, col_idx, out_features, in_features, bias=None
     _check_csr(values, row_ptr, col_idx, out_features, in_features)
     x2 = x.reshape(-1, in_features).contiguous()
     T = x2.shape[0]
+    if T and out_features and use_dense("csr_linear", x.dtype, T, out_features, in_features, values.numel()):
+        y = transient_dense.csr_linear(x2, values, row_ptr, col_idx, out_features, in_features, bias)
+        return y.reshape(*x.shape[:-1], out_features)
     y = torch.empty(T, out_features, device=x.device, dtype=x.dtype)
     if T and out_features:
         grid = lambda meta: (out_features, triton.cdiv(T, meta["BLOCK_T"]))  # noqa: E731
@@ -170,6 +182,10 @@ def csr_linear_backward_input(grad_out, values, row_ptr, col_idx, out_features, 
     _check_csr(values, row_ptr, col_idx, out_features, in_features)
     g2 = grad_out.reshape(-1, out_features).contiguous()
     T = g2.shape[0]
+    if T and in_features and use_dense("csr_linear_backward_input", g2.dtype, T, out_features, in_features,
+                                       values.numel()):
+        dx = transient_dense.csr_linear_backward_input(g2, values, row_ptr, col_idx, out_features, in_features)
+        return dx.reshape(*grad_out.shape[:-1], in_features)
     # The kernel accumulates with atomics (in fp32): zeroed here on every call, and before every
     # autotuner benchmark launch by reset_to_zero.
     dx = torch.zeros(T, in_features, device=g2.device, dtype=torch.float32)
@@ -194,6 +210,10 @@ def csr_sddmm(grad_out, x, row_ptr, col_idx, out_features, in_features):
     # values are not an argument: a stand-in (one element, expanded, so nothing is allocated) carries the
     # nnz, dtype and device to check against.
     _check_csr(x.new_empty(1).expand(nnz), row_ptr, col_idx, out_features, in_features)
+    T = x.numel() // max(1, in_features)
+    if nnz and T and use_dense("csr_sddmm", x.dtype, T, out_features, in_features, nnz):
+        return transient_dense.csr_sddmm(grad_out.reshape(-1, out_features), x.reshape(-1, in_features), row_ptr,
+                                         col_idx, out_features, in_features)
     return launch_sddmm(grad_out, x, row_ptr, col_idx, out_features, in_features, _max_row_nnz(row_ptr))
 
 

@@ -20,7 +20,8 @@ import triton.language as tl
 from sparse_t5.formats import semi24_meta_width, semi24_positions, validate_semi24_structure_once
 
 from .autotune import autotune
-from .csr_linear import CALLS, _bucket, _check_activation, _check_bias, check_same_device, launch_sddmm
+from . import transient_dense
+from .csr_linear import CALLS, _bucket, _check_activation, _check_bias, check_same_device, launch_sddmm, use_dense
 
 CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
            for bm, bn, bk, w, s in ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 2))]
@@ -116,6 +117,8 @@ def semi24_linear(x, values, meta, bias=None):
     _check_bias(bias, values, out_features)
     x2 = x.reshape(-1, in_features).contiguous()
     T = x2.shape[0]
+    if T and out_features and use_dense("semi24_linear", x.dtype, T, out_features, in_features, values.numel()):
+        return transient_dense.semi24_linear(x2, values, meta, bias).reshape(*x.shape[:-1], out_features)
     y = torch.empty(T, out_features, device=x.device, dtype=x.dtype)
     if T and out_features:
         grid = lambda meta_: (triton.cdiv(T, meta_["BLOCK_M"]), triton.cdiv(out_features, meta_["BLOCK_N"]))  # noqa: E731
@@ -133,6 +136,10 @@ def semi24_linear_backward_input(grad_out, values, meta):
     _check_activation(grad_out, values, out_features, "grad_out", "out_features")
     g2 = grad_out.reshape(-1, out_features).contiguous()
     T = g2.shape[0]
+    if T and in_features and use_dense("semi24_linear_backward_input", g2.dtype, T, out_features, in_features,
+                                       values.numel()):
+        dx = transient_dense.semi24_linear_backward_input(g2, values, meta)
+        return dx.reshape(*grad_out.shape[:-1], in_features)
     dx = torch.empty(T, in_features, device=g2.device, dtype=grad_out.dtype)
     if T and in_features:
         grid = lambda meta_: (triton.cdiv(T, meta_["BLOCK_M"]), triton.cdiv(in_features, meta_["BLOCK_N"]))  # noqa: E731
@@ -162,6 +169,11 @@ def semi24_sddmm(grad_out, x, meta):
     # valid by construction, every row holding in/2 values.
     stand_in = x.new_empty(1, 1).expand(out_features, in_features // 2)  # shape and dtype only, no allocation
     validate_semi24_structure_once(stand_in, meta, (out_features, in_features))
+    T = x.numel() // max(1, in_features)
+    if T and out_features and use_dense("semi24_sddmm", x.dtype, T, out_features, in_features,
+                                        out_features * in_features // 2):
+        return transient_dense.semi24_sddmm(grad_out.reshape(-1, out_features).contiguous(),
+                                            x.reshape(-1, in_features).contiguous(), meta)
     row_ptr, cols = decode_columns(meta, out_features, in_features)
     dvalues = launch_sddmm(grad_out, x, row_ptr, cols, out_features, in_features, in_features // 2)
     return dvalues.reshape(out_features, in_features // 2)

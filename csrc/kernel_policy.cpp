@@ -1,0 +1,128 @@
+// The kernel policy and the measured method tables (kernel_policy.h). Tables are rows of
+// (op, dtype code, tokens, out, in, density, method) measured by benches/kernel_methods.py; a call
+// takes the method of its nearest measured row of the same op and dtype, the distance taken in
+// log2 of tokens, of out * in and of density (the axes the costs scale along). A call with no row
+// for its op and dtype runs sparse on the CPU (the kernels every op has) and dense on CUDA (the
+// vendor GEMM, which the field's measurements put ahead at recovery densities).
+#include "kernel_policy.h"
+
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <vector>
+
+namespace sparse_t5 {
+namespace {
+
+enum class Policy { kAuto = 0, kSparse = 1, kDense = 2 };
+
+struct Row {
+  int64_t op, dtype;
+  double log_tokens, log_size, log_density;
+  Method method;
+};
+
+std::atomic<int> g_policy{static_cast<int>(Policy::kAuto)};
+std::mutex g_tables_mutex;
+std::map<std::string, std::vector<Row>>& tables() {
+  static std::map<std::string, std::vector<Row>> t;
+  return t;
+}
+
+double safe_log2(double v) { return std::log2(v > 1e-9 ? v : 1e-9); }
+
+PolicyOp parse_op(const std::string& op) {
+  static const std::map<std::string, PolicyOp> ops = {
+      {"csr_linear", PolicyOp::kCsrForward},
+      {"csr_linear_backward_input", PolicyOp::kCsrBackwardInput},
+      {"csr_sddmm", PolicyOp::kCsrSddmm},
+      {"semi24_linear", PolicyOp::kSemi24Forward},
+      {"semi24_linear_backward_input", PolicyOp::kSemi24BackwardInput},
+      {"semi24_sddmm", PolicyOp::kSemi24Sddmm},
+  };
+  auto it = ops.find(op);
+  TORCH_CHECK_VALUE(it != ops.end(), "sparse_t5: unknown op for the kernel policy: ", op);
+  return it->second;
+}
+
+}  // namespace
+
+void set_kernel_policy(const std::string& policy) {
+  Policy p;
+  if (policy == "auto") {
+    p = Policy::kAuto;
+  } else if (policy == "sparse") {
+    p = Policy::kSparse;
+  } else if (policy == "dense") {
+    p = Policy::kDense;
+  } else {
+    TORCH_CHECK_VALUE(false, "sparse_t5: kernel policy must be 'auto', 'sparse' or 'dense', got '", policy, "'");
+  }
+  g_policy.store(static_cast<int>(p));
+}
+
+std::string get_kernel_policy() {
+  switch (static_cast<Policy>(g_policy.load())) {
+    case Policy::kSparse: return "sparse";
+    case Policy::kDense: return "dense";
+    default: return "auto";
+  }
+}
+
+// table: float64 [rows, 7] = (op, dtype code, tokens, out, in, density, method 0|1); the dtype code
+// is the ScalarType's integer value (torch.float32 -> 6). Replaces the device class's table.
+void set_method_table(const std::string& device_class, const at::Tensor& table) {
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == 7, "sparse_t5: a method table must be [rows, 7], got ",
+                    table.sizes());
+  const at::Tensor t = table.to(at::kDouble).contiguous().cpu();
+  const double* d = t.data_ptr<double>();
+  std::vector<Row> rows;
+  for (int64_t i = 0; i < t.size(0); ++i, d += 7) {
+    TORCH_CHECK_VALUE(d[0] >= 0 && d[0] <= 5 && (d[6] == 0 || d[6] == 1) && d[2] >= 1 && d[3] >= 1 && d[4] >= 1 &&
+                          d[5] > 0 && d[5] <= 1,
+                      "sparse_t5: malformed method table row ", i);
+    rows.push_back({static_cast<int64_t>(d[0]), static_cast<int64_t>(d[1]), safe_log2(d[2]), safe_log2(d[3] * d[4]),
+                    safe_log2(d[5]), d[6] == 1 ? Method::kDense : Method::kSparse});
+  }
+  std::lock_guard<std::mutex> lock(g_tables_mutex);
+  tables()[device_class] = std::move(rows);
+}
+
+std::string choose_method_op(const std::string& device_class, const std::string& op, at::ScalarType dtype,
+                             int64_t tokens, int64_t out_features, int64_t in_features, double density) {
+  return choose_method(device_class, parse_op(op), dtype, tokens, out_features, in_features, density) ==
+                 Method::kDense
+             ? "dense"
+             : "sparse";
+}
+
+Method choose_method(const std::string& device_class, PolicyOp op, at::ScalarType dtype, int64_t tokens,
+                     int64_t out_features, int64_t in_features, double density) {
+  const Policy policy = static_cast<Policy>(g_policy.load(std::memory_order_relaxed));
+  if (policy == Policy::kSparse) return Method::kSparse;
+  if (policy == Policy::kDense) return Method::kDense;
+  const Method fallback = device_class == "cpu" ? Method::kSparse : Method::kDense;
+  const double lt = safe_log2(static_cast<double>(tokens)),
+               ls = safe_log2(static_cast<double>(out_features) * static_cast<double>(in_features)),
+               ld = safe_log2(density);
+  std::lock_guard<std::mutex> lock(g_tables_mutex);
+  auto it = tables().find(device_class);
+  if (it == tables().end()) return fallback;
+  double best = std::numeric_limits<double>::infinity();
+  Method method = fallback;
+  for (const Row& r : it->second) {
+    if (r.op != static_cast<int64_t>(op) || r.dtype != static_cast<int64_t>(dtype)) continue;
+    const double dist = std::abs(r.log_tokens - lt) + std::abs(r.log_size - ls) + std::abs(r.log_density - ld);
+    if (dist < best) {
+      best = dist;
+      method = r.method;
+    }
+  }
+  return method;
+}
+
+}  // namespace sparse_t5

@@ -1,0 +1,43 @@
+// Which exact method runs a sparse op call: the sparse kernels, or "transient dense" (the weight
+// decompressed for this call only, then the vendor GEMM; csrc/transient_dense.cpp).
+//
+// The policy is process-wide, like torch.backends flags: "auto" (the default) looks the call up in
+// the measured table of this device class (sparse_t5/kernel_tables/<class>.json, installed by
+// sparse_t5/kernel_policy.py at import), "sparse" and "dense" force a method. Python:
+// `sparse_t5.kernel_policy(...)` and SPARSE_T5_KERNEL_POLICY. The same lookup serves the CUDA
+// (Triton) bodies through the `choose_method` op, so the rule exists once.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace sparse_t5 {
+
+enum class Method { kSparse = 0, kDense = 1 };
+
+// Op codes of the table (and of `choose_method`'s op argument, by name).
+enum class PolicyOp {
+  kCsrForward = 0,
+  kCsrBackwardInput = 1,
+  kCsrSddmm = 2,
+  kSemi24Forward = 3,
+  kSemi24BackwardInput = 4,
+  kSemi24Sddmm = 5,
+};
+
+// The method for one call on `device_class` ("cpu" or "cuda"): density = kept / (out * in).
+Method choose_method(const std::string& device_class, PolicyOp op, at::ScalarType dtype, int64_t tokens,
+                     int64_t out_features, int64_t in_features, double density);
+
+// The ops behind sparse_t5.kernel_policy (schemas in registration.cpp).
+void set_kernel_policy(const std::string& policy);  // "auto" | "sparse" | "dense"
+std::string get_kernel_policy();
+// table: float64 [rows, 7] = (op code, dtype code = the ScalarType's integer value, tokens, out, in,
+// density, method 0 sparse | 1 dense). Replaces the device class's table.
+void set_method_table(const std::string& device_class, const at::Tensor& table);
+// "sparse" or "dense" for one call under the current policy; op by schema name.
+std::string choose_method_op(const std::string& device_class, const std::string& op, at::ScalarType dtype,
+                             int64_t tokens, int64_t out_features, int64_t in_features, double density);
+
+}  // namespace sparse_t5

@@ -1,0 +1,258 @@
+// The "transient dense" method of the CPU ops (kernel_policy.h chooses it per call): the weight is
+// decompressed for this call only and the product runs on the vendor GEMM (MKL / oneDNN through
+// at::mm), then the dense copy is freed. Nothing dense outlives the call, and nothing is saved for
+// backward: each backward op rebuilds what it needs. Exact: the same products as the sparse
+// kernels, summed in a different order (the dtype's tolerance).
+//
+// Load as sparse, compute as dense (Flash-LLM's idea, the CPU analogue): the forward and the
+// dvalues product work on panels of output rows. Each thread decompresses one panel of the weight
+// (kPanelBytes, an L2-sized [rows, in] tile) and runs the GEMM of that panel, so the dense layer is
+// never written to memory whole. The input gradient dX = dY W sums over the output rows, so its
+// panels would have to be reduced; it decompresses the whole layer instead (one dense copy).
+// Transient peak per call: one dense copy of the layer (dX), or one panel per thread.
+#include <ATen/ATen.h>
+
+#include <cstring>
+
+#include "cpu/parallel.h"
+#include "op_common.h"
+#include "ops.h"
+
+namespace sparse_t5 {
+namespace {
+
+// ~1 MiB of dense weight per panel, and at least 64 rows: a panel stays within L2 (2 MiB per core
+// here), and the panel's GEMM is not so skinny that MKL loses efficiency. (512 KiB panels, 32 rows
+// for in = 3072, ran the t5-base FFN wo forward at 1.21x F.linear; benches/kernel_methods.py.)
+constexpr int64_t kPanelBytes = int64_t{1} << 20;
+constexpr int64_t kMinPanelRows = 64;
+
+int64_t panel_rows(int64_t in, int64_t elem_size, int64_t out) {
+  int64_t rows = kPanelBytes / std::max<int64_t>(1, in * elem_size);
+  rows = std::max<int64_t>(kMinPanelRows, rows / 16 * 16);
+  return std::min(rows, out);
+}
+
+// ---- decompression of rows [r0, r1) into dst [r1 - r0, in] (row-major) ------------------------------
+template <typename S, typename I>
+void csr_rows_to_dense(const S* values, const int32_t* row_ptr, const I* col, int64_t r0, int64_t r1, int64_t in,
+                       S* dst) {
+  std::memset(static_cast<void*>(dst), 0, sizeof(S) * (r1 - r0) * in);
+  for (int64_t r = r0; r < r1; ++r) {
+    S* row = dst + (r - r0) * in;
+    for (int64_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) row[col[k]] = values[k];
+  }
+}
+
+// dvalues[k] = G[row(k) - r0, col(k)] for the nonzeros of rows [r0, r1).
+template <typename S, typename I>
+void csr_rows_gather(const S* g, const int32_t* row_ptr, const I* col, int64_t r0, int64_t r1, int64_t in,
+                     S* dvalues) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* row = g + (r - r0) * in;
+    for (int64_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) dvalues[k] = row[col[k]];
+  }
+}
+
+// 2:4: every group of 4 is written whole (its two kept values and two zeros), so no memset.
+template <typename S>
+void semi24_rows_to_dense(const S* values, const uint8_t* meta, int64_t r0, int64_t r1, int64_t in, S* dst) {
+  const int64_t groups = in / 4, width = (groups + 1) / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* v = values + r * (in / 2);
+    const uint8_t* m = meta + r * width;
+    S* row = dst + (r - r0) * in;
+    for (int64_t g = 0; g < groups; ++g) {
+      const unsigned nib = (m[g / 2] >> ((g & 1) * 4)) & 0xFu;
+      S* out = row + 4 * g;
+      out[0] = out[1] = out[2] = out[3] = S(0);
+      out[nib & 3u] = v[2 * g];
+      out[nib >> 2] = v[2 * g + 1];
+    }
+  }
+}
+
+template <typename S>
+void semi24_rows_gather(const S* g, const uint8_t* meta, int64_t r0, int64_t r1, int64_t in, S* dvalues) {
+  const int64_t groups = in / 4, width = (groups + 1) / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const S* row = g + (r - r0) * in;
+    const uint8_t* m = meta + r * width;
+    S* dv = dvalues + r * (in / 2);
+    for (int64_t j = 0; j < groups; ++j) {
+      const unsigned nib = (m[j / 2] >> ((j & 1) * 4)) & 0xFu;
+      dv[2 * j] = row[4 * j + (nib & 3u)];
+      dv[2 * j + 1] = row[4 * j + (nib >> 2)];
+    }
+  }
+}
+
+// ---- the three products, generic over how rows are decompressed / gathered ---------------------------
+// y2 [T, out] = x2 [T, in] @ W^T (+ bias), panel by panel of output rows.
+template <typename ToDense>
+at::Tensor panel_forward(const at::Tensor& x2, int64_t out, int64_t in, const ToDense& to_dense) {
+  at::Tensor y2 = at::empty({x2.size(0), out}, x2.options());
+  const int64_t rows = panel_rows(in, x2.element_size(), out);
+  const int64_t npanels = (out + rows - 1) / rows;
+  cpu::dynamic_parallel_for(npanels, 1, [&](int64_t b, int64_t e) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per worker thread: the guard is thread-local
+    at::Tensor panel = at::empty({rows, in}, x2.options());
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t r0 = p * rows, n = std::min(rows, out - r0);
+      to_dense(r0, r0 + n, panel.data_ptr());
+      at::Tensor y_cols = y2.narrow(1, r0, n);  // strided [T, n] view: the GEMM writes it in place (ldc = out)
+      at::mm_out(y_cols, x2, panel.narrow(0, 0, n).t());
+    }
+  });
+  return y2;
+}
+
+// dvalues = (dY^T X) at the kept positions, panel by panel of output rows: G_p = dY[:, p]^T X.
+template <typename Gather>
+void panel_sddmm(const at::Tensor& g2, const at::Tensor& x2, int64_t out, int64_t in, const Gather& gather) {
+  const int64_t rows = panel_rows(in, x2.element_size(), out);
+  const int64_t npanels = (out + rows - 1) / rows;
+  const at::Tensor g2t = g2.t();  // [out, T] view
+  cpu::dynamic_parallel_for(npanels, 1, [&](int64_t b, int64_t e) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per worker thread: the guard is thread-local
+    at::Tensor panel = at::empty({rows, in}, x2.options());
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t r0 = p * rows, n = std::min(rows, out - r0);
+      at::Tensor gp = panel.narrow(0, 0, n);
+      at::mm_out(gp, g2t.narrow(0, r0, n), x2);
+      gather(r0, r0 + n, panel.data_ptr());
+    }
+  });
+}
+
+// The whole layer, decompressed by row blocks in parallel (each thread first-touches its rows).
+template <typename ToDense>
+at::Tensor whole_dense(const at::TensorOptions& opts, int64_t out, int64_t in, const ToDense& to_dense) {
+  at::Tensor w = at::empty({out, in}, opts);
+  char* base = static_cast<char*>(w.data_ptr());
+  const int64_t row_bytes = in * w.element_size();
+  cpu::dynamic_parallel_for(out, 16, [&](int64_t b, int64_t e) { to_dense(b, e, base + b * row_bytes); });
+  return w;
+}
+
+at::Tensor flat(const at::Tensor& t) { return t.contiguous().view({-1, t.size(-1)}); }
+
+// The GEMMs below are this op's implementation, not part of the user's autograd graph (the op's
+// autograd formula is registered in sparse_t5/ops/).
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
+#define SPARSE_T5_DENSE_DISPATCH(dtype, ...)                                  \
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "sparse_t5_transient_dense", __VA_ARGS__)
+
+#define SPARSE_T5_CSR_DISPATCH(values_dtype, col_idx, ...)                                   \
+  SPARSE_T5_DENSE_DISPATCH(values_dtype, [&] {                                             \
+    if (col_idx.scalar_type() == at::kShort) {                                             \
+      using index_t = int16_t;                                                             \
+      __VA_ARGS__();                                                                       \
+    } else {                                                                               \
+      using index_t = int32_t;                                                             \
+      __VA_ARGS__();                                                                       \
+    }                                                                                      \
+  })
+
+}  // namespace
+
+// Callers (csr_linear.cpp, semi24_linear.cpp) have checked every argument, as for the sparse kernels.
+at::Tensor csr_linear_dense_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                                const at::Tensor& col_idx, int64_t out, int64_t in,
+                                const std::optional<at::Tensor>& bias) {
+  BelowAutograd below_autograd;
+  const at::Tensor x2 = flat(x), vc = values.contiguous();
+  at::Tensor y2;
+  SPARSE_T5_CSR_DISPATCH(values.scalar_type(), col_idx, [&] {
+    const scalar_t* v = vc.data_ptr<scalar_t>();
+    const index_t* c = static_cast<const index_t*>(col_idx.data_ptr());
+    const int32_t* rp = row_ptr.data_ptr<int32_t>();
+    y2 = panel_forward(x2, out, in, [&](int64_t r0, int64_t r1, void* dst) {
+      csr_rows_to_dense(v, rp, c, r0, r1, in, static_cast<scalar_t*>(dst));
+    });
+  });
+  if (bias.has_value()) y2.add_(*bias);
+  return y2.view(with_last_dim(x.sizes(), out));
+}
+
+at::Tensor csr_linear_backward_input_dense_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                               const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t out,
+                                               int64_t in) {
+  BelowAutograd below_autograd;
+  const at::Tensor vc = values.contiguous();
+  at::Tensor w;
+  SPARSE_T5_CSR_DISPATCH(values.scalar_type(), col_idx, [&] {
+    const scalar_t* v = vc.data_ptr<scalar_t>();
+    const index_t* c = static_cast<const index_t*>(col_idx.data_ptr());
+    const int32_t* rp = row_ptr.data_ptr<int32_t>();
+    w = whole_dense(values.options(), out, in, [&](int64_t r0, int64_t r1, void* dst) {
+      csr_rows_to_dense(v, rp, c, r0, r1, in, static_cast<scalar_t*>(dst));
+    });
+  });
+  return at::mm(flat(grad_out), w).view(with_last_dim(grad_out.sizes(), in));
+}
+
+at::Tensor csr_sddmm_dense_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
+                               const at::Tensor& col_idx, int64_t out, int64_t in) {
+  BelowAutograd below_autograd;
+  at::Tensor dvalues = at::empty({col_idx.size(0)}, x.options());
+  SPARSE_T5_CSR_DISPATCH(x.scalar_type(), col_idx, [&] {
+    const index_t* c = static_cast<const index_t*>(col_idx.data_ptr());
+    const int32_t* rp = row_ptr.data_ptr<int32_t>();
+    scalar_t* dv = dvalues.data_ptr<scalar_t>();
+    panel_sddmm(flat(grad_out), flat(x), out, in, [&](int64_t r0, int64_t r1, const void* g) {
+      csr_rows_gather(static_cast<const scalar_t*>(g), rp, c, r0, r1, in, dv);
+    });
+  });
+  return dvalues;
+}
+
+at::Tensor semi24_linear_dense_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                   const std::optional<at::Tensor>& bias) {
+  BelowAutograd below_autograd;
+  const int64_t out = values.size(0), in = values.size(1) * 2;
+  const at::Tensor x2 = flat(x), vc = values.contiguous();
+  const uint8_t* m = meta.data_ptr<uint8_t>();
+  at::Tensor y2;
+  SPARSE_T5_DENSE_DISPATCH(values.scalar_type(), [&] {
+    const scalar_t* v = vc.data_ptr<scalar_t>();
+    y2 = panel_forward(x2, out, in, [&](int64_t r0, int64_t r1, void* dst) {
+      semi24_rows_to_dense(v, m, r0, r1, in, static_cast<scalar_t*>(dst));
+    });
+  });
+  if (bias.has_value()) y2.add_(*bias);
+  return y2.view(with_last_dim(x.sizes(), out));
+}
+
+at::Tensor semi24_linear_backward_input_dense_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                                  const at::Tensor& meta) {
+  BelowAutograd below_autograd;
+  const int64_t out = values.size(0), in = values.size(1) * 2;
+  const at::Tensor vc = values.contiguous();
+  const uint8_t* m = meta.data_ptr<uint8_t>();
+  at::Tensor w;
+  SPARSE_T5_DENSE_DISPATCH(values.scalar_type(), [&] {
+    const scalar_t* v = vc.data_ptr<scalar_t>();
+    w = whole_dense(values.options(), out, in, [&](int64_t r0, int64_t r1, void* dst) {
+      semi24_rows_to_dense(v, m, r0, r1, in, static_cast<scalar_t*>(dst));
+    });
+  });
+  return at::mm(flat(grad_out), w).view(with_last_dim(grad_out.sizes(), in));
+}
+
+at::Tensor semi24_sddmm_dense_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& meta) {
+  BelowAutograd below_autograd;
+  const int64_t out = meta.size(0), in = x.size(-1);
+  at::Tensor dvalues = at::empty({out, in / 2}, x.options());
+  const uint8_t* m = meta.data_ptr<uint8_t>();
+  SPARSE_T5_DENSE_DISPATCH(x.scalar_type(), [&] {
+    scalar_t* dv = dvalues.data_ptr<scalar_t>();
+    panel_sddmm(flat(grad_out), flat(x), out, in, [&](int64_t r0, int64_t r1, const void* g) {
+      semi24_rows_gather(static_cast<const scalar_t*>(g), m, r0, r1, in, dv);
+    });
+  });
+  return dvalues;
+}
+
+}  // namespace sparse_t5
