@@ -72,7 +72,10 @@ def add_train_args(p, prefix="", recipe=None):
     g.add_argument(f"--{prefix}warmup-steps", type=int, default=0, help="LR warm-up steps")
     g.add_argument(f"--{prefix}precision", choices=["fp32", "bf16"], default="fp32", help="bf16 uses autocast")
     g.add_argument(f"--{prefix}save-every", type=int, default=0, help="checkpoint every N steps (and each epoch)")
-    g.add_argument(f"--{prefix}patience", type=int, default=0, help="early stopping patience in epochs; 0 = off")
+    g.add_argument(f"--{prefix}patience", type=int, default=0,
+                   help="early stopping patience in validated epochs; 0 = off")
+    g.add_argument(f"--{prefix}eval-every", type=int, default=r.get("eval_every", 1),
+                   help=f"validate every N epochs and after the last (default {r.get('eval_every', 1)})")
 
 
 def train_config(args, prefix=""):
@@ -89,6 +92,7 @@ def train_config(args, prefix=""):
                        warmup_steps=a("warmup-steps", "warmup_steps"), precision=a("precision", "precision"),
                        save_every=a("save-every", "save_every"),
                        early_stopping_patience=a("patience", "early_stopping_patience"), seed=args.seed,
+                       eval_every=a("eval-every", "eval_every"),
                        eval_beam=getattr(args, "beam", defaults["eval_beam"]),
                        index_ratio=getattr(args, "index_ratio", defaults["index_ratio"]),
                        index_tokens=getattr(args, "index_tokens", defaults["index_tokens"]),

@@ -249,7 +249,7 @@ def _trainer(lee, tokenizer, out, seed=0, **kw):
     model = tiny_model(tok, seed)
     labels = [(q, d) for q, rels in data.qrels.items() for d in rels]
     examples = make_examples(data.corpus, data.queries, labels, tok, 32, 1.0, seed)
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, seed=seed, **kw)
+    cfg = TrainConfig(**{**dict(epochs=2, batch_size=8, lr=1e-3, seed=seed), **kw})
     return Trainer(model, tok, mapping, examples, cfg, str(out), progress=False, log=lambda *_: None)
 
 
@@ -266,6 +266,28 @@ def test_resume_after_a_kill_gives_the_same_parameters(lee, tokenizer, tmp_path)
     resumed.train()
     for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_validation_runs_every_eval_every_epochs_and_after_the_last(lee, tokenizer, tmp_path):
+    """eval_every=3 over 4 epochs validates after epochs 3 and 4 only; "best" and the patience count
+    look at validated epochs only (an unvalidated epoch neither improves nor stalls)."""
+    trainer = _trainer(lee, tokenizer, tmp_path / "run", epochs=4, eval_every=3, early_stopping_patience=1)
+    calls = []
+    scores = iter([0.5, 0.25])  # epoch 3, epoch 4: the second is worse
+
+    def validate(model):
+        calls.append(trainer.state["epoch"] + 1)
+        return {"Hits@10": next(scores)}
+
+    trainer.evaluate_fn = validate
+    trainer.train()
+    assert calls == [3, 4]
+    assert ["Hits@10" in h for h in trainer.state["history"]] == [False, False, True, True]
+    assert trainer.state["best"] == 0.5 and trainer.state["epochs_without_improvement"] == 1
+    best = torch.load(str(tmp_path / "run" / "best" / "trainer_state.pt"), weights_only=True)
+    assert best["state"]["epoch"] == 3  # saved at the validated epoch that scored best
+    with pytest.raises(ValueError, match="eval_every must be >= 1"):
+        TrainConfig(eval_every=0)
 
 
 def test_corrupt_trainer_checkpoint_is_reported(lee, tokenizer, tmp_path):

@@ -59,7 +59,10 @@ class TrainConfig:
     max_query_len: int = 64
     seed: int = 0
     save_every: int = 0  # steps; 0: only at epoch ends
-    early_stopping_patience: int = 0  # epochs; 0: off (the study's patience = infinity)
+    early_stopping_patience: int = 0  # validated epochs without improvement; 0: off (the study's: infinity)
+    # Validate after every eval_every-th epoch and after the last. Constrained beam search over the
+    # validation queries is a quarter of a tiny model's epoch, so the demo validates every 5th epoch.
+    eval_every: int = 1
     eval_beam: int = 10
     max_eval_queries: int = 0  # 0: all
     # gradual pruning during this phase (recovery): target sparsity reached at the end
@@ -76,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 0:
             raise ValueError("batch_size and grad_accum must be >= 1 and epochs >= 0")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 (epochs between validations), got {self.eval_every}")
 
 
 def _rank_world():
@@ -332,19 +337,22 @@ class Trainer:
             bar.close()
             record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)),
                       "step_time_s": (sorted(step_times)[len(step_times) // 2] if step_times else None)}
-            if self.evaluate_fn is not None and self.rank == 0:
+            # Without a validation function, every epoch is judged by its training loss.
+            validated = self.evaluate_fn is None or (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs
+            if self.evaluate_fn is not None and self.rank == 0 and validated:
                 record.update(self.evaluate_fn(self.model))
             self.state["history"].append(record)
             self.state["epoch"] = epoch + 1
             self.state["step_in_epoch"] = 0
             self.log(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            key = record.get("Hits@10", -record["train_loss"])
-            if self.state["best"] is None or key > self.state["best"]:
-                self.state["best"] = key
-                self.state["epochs_without_improvement"] = 0
-                self.save("best")
-            else:
-                self.state["epochs_without_improvement"] += 1
+            if validated:  # best and patience count validated epochs only
+                key = record.get("Hits@10", -record["train_loss"])
+                if self.state["best"] is None or key > self.state["best"]:
+                    self.state["best"] = key
+                    self.state["epochs_without_improvement"] = 0
+                    self.save("best")
+                else:
+                    self.state["epochs_without_improvement"] += 1
             self.save("last")
             if c.early_stopping_patience and self.state["epochs_without_improvement"] >= c.early_stopping_patience:
                 self.log(f"early stopping after epoch {epoch + 1}")
