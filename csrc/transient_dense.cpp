@@ -9,15 +9,11 @@
 // (kPanelBytes, an L2-sized [rows, in] tile) and runs the GEMM of that panel, so the dense layer is
 // never written to memory whole. The input gradient dX = dY W sums over the output rows, so its
 // panels would have to be reduced; it decompresses the whole layer instead (one dense copy).
-// Transient peak per call: one dense copy of the layer (dX), or one panel per thread.
+// Transient peak per call: one dense copy of the layer (dX). The forward and dvalues use one panel
+// per thread, kept between calls (thread_panel below).
 #include <ATen/ATen.h>
 
 #include <cstring>
-
-#if defined(__unix__) || defined(__APPLE__)
-#include <sys/mman.h>
-#define SPARSE_T5_HAVE_MMAP 1
-#endif
 
 #include "cpu/parallel.h"
 #include "op_common.h"
@@ -38,27 +34,17 @@ int64_t panel_rows(int64_t in, int64_t elem_size, int64_t out) {
   return std::min(rows, out);
 }
 
-// A buffer that lives for one call. Large ones are mapped from the kernel and unmapped when freed,
-// bypassing malloc: glibc raises its mmap threshold to the size of each large block freed (up to
-// 32 MiB), so a freed transient layer would otherwise make later allocations of that size come from
-// the heap, where freed memory stays resident. Measured on the t5-base recovery step at 0.2 (peak
-// RSS, benches/recovery_step.py, 3 steps): policy sparse 4385 MB against auto 4442 MB with malloc'd
-// buffers; in a later pair of runs, sparse 4396 MB against auto 4391 MB with these mapped buffers.
-constexpr int64_t kMapMinBytes = int64_t{256} << 10;
-
-at::Tensor transient_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-#ifdef SPARSE_T5_HAVE_MMAP
-  int64_t bytes = static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
-  for (int64_t s : sizes) bytes *= s;
-  if (bytes >= kMapMinBytes) {
-    void* p = mmap(nullptr, static_cast<size_t>(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p != MAP_FAILED) {
-      const size_t len = static_cast<size_t>(bytes);
-      return at::from_blob(p, sizes, [len](void* q) { munmap(q, len); }, opts);
-    }  // mmap refused (address space limits): fall back to the allocator, which reports its own errors
-  }
-#endif
-  return at::empty(sizes, opts);
+// The panel of the calling worker thread, kept between calls: one per thread, about 1 MiB (at least
+// 64 rows). The forward and dvalues of every layer reuse it, so they allocate nothing and fault no
+// pages. Allocating it per call raised the peak: glibc raises its mmap threshold to each large block
+// freed, after which freed panels stayed resident in the heap (t5-small recovery step at 0.2, peak
+// RSS: 1648-1666 MB per-call malloc, 1624-1627 MB kept per thread). Mapping each panel from the
+// kernel per call (mmap / munmap) kept the memory down too, but the page faults cost 20% of the step.
+at::Tensor thread_panel(int64_t rows, int64_t in, const at::TensorOptions& opts) {
+  thread_local at::Tensor storage;  // bytes; freed when the thread exits
+  const int64_t bytes = rows * in * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (!storage.defined() || storage.numel() < bytes) storage = at::empty({bytes}, opts.dtype(at::kByte));
+  return at::from_blob(storage.data_ptr(), {rows, in}, opts);  // a view of it, valid for this call
 }
 
 // ---- decompression of rows [r0, r1) into dst [r1 - r0, in] (row-major) ------------------------------
@@ -124,7 +110,7 @@ at::Tensor panel_forward(const at::Tensor& x2, int64_t out, int64_t in, const To
   const int64_t npanels = (out + rows - 1) / rows;
   cpu::dynamic_parallel_for(npanels, 1, [&](int64_t b, int64_t e) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // per worker thread: the guard is thread-local
-    at::Tensor panel = transient_empty({rows, in}, x2.options());
+    at::Tensor panel = thread_panel(rows, in, x2.options());
     for (int64_t p = b; p < e; ++p) {
       const int64_t r0 = p * rows, n = std::min(rows, out - r0);
       to_dense(r0, r0 + n, panel.data_ptr());
@@ -143,7 +129,7 @@ void panel_sddmm(const at::Tensor& g2, const at::Tensor& x2, int64_t out, int64_
   const at::Tensor g2t = g2.t();  // [out, T] view
   cpu::dynamic_parallel_for(npanels, 1, [&](int64_t b, int64_t e) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // per worker thread: the guard is thread-local
-    at::Tensor panel = transient_empty({rows, in}, x2.options());
+    at::Tensor panel = thread_panel(rows, in, x2.options());
     for (int64_t p = b; p < e; ++p) {
       const int64_t r0 = p * rows, n = std::min(rows, out - r0);
       at::Tensor gp = panel.narrow(0, 0, n);
@@ -156,7 +142,7 @@ void panel_sddmm(const at::Tensor& g2, const at::Tensor& x2, int64_t out, int64_
 // The whole layer, decompressed by row blocks in parallel (each thread first-touches its rows).
 template <typename ToDense>
 at::Tensor whole_dense(const at::TensorOptions& opts, int64_t out, int64_t in, const ToDense& to_dense) {
-  at::Tensor w = transient_empty({out, in}, opts);
+  at::Tensor w = at::empty({out, in}, opts);
   char* base = static_cast<char*>(w.data_ptr());
   const int64_t row_bytes = in * w.element_size();
   cpu::dynamic_parallel_for(out, 16, [&](int64_t b, int64_t e) { to_dense(b, e, base + b * row_bytes); });
