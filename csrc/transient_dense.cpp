@@ -7,12 +7,15 @@
 // Load as sparse, compute as dense (Flash-LLM's idea, the CPU analogue): the forward and the
 // dvalues product work on panels of output rows. Each thread decompresses one panel of the weight
 // (kPanelBytes, an L2-sized [rows, in] tile) and runs the GEMM of that panel, so the dense layer is
-// never written to memory whole. The input gradient dX = dY W sums over the output rows, so its
-// panels would have to be reduced; it decompresses the whole layer instead (one dense copy).
-// Transient peak per call: one dense copy of the layer (dX). The forward and dvalues use one panel
-// per thread, kept between calls (thread_panel below).
+// never written to memory whole. The input gradient dX = dY W sums over the output rows, so it works
+// on panels of input columns instead: dX[:, c0:c1] = dY W[:, c0:c1], each panel an [out, c1 - c0]
+// tile decompressed from the CSR rows (a binary search per row finds c0; columns are sorted).
+// Transient peak per call: one panel per worker thread, kept between calls (thread_panel below).
+// Decompressing the whole layer for dX instead cost one dense copy of it per call, which is what
+// kept the t5-base recovery step at 0.2 above the sparse kernels' peak memory.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/parallel.h"
@@ -28,10 +31,11 @@ namespace {
 constexpr int64_t kPanelBytes = int64_t{1} << 20;
 constexpr int64_t kMinPanelRows = 64;
 
-int64_t panel_rows(int64_t in, int64_t elem_size, int64_t out) {
-  int64_t rows = kPanelBytes / std::max<int64_t>(1, in * elem_size);
+// Rows of row_len elements in one panel, at most max_rows: all of them, or a multiple of 16.
+int64_t panel_rows(int64_t row_len, int64_t elem_size, int64_t max_rows) {
+  int64_t rows = kPanelBytes / std::max<int64_t>(1, row_len * elem_size);
   rows = std::max<int64_t>(kMinPanelRows, rows / 16 * 16);
-  return std::min(rows, out);
+  return std::min(rows, max_rows);
 }
 
 // The panel of the calling worker thread, kept between calls: one per thread, about 1 MiB (at least
@@ -58,6 +62,22 @@ void csr_rows_to_dense(const S* values, const int32_t* row_ptr, const I* col, in
   }
 }
 
+// Columns [c0, c1) of every row into dst [out, c1 - c0] (row-major): the panel of W that dX[:, c0:c1]
+// needs. Columns are strictly increasing within a row (formats.py checks it), so a binary search
+// finds each row's first column >= c0.
+template <typename S, typename I>
+void csr_cols_to_dense(const S* values, const int32_t* row_ptr, const I* col, int64_t out, int64_t c0, int64_t c1,
+                       S* dst) {
+  const int64_t width = c1 - c0;
+  std::memset(static_cast<void*>(dst), 0, sizeof(S) * out * width);
+  for (int64_t r = 0; r < out; ++r) {
+    S* row = dst + r * width;
+    const I* end = col + row_ptr[r + 1];
+    for (const I* k = std::lower_bound(col + row_ptr[r], end, static_cast<I>(c0)); k != end && *k < c1; ++k)
+      row[*k - c0] = values[k - col];
+  }
+}
+
 // dvalues[k] = G[row(k) - r0, col(k)] for the nonzeros of rows [r0, r1).
 template <typename S, typename I>
 void csr_rows_gather(const S* g, const int32_t* row_ptr, const I* col, int64_t r0, int64_t r1, int64_t in,
@@ -68,17 +88,20 @@ void csr_rows_gather(const S* g, const int32_t* row_ptr, const I* col, int64_t r
   }
 }
 
-// 2:4: every group of 4 is written whole (its two kept values and two zeros), so no memset.
+// 2:4, rows [r0, r1) x columns [c0, c1) into dst [r1 - r0, c1 - c0] (c0 and c1 multiples of 4):
+// the forward's row panels take every column, dX's column panels every row. Every group of 4 is
+// written whole (its two kept values and two zeros), so no memset.
 template <typename S>
-void semi24_rows_to_dense(const S* values, const uint8_t* meta, int64_t r0, int64_t r1, int64_t in, S* dst) {
-  const int64_t groups = in / 4, width = (groups + 1) / 2;
+void semi24_block_to_dense(const S* values, const uint8_t* meta, int64_t in, int64_t r0, int64_t r1, int64_t c0,
+                           int64_t c1, S* dst) {
+  const int64_t width = c1 - c0, meta_width = (in / 4 + 1) / 2;
   for (int64_t r = r0; r < r1; ++r) {
     const S* v = values + r * (in / 2);
-    const uint8_t* m = meta + r * width;
-    S* row = dst + (r - r0) * in;
-    for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* m = meta + r * meta_width;
+    S* row = dst + (r - r0) * width;
+    for (int64_t g = c0 / 4; g < c1 / 4; ++g) {
       const unsigned nib = (m[g / 2] >> ((g & 1) * 4)) & 0xFu;
-      S* out = row + 4 * g;
+      S* out = row + (4 * g - c0);
       out[0] = out[1] = out[2] = out[3] = S(0);
       out[nib & 3u] = v[2 * g];
       out[nib >> 2] = v[2 * g + 1];
@@ -139,14 +162,25 @@ void panel_sddmm(const at::Tensor& g2, const at::Tensor& x2, int64_t out, int64_
   });
 }
 
-// The whole layer, decompressed by row blocks in parallel (each thread first-touches its rows).
-template <typename ToDense>
-at::Tensor whole_dense(const at::TensorOptions& opts, int64_t out, int64_t in, const ToDense& to_dense) {
-  at::Tensor w = at::empty({out, in}, opts);
-  char* base = static_cast<char*>(w.data_ptr());
-  const int64_t row_bytes = in * w.element_size();
-  cpu::dynamic_parallel_for(out, 16, [&](int64_t b, int64_t e) { to_dense(b, e, base + b * row_bytes); });
-  return w;
+// dX [T, in] = dY [T, out] @ W, panel by panel of input columns: dX[:, c0:c1] = dY @ W[:, c0:c1].
+template <typename ColsToDense>
+at::Tensor panel_backward_input(const at::Tensor& g2, int64_t out, int64_t in, const ColsToDense& cols_to_dense) {
+  at::Tensor dx2 = at::empty({g2.size(0), in}, g2.options());
+  // ~kPanelBytes of [out, cols], at least kMinPanelRows columns. Either all of them or a multiple of
+  // 16, so a panel never splits a 2:4 group.
+  const int64_t cols = panel_rows(out, g2.element_size(), in);
+  const int64_t npanels = (in + cols - 1) / cols;
+  cpu::dynamic_parallel_for(npanels, 1, [&](int64_t b, int64_t e) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per worker thread: the guard is thread-local
+    for (int64_t p = b; p < e; ++p) {
+      const int64_t c0 = p * cols, n = std::min(cols, in - c0);
+      at::Tensor panel = thread_panel(out, n, g2.options());  // [out, n], contiguous
+      cols_to_dense(c0, c0 + n, panel.data_ptr());
+      at::Tensor dx_cols = dx2.narrow(1, c0, n);  // strided [T, n] view: the GEMM writes it in place
+      at::mm_out(dx_cols, g2, panel);
+    }
+  });
+  return dx2;
 }
 
 at::Tensor flat(const at::Tensor& t) { return t.contiguous().view({-1, t.size(-1)}); }
@@ -194,17 +228,17 @@ at::Tensor csr_linear_backward_input_dense_cpu(const at::Tensor& grad_out, const
                                                const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t out,
                                                int64_t in) {
   BelowAutograd below_autograd;
-  const at::Tensor vc = values.contiguous();
-  at::Tensor w;
+  const at::Tensor vc = values.contiguous(), g2 = flat(grad_out);
+  at::Tensor dx2;
   SPARSE_T5_CSR_DISPATCH(values.scalar_type(), col_idx, [&] {
     const scalar_t* v = vc.data_ptr<scalar_t>();
     const index_t* c = static_cast<const index_t*>(col_idx.data_ptr());
     const int32_t* rp = row_ptr.data_ptr<int32_t>();
-    w = whole_dense(values.options(), out, in, [&](int64_t r0, int64_t r1, void* dst) {
-      csr_rows_to_dense(v, rp, c, r0, r1, in, static_cast<scalar_t*>(dst));
+    dx2 = panel_backward_input(g2, out, in, [&](int64_t c0, int64_t c1, void* dst) {
+      csr_cols_to_dense(v, rp, c, out, c0, c1, static_cast<scalar_t*>(dst));
     });
   });
-  return at::mm(flat(grad_out), w).view(with_last_dim(grad_out.sizes(), in));
+  return dx2.view(with_last_dim(grad_out.sizes(), in));
 }
 
 at::Tensor csr_sddmm_dense_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
@@ -232,7 +266,7 @@ at::Tensor semi24_linear_dense_cpu(const at::Tensor& x, const at::Tensor& values
   SPARSE_T5_DENSE_DISPATCH(values.scalar_type(), [&] {
     const scalar_t* v = vc.data_ptr<scalar_t>();
     y2 = panel_forward(x2, out, in, [&](int64_t r0, int64_t r1, void* dst) {
-      semi24_rows_to_dense(v, m, r0, r1, in, static_cast<scalar_t*>(dst));
+      semi24_block_to_dense(v, m, in, r0, r1, int64_t{0}, in, static_cast<scalar_t*>(dst));
     });
   });
   if (bias.has_value()) y2.add_(*bias);
@@ -243,16 +277,16 @@ at::Tensor semi24_linear_backward_input_dense_cpu(const at::Tensor& grad_out, co
                                                   const at::Tensor& meta) {
   BelowAutograd below_autograd;
   const int64_t out = values.size(0), in = values.size(1) * 2;
-  const at::Tensor vc = values.contiguous();
+  const at::Tensor vc = values.contiguous(), g2 = flat(grad_out);
   const uint8_t* m = meta.data_ptr<uint8_t>();
-  at::Tensor w;
+  at::Tensor dx2;
   SPARSE_T5_DENSE_DISPATCH(values.scalar_type(), [&] {
     const scalar_t* v = vc.data_ptr<scalar_t>();
-    w = whole_dense(values.options(), out, in, [&](int64_t r0, int64_t r1, void* dst) {
-      semi24_rows_to_dense(v, m, r0, r1, in, static_cast<scalar_t*>(dst));
+    dx2 = panel_backward_input(g2, out, in, [&](int64_t c0, int64_t c1, void* dst) {
+      semi24_block_to_dense(v, m, in, int64_t{0}, out, c0, c1, static_cast<scalar_t*>(dst));
     });
   });
-  return at::mm(flat(grad_out), w).view(with_last_dim(grad_out.sizes(), in));
+  return dx2.view(with_last_dim(grad_out.sizes(), in));
 }
 
 at::Tensor semi24_sddmm_dense_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& meta) {

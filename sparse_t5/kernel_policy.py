@@ -5,10 +5,11 @@ exact methods (issue 15):
 
 - ``sparse``: the C++ kernels on CPU (csrc/cpu/), the Triton kernels on GPU (triton_kernels/);
 - ``dense`` (transient dense): the weight is decompressed for this call only and the vendor GEMM
-  runs (MKL/oneDNN through at::mm on CPU, panel by panel of output rows; cuBLAS on GPU), then the
-  dense copy is freed. Nothing dense is saved for backward: each backward op rebuilds what it
-  needs, so the memory held across a step stays values-only, and the transient peak of one call
-  is at most one dense copy of the layer (csrc/transient_dense.cpp).
+  runs (MKL/oneDNN through at::mm on CPU, panel by panel; cuBLAS on GPU), then the dense copy is
+  freed. Nothing dense is saved for backward: each backward op rebuilds what it needs, so the
+  memory held across a step stays values-only, and the transient peak of one call is at most two
+  dense copies of the layer: on CPU one ~1 MiB panel per worker thread (csrc/transient_dense.cpp),
+  on GPU one dense copy (triton_kernels/transient_dense.py).
 
 The policy, process-wide like ``torch.backends`` flags:
 

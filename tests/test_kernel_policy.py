@@ -1,6 +1,7 @@
 """The kernel policy: every op has two exact methods (sparse kernels, transient dense), chosen per
 call by a measured table under "auto" or forced by the user; and the memory invariant of the
-dense method (nothing dense saved for backward, a transient peak of at most two dense copies).
+dense method (nothing dense saved for backward, a transient peak of panels, far below the
+stated bound of two dense copies).
 
 Policy: sparse_t5/kernel_policy.py, csrc/kernel_policy.cpp. Dense method:
 csrc/transient_dense.cpp. The op-level suites (test_csr_linear.py, test_semi24_linear.py) run
@@ -48,6 +49,22 @@ def test_every_policy_gives_the_same_result(fmt, dtype):
             scale = b.double().abs().max().item()
             err = (a.double() - b.double()).abs().max().item()
             assert err <= tol * scale, f"{fmt} {dtype} {policy} {name}: {err:.3e} > {tol} x {scale:.3e}"
+
+
+@pytest.mark.parametrize("fmt", ["csr", "2:4"])
+def test_the_dense_method_over_several_ragged_panels(fmt):
+    # The shapes above fit one panel. Here (float64, ~1 MiB panels) the forward and dvalues take 5
+    # panels of output rows (4 of 432 rows of 300 columns, then 320) and dX 5 panels of input
+    # columns (4 of 64 columns of 2048 rows, then 44), each ragged at the end; 300 columns hold 75
+    # 2:4 groups, an odd count. The two methods must agree to float64 rounding.
+    for policy in ("sparse", "dense"):
+        with kernel_policy(policy):
+            got = run_all_ops(fmt, torch.float64, seed=3, lead=(5,), out=2048, in_=300)
+        if policy == "sparse":
+            want = got
+    for name, a, b in zip(("y", "dx", "dvalues", "dbias"), want, got):
+        err = (a - b).abs().max().item()
+        assert err <= 1e-12 * b.abs().max().item(), f"{fmt} {name}: {err:.3e}"
 
 
 def test_the_dense_method_is_the_one_that_runs():
@@ -150,24 +167,29 @@ def test_nothing_dense_is_saved_for_backward(fmt):
         assert saved and max(saved) < out * in_, (policy, saved)
 
 
-def test_transient_peak_is_at_most_two_dense_copies_of_the_layer():
+def test_transient_peak_is_panels_not_a_dense_copy_of_the_layer():
     # A layer whose dense copy (64 MiB) dwarfs everything else the call touches: 16 tokens of
-    # activations are 256 KiB, the values at density 0.05 3.2 MiB. The bound of the dense method is
-    # one copy (dX decompresses the whole layer; the forward and dvalues one panel per thread);
-    # the invariant stated in sparse_t5/kernel_policy.py is two.
+    # activations are 256 KiB, the values at density 0.05 3.2 MiB. The dense method works on panels
+    # (about 1 MiB per worker thread, kept between calls: rows for the forward and dvalues, columns
+    # for dX), so a step's transient peak is far below one dense copy; the invariant stated in
+    # sparse_t5/kernel_policy.py is at most two. Whole-layer decompression for dX measured 64 MiB here.
     out, in_, tokens = 4096, 4096, 16
     dense_bytes = out * in_ * 4
     layer = SparseLinear.from_dense(torch.randn(out, in_), torch.rand(out, in_) < 0.05)
     x = torch.randn(tokens, in_, requires_grad=True)
     dy = torch.randn(tokens, out)
     with kernel_policy("dense"):
-        layer(x).backward(dy)  # warm-up: the allocator's and the libraries' one-time costs
+        layer(x).backward(dy)  # warm-up: the allocator's, the libraries' and the panels' one-time costs
         x.grad = None
         layer.zero_grad()
         if not reset_peak_rss():
             pytest.skip("this kernel cannot reset the peak RSS (/proc/self/clear_refs)")
+        # The instrument first: a dense copy of the layer, touched and freed, must show in the peak.
+        base = peak_rss_bytes()
+        torch.ones(out, in_)
+        assert peak_rss_bytes() - base >= dense_bytes // 2, "peak RSS does not see a dense copy of the layer"
+        reset_peak_rss()
         base = peak_rss_bytes()
         layer(x).backward(dy)
         peak = peak_rss_bytes() - base
-    assert peak <= 2 * dense_bytes, f"transient peak {peak / 2**20:.0f} MiB > 2 x {dense_bytes / 2**20:.0f} MiB"
-    assert peak >= dense_bytes // 2, "the dense method's dX should have decompressed the layer"
+    assert peak <= dense_bytes // 8, f"transient peak {peak / 2**20:.0f} MiB: a dense copy of the layer ({dense_bytes / 2**20:.0f} MiB) is being made"
