@@ -29,6 +29,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--schedule", default="constant", choices=["constant", "linear"])
     p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="warm-up as a fraction of all steps")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model-size", default="tiny", choices=sorted(MODEL_SIZES))
     p.add_argument("--docids", default="atomic")
@@ -64,7 +65,7 @@ def main(argv=None):
                                    pseudo_queries=a.pseudo_queries, draw=draw),
         resample=not a.fixed_pseudo_queries)
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, schedule=a.schedule,
-                     warmup_steps=a.warmup_steps, index_tokens=a.index_tokens, seed=a.seed, device="cpu")
+                     warmup_steps=a.warmup_steps, warmup_ratio=a.warmup_ratio, index_tokens=a.index_tokens, seed=a.seed, device="cpu")
     val = splits["validation"]
     epoch_box = {"n": 0}
 

@@ -70,6 +70,9 @@ def add_train_args(p, prefix="", recipe=None):
     g.add_argument(f"--{prefix}schedule", choices=["constant", "linear"], default=r["schedule"],
                    help=f"LR schedule: constant, or linear decay to 0 after the warm-up (default {r['schedule']})")
     g.add_argument(f"--{prefix}warmup-steps", type=int, default=0, help="LR warm-up steps")
+    g.add_argument(f"--{prefix}warmup-ratio", type=float, default=r.get("warmup_ratio", 0.0),
+                   help="LR warm-up as a fraction of all steps; the longer of this and --warmup-steps applies "
+                        f"(default {r.get('warmup_ratio', 0.0):g})")
     g.add_argument(f"--{prefix}precision", choices=["fp32", "bf16"], default="fp32", help="bf16 uses autocast")
     g.add_argument(f"--{prefix}save-every", type=int, default=0, help="checkpoint every N steps (and each epoch)")
     g.add_argument(f"--{prefix}patience", type=int, default=0,
@@ -89,7 +92,8 @@ def train_config(args, prefix=""):
     a = lambda name, field: getattr(args, (prefix + name).replace("-", "_"), defaults[field])  # noqa: E731
     return TrainConfig(epochs=a("epochs", "epochs"), lr=a("lr", "lr"), batch_size=a("batch-size", "batch_size"),
                        grad_accum=a("grad-accum", "grad_accum"), schedule=a("schedule", "schedule"),
-                       warmup_steps=a("warmup-steps", "warmup_steps"), precision=a("precision", "precision"),
+                       warmup_steps=a("warmup-steps", "warmup_steps"),
+                       warmup_ratio=a("warmup-ratio", "warmup_ratio"), precision=a("precision", "precision"),
                        save_every=a("save-every", "save_every"),
                        early_stopping_patience=a("patience", "early_stopping_patience"), seed=args.seed,
                        eval_every=a("eval-every", "eval_every"),

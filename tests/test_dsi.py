@@ -290,6 +290,29 @@ def test_validation_runs_every_eval_every_epochs_and_after_the_last(lee, tokeniz
         TrainConfig(eval_every=0)
 
 
+def test_warmup_ratio_ramps_to_the_peak_then_decays_linearly(lee, tokenizer, tmp_path):
+    """warmup_ratio is a fraction of all steps (HF's name): the LR climbs linearly to its peak over
+    that many steps, then the linear schedule decays it to 0 at the last step. The longer of
+    warmup_ratio and warmup_steps applies; a constant schedule holds the peak after the warm-up."""
+    trainer = _trainer(lee, tokenizer, tmp_path / "run", epochs=4, lr=2e-3, schedule="linear", warmup_ratio=0.25)
+    total = trainer.steps_per_epoch * 4
+    warm = -(-total // 4)  # ceil
+    assert trainer.warmup_steps == warm
+    lrs = [2e-3 * trainer._lr_lambda(s) for s in range(total)]
+    assert lrs[0] == pytest.approx(2e-3 / warm) and lrs[warm - 1] == pytest.approx(2e-3)
+    assert all(a < b for a, b in zip(lrs[:warm - 1], lrs[1:warm]))  # rising to the peak
+    assert all(a > b for a, b in zip(lrs[warm:-1], lrs[warm + 1:]))  # then falling
+    assert lrs[-1] == pytest.approx(2e-3 / (total - warm))  # one step short of 0
+    longer = _trainer(lee, tokenizer, tmp_path / "s", epochs=4, warmup_steps=warm + 5, warmup_ratio=0.25)
+    assert longer.warmup_steps == warm + 5
+    constant = _trainer(lee, tokenizer, tmp_path / "c", epochs=4, schedule="constant", warmup_ratio=0.5)
+    assert constant._lr_lambda(0) < 1.0 and constant._lr_lambda(constant.warmup_steps) == 1.0
+    assert constant._lr_lambda(total - 1) == 1.0
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="warmup_ratio must be in"):
+            TrainConfig(warmup_ratio=bad)
+
+
 def test_corrupt_trainer_checkpoint_is_reported(lee, tokenizer, tmp_path):
     trainer = _trainer(lee, tokenizer, tmp_path / "c")
     bad = tmp_path / "bad"

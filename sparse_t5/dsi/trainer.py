@@ -48,6 +48,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"  # constant | linear (warm-up then linear decay)
     warmup_steps: int = 0
+    # Warm-up as a fraction of all steps (HF's warmup_ratio); the longer of the two applies.
+    warmup_ratio: float = 0.0
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     index_ratio: float = 1.0  # indexing examples (windows, pseudo-queries) per retrieval example
@@ -79,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 0:
             raise ValueError("batch_size and grad_accum must be >= 1 and epochs >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of all steps), got {self.warmup_ratio}")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 (epochs between validations), got {self.eval_every}")
 
@@ -158,14 +162,19 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
 
-    def _lr_lambda(self, step):
+    @property
+    def warmup_steps(self) -> int:
         c = self.config
+        return max(c.warmup_steps, math.ceil(c.warmup_ratio * self.steps_per_epoch * c.epochs))
+
+    def _lr_lambda(self, step):
+        c, warmup = self.config, self.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
         if c.schedule == "constant":
-            return 1.0 if step >= c.warmup_steps or c.warmup_steps == 0 else (step + 1) / c.warmup_steps
+            return 1.0
         total = max(1, self.steps_per_epoch * c.epochs)
-        if step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
-        return max(0.0, (total - step) / max(1, total - c.warmup_steps))
+        return max(0.0, (total - step) / max(1, total - warmup))
 
     def _epoch_order(self, epoch: int) -> list[int]:
         """A seeded shuffle of the examples. With group_by_length (HF Trainer's name for it), each
