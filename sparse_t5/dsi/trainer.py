@@ -63,7 +63,7 @@ class TrainConfig:
     save_every: int = 0  # steps; 0: only at epoch ends
     early_stopping_patience: int = 0  # validated epochs without improvement; 0: off (the study's: infinity)
     # Validate after every eval_every-th epoch and after the last. Constrained beam search over the
-    # validation queries is a quarter of a tiny model's epoch, so the demo validates every 5th epoch.
+    # validation queries is a quarter of a tiny model's epoch, so the demo validates every 10th epoch.
     eval_every: int = 1
     eval_beam: int = 10
     max_eval_queries: int = 0  # 0: all
