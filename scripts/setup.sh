@@ -33,5 +33,10 @@ fi
 
 spec="."
 if [ -n "$EXTRAS" ]; then spec=".[$EXTRAS]"; fi
-"$PY" -m pip install --quiet -e "$spec"
+# The install recompiles the extension (about a minute here); skip it when it would change nothing.
+if "$PY" scripts/install_is_current.py "$EXTRAS"; then
+  echo "sparse_t5 is installed from this checkout, its extension is newer than its sources and its requirements are met: no install"
+else
+  "$PY" -m pip install --quiet -e "$spec"
+fi
 "$PY" -c "import sparse_t5, torch; print('sparse_t5 ready: torch', torch.__version__, '| CPU kernels:', sparse_t5.cpu_isa())"

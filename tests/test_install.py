@@ -62,3 +62,38 @@ def test_the_build_backend_stops_in_seconds_without_torch(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sparse-t5: no torch in the environment being installed into"), out.stderr
     assert "Install torch first" in lines[0]
+
+
+def _install_is_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install_is_current", os.path.join(ROOT, "scripts", "install_is_current.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_setup_skips_the_install_only_when_it_would_change_nothing(tmp_path, monkeypatch):
+    """scripts/setup.sh skips `pip install -e .` (a minute of compiling) when install_is_current.py
+    says nothing would change. Here, right after setup.sh installed this checkout, it is current;
+    a build input newer than the extension, or an unmet requirement, makes it install."""
+    mod = _install_is_current()
+    assert mod.main("test") == 0
+    newer = tmp_path / "newer.cpp"
+    newer.write_text("// edited after the build")
+    os.utime(newer, (2**31 - 1, 2**31 - 1))
+    monkeypatch.setattr(mod, "BUILD_INPUTS", mod.BUILD_INPUTS + [str(newer)])
+    assert mod.main("test") == 1
+    monkeypatch.undo()
+
+    class Dist:
+        def __init__(self, requires):
+            self.requires = requires
+
+    real = mod.md.distribution  # md.version looks distributions up through it too
+    for requires, met in ((["torch>=2"], True), (["torch>=999"], False), (["surely-not-installed-pkg"], False),
+                          (['surely-not-installed-pkg; extra == "other"'], True),
+                          (['surely-not-installed-pkg; extra == "dsi"'], False)):
+        monkeypatch.setattr(mod.md, "distribution",
+                            lambda name, r=requires, real=real: Dist(r) if name == "sparse-t5" else real(name))
+        assert mod.requirements_met("sparse-t5", {"dsi"}, set()) == met, requires
