@@ -125,21 +125,25 @@ void semi24_rows_gather(const S* g, const uint8_t* meta, int64_t r0, int64_t r1,
 }
 
 // ---- the three products, generic over how rows are decompressed / gathered ---------------------------
+// body(start, n) for the panels [start, start + n) of `size` covering [0, total), scheduled
+// dynamically over the worker threads (each runs its panels below autograd: the guard is thread-local).
+template <typename Body>
+void for_each_panel(int64_t total, int64_t size, const Body& body) {
+  cpu::dynamic_parallel_for((total + size - 1) / size, 1, [&](int64_t b, int64_t e) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t p = b; p < e; ++p) body(p * size, std::min(size, total - p * size));
+  });
+}
+
 // y2 [T, out] = x2 [T, in] @ W^T (+ bias), panel by panel of output rows.
 template <typename ToDense>
 at::Tensor panel_forward(const at::Tensor& x2, int64_t out, int64_t in, const ToDense& to_dense) {
   at::Tensor y2 = at::empty({x2.size(0), out}, x2.options());
-  const int64_t rows = panel_rows(in, x2.element_size(), out);
-  const int64_t npanels = (out + rows - 1) / rows;
-  cpu::dynamic_parallel_for(npanels, 1, [&](int64_t b, int64_t e) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per worker thread: the guard is thread-local
-    at::Tensor panel = thread_panel(rows, in, x2.options());
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t r0 = p * rows, n = std::min(rows, out - r0);
-      to_dense(r0, r0 + n, panel.data_ptr());
-      at::Tensor y_cols = y2.narrow(1, r0, n);  // strided [T, n] view: the GEMM writes it in place (ldc = out)
-      at::mm_out(y_cols, x2, panel.narrow(0, 0, n).t());
-    }
+  for_each_panel(out, panel_rows(in, x2.element_size(), out), [&](int64_t r0, int64_t n) {
+    at::Tensor panel = thread_panel(n, in, x2.options());  // [n, in]
+    to_dense(r0, r0 + n, panel.data_ptr());
+    at::Tensor y_cols = y2.narrow(1, r0, n);  // strided [T, n] view: the GEMM writes it in place (ldc = out)
+    at::mm_out(y_cols, x2, panel.t());
   });
   return y2;
 }
@@ -147,38 +151,25 @@ at::Tensor panel_forward(const at::Tensor& x2, int64_t out, int64_t in, const To
 // dvalues = (dY^T X) at the kept positions, panel by panel of output rows: G_p = dY[:, p]^T X.
 template <typename Gather>
 void panel_sddmm(const at::Tensor& g2, const at::Tensor& x2, int64_t out, int64_t in, const Gather& gather) {
-  const int64_t rows = panel_rows(in, x2.element_size(), out);
-  const int64_t npanels = (out + rows - 1) / rows;
   const at::Tensor g2t = g2.t();  // [out, T] view
-  cpu::dynamic_parallel_for(npanels, 1, [&](int64_t b, int64_t e) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per worker thread: the guard is thread-local
-    at::Tensor panel = thread_panel(rows, in, x2.options());
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t r0 = p * rows, n = std::min(rows, out - r0);
-      at::Tensor gp = panel.narrow(0, 0, n);
-      at::mm_out(gp, g2t.narrow(0, r0, n), x2);
-      gather(r0, r0 + n, panel.data_ptr());
-    }
+  for_each_panel(out, panel_rows(in, x2.element_size(), out), [&](int64_t r0, int64_t n) {
+    at::Tensor gp = thread_panel(n, in, x2.options());  // [n, in]
+    at::mm_out(gp, g2t.narrow(0, r0, n), x2);
+    gather(r0, r0 + n, gp.data_ptr());
   });
 }
 
 // dX [T, in] = dY [T, out] @ W, panel by panel of input columns: dX[:, c0:c1] = dY @ W[:, c0:c1].
+// ~kPanelBytes of [out, cols], at least kMinPanelRows columns: all of them or a multiple of 16, so a
+// panel never splits a 2:4 group.
 template <typename ColsToDense>
 at::Tensor panel_backward_input(const at::Tensor& g2, int64_t out, int64_t in, const ColsToDense& cols_to_dense) {
   at::Tensor dx2 = at::empty({g2.size(0), in}, g2.options());
-  // ~kPanelBytes of [out, cols], at least kMinPanelRows columns. Either all of them or a multiple of
-  // 16, so a panel never splits a 2:4 group.
-  const int64_t cols = panel_rows(out, g2.element_size(), in);
-  const int64_t npanels = (in + cols - 1) / cols;
-  cpu::dynamic_parallel_for(npanels, 1, [&](int64_t b, int64_t e) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per worker thread: the guard is thread-local
-    for (int64_t p = b; p < e; ++p) {
-      const int64_t c0 = p * cols, n = std::min(cols, in - c0);
-      at::Tensor panel = thread_panel(out, n, g2.options());  // [out, n], contiguous
-      cols_to_dense(c0, c0 + n, panel.data_ptr());
-      at::Tensor dx_cols = dx2.narrow(1, c0, n);  // strided [T, n] view: the GEMM writes it in place
-      at::mm_out(dx_cols, g2, panel);
-    }
+  for_each_panel(in, panel_rows(out, g2.element_size(), in), [&](int64_t c0, int64_t n) {
+    at::Tensor panel = thread_panel(out, n, g2.options());  // [out, n]
+    cols_to_dense(c0, c0 + n, panel.data_ptr());
+    at::Tensor dx_cols = dx2.narrow(1, c0, n);  // strided [T, n] view: the GEMM writes it in place
+    at::mm_out(dx_cols, g2, panel);
   });
   return dx2;
 }
