@@ -4,15 +4,16 @@
 // backward: each backward op rebuilds what it needs. Exact: the same products as the sparse
 // kernels, summed in a different order (the dtype's tolerance).
 //
-// Load as sparse, compute as dense (Flash-LLM's idea, the CPU analogue): the forward and the
-// dvalues product work on panels of output rows. Each thread decompresses one panel of the weight
-// (kPanelBytes, an L2-sized [rows, in] tile) and runs the GEMM of that panel, so the dense layer is
-// never written to memory whole. The input gradient dX = dY W sums over the output rows, so it works
-// on panels of input columns instead: dX[:, c0:c1] = dY W[:, c0:c1], each panel an [out, c1 - c0]
-// tile decompressed from the CSR rows (a binary search per row finds c0; columns are sorted).
-// Transient peak per call: one panel per worker thread, kept between calls (thread_panel below).
-// Decompressing the whole layer for dX instead cost one dense copy of it per call, which is what
-// kept the t5-base recovery step at 0.2 above the sparse kernels' peak memory.
+// Load as sparse, compute as dense (Flash-LLM's idea, the CPU analogue): the products work on
+// panels of the weight. Each thread decompresses one panel (kPanelBytes, an L2-sized tile) and runs
+// the GEMM of that panel, so the dense layer is never written to memory whole. The forward and
+// dvalues take panels of output rows; the input gradient dX = dY W takes row panels too, summed into
+// a partial dX per thread, or panels of input columns when those partials would not fit the bound
+// below (panel_backward_input says when and why).
+// Transient peak per call: one panel per worker thread, kept between calls (thread_panel below),
+// plus, for dX by row panels, (threads - 1) partial dX of at most one dense copy of the layer in all.
+// Decompressing the whole layer for dX (before either) cost one dense copy of it per call, which is
+// what kept the t5-base recovery step at 0.2 above the sparse kernels' peak memory.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -25,17 +26,36 @@
 namespace sparse_t5 {
 namespace {
 
-// ~1 MiB of dense weight per panel, and at least 64 rows: a panel stays within L2 (2 MiB per core
-// here), and the panel's GEMM is not so skinny that MKL loses efficiency. (512 KiB panels, 32 rows
-// for in = 3072, ran the t5-base FFN wo forward at 1.21x F.linear; benches/kernel_methods.py.)
+// ~1 MiB of dense weight per panel at most, and at least 64 rows: a panel stays within L2 (2 MiB per
+// core here), and the panel's GEMM is not so skinny that MKL loses efficiency. (512 KiB panels, 32
+// rows for in = 3072, ran the t5-base FFN wo forward at 1.21x F.linear; benches/kernel_methods.py.)
 constexpr int64_t kPanelBytes = int64_t{1} << 20;
 constexpr int64_t kMinPanelRows = 64;
+// Panel boundaries fall on multiples of 16 rows (or columns): a 2:4 group never splits.
+constexpr int64_t kPanelGranule = 16;
 
-// Rows of row_len elements in one panel, at most max_rows: all of them, or a multiple of 16.
-int64_t panel_rows(int64_t row_len, int64_t elem_size, int64_t max_rows) {
-  int64_t rows = kPanelBytes / std::max<int64_t>(1, row_len * elem_size);
-  rows = std::max<int64_t>(kMinPanelRows, rows / 16 * 16);
-  return std::min(rows, max_rows);
+// The threads a parallel loop started here runs on (1 inside another parallel region, where
+// cpu::dynamic_parallel_for runs inline).
+int64_t worker_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
+
+// How `total` rows of row_len elements split into panels: `count` panels, panel p covering the
+// granules [p * granules / count, (p + 1) * granules / count). The count is a multiple of the
+// thread count, so each thread runs as many panels as the others, of the same size to within one
+// granule. With panels of a fixed size the last one was short, and on 2 threads a t5-base layer
+// split 5 : 4.1 panels, one thread idle for a tenth of the call (balancing: 3-8% off the forward
+// and dvalues at 256 tokens). A thread that is held back still hands its panels to the others
+// (the dynamic schedule, parallel.h).
+struct Panels {
+  int64_t total, granules, count;
+  int64_t begin(int64_t p) const { return std::min(total, p * granules / count * kPanelGranule); }
+};
+
+Panels panels_of(int64_t total, int64_t row_len, int64_t elem_size) {
+  const int64_t max_rows = std::max(kMinPanelRows, kPanelBytes / std::max<int64_t>(1, row_len * elem_size));
+  const int64_t threads = worker_threads(), granules = (total + kPanelGranule - 1) / kPanelGranule;
+  int64_t count = (total + max_rows - 1) / max_rows;
+  count = (count + threads - 1) / threads * threads;
+  return {total, granules, std::max<int64_t>(1, std::min(count, granules))};
 }
 
 // The panel of the calling worker thread, kept between calls: one per thread, about 1 MiB (at least
@@ -125,13 +145,13 @@ void semi24_rows_gather(const S* g, const uint8_t* meta, int64_t r0, int64_t r1,
 }
 
 // ---- the three products, generic over how rows are decompressed / gathered ---------------------------
-// body(start, n) for the panels [start, start + n) of `size` covering [0, total), scheduled
-// dynamically over the worker threads (each runs its panels below autograd: the guard is thread-local).
+// body(start, n) for each panel, scheduled dynamically over the worker threads (each runs its
+// panels below autograd: the guard is thread-local).
 template <typename Body>
-void for_each_panel(int64_t total, int64_t size, const Body& body) {
-  cpu::dynamic_parallel_for((total + size - 1) / size, 1, [&](int64_t b, int64_t e) {
+void for_each_panel(const Panels& panels, const Body& body) {
+  cpu::dynamic_parallel_for(panels.count, 1, [&](int64_t b, int64_t e) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t p = b; p < e; ++p) body(p * size, std::min(size, total - p * size));
+    for (int64_t p = b; p < e; ++p) body(panels.begin(p), panels.begin(p + 1) - panels.begin(p));
   });
 }
 
@@ -139,7 +159,7 @@ void for_each_panel(int64_t total, int64_t size, const Body& body) {
 template <typename ToDense>
 at::Tensor panel_forward(const at::Tensor& x2, int64_t out, int64_t in, const ToDense& to_dense) {
   at::Tensor y2 = at::empty({x2.size(0), out}, x2.options());
-  for_each_panel(out, panel_rows(in, x2.element_size(), out), [&](int64_t r0, int64_t n) {
+  for_each_panel(panels_of(out, in, x2.element_size()), [&](int64_t r0, int64_t n) {
     at::Tensor panel = thread_panel(n, in, x2.options());  // [n, in]
     to_dense(r0, r0 + n, panel.data_ptr());
     at::Tensor y_cols = y2.narrow(1, r0, n);  // strided [T, n] view: the GEMM writes it in place (ldc = out)
@@ -152,20 +172,49 @@ at::Tensor panel_forward(const at::Tensor& x2, int64_t out, int64_t in, const To
 template <typename Gather>
 void panel_sddmm(const at::Tensor& g2, const at::Tensor& x2, int64_t out, int64_t in, const Gather& gather) {
   const at::Tensor g2t = g2.t();  // [out, T] view
-  for_each_panel(out, panel_rows(in, x2.element_size(), out), [&](int64_t r0, int64_t n) {
+  for_each_panel(panels_of(out, in, x2.element_size()), [&](int64_t r0, int64_t n) {
     at::Tensor gp = thread_panel(n, in, x2.options());  // [n, in]
     at::mm_out(gp, g2t.narrow(0, r0, n), x2);
     gather(r0, r0 + n, gp.data_ptr());
   });
 }
 
-// dX [T, in] = dY [T, out] @ W, panel by panel of input columns: dX[:, c0:c1] = dY @ W[:, c0:c1].
-// ~kPanelBytes of [out, cols], at least kMinPanelRows columns: all of them or a multiple of 16, so a
-// panel never splits a 2:4 group.
-template <typename ColsToDense>
-at::Tensor panel_backward_input(const at::Tensor& g2, int64_t out, int64_t in, const ColsToDense& cols_to_dense) {
-  at::Tensor dx2 = at::empty({g2.size(0), in}, g2.options());
-  for_each_panel(in, panel_rows(out, g2.element_size(), in), [&](int64_t c0, int64_t n) {
+// dX [T, in] = dY [T, out] @ W. Two ways to cut it into L2-sized panels of W, both exact:
+//
+// - by output rows, W[r0:r1, :] (the forward's panels): dX = sum over panels of dY[:, r0:r1] W[r0:r1, :].
+//   Each thread accumulates its panels into its own partial dX, and the partials are added at the
+//   end. Each panel's GEMM reads only its slice of dY.
+// - by input columns: dX[:, c0:c1] = dY W[:, c0:c1], each an [out, c1 - c0] tile decompressed from
+//   the CSR rows (a binary search per row finds c0; columns are sorted). Nothing to add up, but
+//   every panel's GEMM reads all of dY again.
+//
+// Row panels were faster in 5 of the 6 t5-base FFN cases measured (3072 x 768 at density 0.8:
+// 1.46x -> 1.16x of the dense GEMM at 256 tokens, 1.90x -> 1.51x at 64; 768 x 3072 at 1024 tokens
+// the same), so they run whenever their extra memory, (threads - 1) partial dX, is at most one
+// dense copy of the layer, which keeps the transient peak inside its stated bound (two dense copies):
+// (threads - 1) * tokens <= out. Past that (many tokens, many threads) the column panels run. In
+// bf16 and fp16 the partial sums would round at every panel, so those take the column panels, whose
+// GEMM rounds each element once.
+template <typename RowsToDense, typename ColsToDense>
+at::Tensor panel_backward_input(const at::Tensor& g2, int64_t out, int64_t in, const RowsToDense& rows_to_dense,
+                                const ColsToDense& cols_to_dense) {
+  const int64_t tokens = g2.size(0), threads = worker_threads();
+  const bool exact_partials = g2.scalar_type() == at::kFloat || g2.scalar_type() == at::kDouble;
+  if (exact_partials && (threads - 1) * tokens <= out) {
+    at::Tensor dx2 = at::zeros({tokens, in}, g2.options());
+    at::Tensor partials = threads > 1 ? at::zeros({threads - 1, tokens, in}, g2.options()) : at::Tensor();
+    for_each_panel(panels_of(out, in, g2.element_size()), [&](int64_t r0, int64_t n) {
+      at::Tensor panel = thread_panel(n, in, g2.options());  // [n, in]
+      rows_to_dense(r0, r0 + n, panel.data_ptr());
+      const int64_t t = threads > 1 ? at::get_thread_num() : 0;
+      at::Tensor acc = t == 0 ? dx2 : partials.select(0, t - 1);
+      acc.addmm_(g2.narrow(1, r0, n), panel);  // dY[:, r0:r1] is a strided view (ld = out)
+    });
+    for (int64_t t = 0; t + 1 < threads; ++t) dx2.add_(partials.select(0, t));
+    return dx2;
+  }
+  at::Tensor dx2 = at::empty({tokens, in}, g2.options());
+  for_each_panel(panels_of(in, out, g2.element_size()), [&](int64_t c0, int64_t n) {
     at::Tensor panel = thread_panel(out, n, g2.options());  // [out, n]
     cols_to_dense(c0, c0 + n, panel.data_ptr());
     at::Tensor dx_cols = dx2.narrow(1, c0, n);  // strided [T, n] view: the GEMM writes it in place
@@ -225,9 +274,12 @@ at::Tensor csr_linear_backward_input_dense_cpu(const at::Tensor& grad_out, const
     const scalar_t* v = vc.data_ptr<scalar_t>();
     const index_t* c = static_cast<const index_t*>(col_idx.data_ptr());
     const int32_t* rp = row_ptr.data_ptr<int32_t>();
-    dx2 = panel_backward_input(g2, out, in, [&](int64_t c0, int64_t c1, void* dst) {
-      csr_cols_to_dense(v, rp, c, out, c0, c1, static_cast<scalar_t*>(dst));
-    });
+    dx2 = panel_backward_input(
+        g2, out, in,
+        [&](int64_t r0, int64_t r1, void* dst) { csr_rows_to_dense(v, rp, c, r0, r1, in, static_cast<scalar_t*>(dst)); },
+        [&](int64_t c0, int64_t c1, void* dst) {
+          csr_cols_to_dense(v, rp, c, out, c0, c1, static_cast<scalar_t*>(dst));
+        });
   });
   return dx2.view(with_last_dim(grad_out.sizes(), in));
 }
@@ -273,9 +325,14 @@ at::Tensor semi24_linear_backward_input_dense_cpu(const at::Tensor& grad_out, co
   at::Tensor dx2;
   SPARSE_T5_DENSE_DISPATCH(values.scalar_type(), [&] {
     const scalar_t* v = vc.data_ptr<scalar_t>();
-    dx2 = panel_backward_input(g2, out, in, [&](int64_t c0, int64_t c1, void* dst) {
-      semi24_block_to_dense(v, m, in, int64_t{0}, out, c0, c1, static_cast<scalar_t*>(dst));
-    });
+    dx2 = panel_backward_input(
+        g2, out, in,
+        [&](int64_t r0, int64_t r1, void* dst) {
+          semi24_block_to_dense(v, m, in, r0, r1, int64_t{0}, in, static_cast<scalar_t*>(dst));
+        },
+        [&](int64_t c0, int64_t c1, void* dst) {
+          semi24_block_to_dense(v, m, in, int64_t{0}, out, c0, c1, static_cast<scalar_t*>(dst));
+        });
   });
   return dx2.view(with_last_dim(grad_out.sizes(), in));
 }

@@ -8,7 +8,8 @@ exact methods (issue 15):
   runs (MKL/oneDNN through at::mm on CPU, panel by panel; cuBLAS on GPU), then the dense copy is
   freed. Nothing dense is saved for backward: each backward op rebuilds what it needs, so the
   memory held across a step stays values-only, and the transient peak of one call is at most two
-  dense copies of the layer: on CPU one ~1 MiB panel per worker thread (csrc/transient_dense.cpp),
+  dense copies of the layer: on CPU one ~1 MiB panel per worker thread, and for dX the partial sums
+  of the extra threads, at most one dense copy together (csrc/transient_dense.cpp),
   on GPU one dense copy (triton_kernels/transient_dense.py).
 
 The policy, process-wide like ``torch.backends`` flags:

@@ -51,17 +51,26 @@ def test_every_policy_gives_the_same_result(fmt, dtype):
             assert err <= tol * scale, f"{fmt} {dtype} {policy} {name}: {err:.3e} > {tol} x {scale:.3e}"
 
 
+# dX takes row panels summed into one partial dX per thread while (threads - 1) * tokens <= out, and
+# column panels past that (csrc/transient_dense.cpp, panel_backward_input). On 2 threads:
+#   rows:    2040 x 300, 5 tokens. The forward, dvalues and dX take 6 row panels (340 or 336 rows,
+#            on 16-row boundaries, the last one ragged), 3 per thread; 300 columns hold 75 2:4 groups,
+#            an odd count.
+#   columns: 64 x 4100, 120 tokens. dX takes 4 column panels (1024 or 1040 columns, the last one
+#            ragged); 1025 2:4 groups.
 @pytest.mark.parametrize("fmt", ["csr", "2:4"])
-def test_the_dense_method_over_several_ragged_panels(fmt):
-    # The shapes above fit one panel. Here (float64, ~1 MiB panels) the forward and dvalues take 5
-    # panels of output rows (4 of 432 rows of 300 columns, then 320) and dX 5 panels of input
-    # columns (4 of 64 columns of 2048 rows, then 44), each ragged at the end; 300 columns hold 75
-    # 2:4 groups, an odd count. The two methods must agree to float64 rounding.
-    for policy in ("sparse", "dense"):
-        with kernel_policy(policy):
-            got = run_all_ops(fmt, torch.float64, seed=3, lead=(5,), out=2048, in_=300)
-        if policy == "sparse":
-            want = got
+@pytest.mark.parametrize("out,in_,lead", [(2040, 300, (5,)), (64, 4100, (3, 40))], ids=["rows", "columns"])
+def test_the_dense_method_over_several_ragged_panels(fmt, out, in_, lead):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for policy in ("sparse", "dense"):
+            with kernel_policy(policy):
+                got = run_all_ops(fmt, torch.float64, seed=3, lead=lead, out=out, in_=in_)
+            if policy == "sparse":
+                want = got
+    finally:
+        torch.set_num_threads(threads)
     for name, a, b in zip(("y", "dx", "dvalues", "dbias"), want, got):
         err = (a - b).abs().max().item()
         assert err <= 1e-12 * b.abs().max().item(), f"{fmt} {name}: {err:.3e}"
@@ -170,8 +179,8 @@ def test_nothing_dense_is_saved_for_backward(fmt):
 def test_transient_peak_is_panels_not_a_dense_copy_of_the_layer():
     # A layer whose dense copy (64 MiB) dwarfs everything else the call touches: 16 tokens of
     # activations are 256 KiB, the values at density 0.05 3.2 MiB. The dense method works on panels
-    # (about 1 MiB per worker thread, kept between calls: rows for the forward and dvalues, columns
-    # for dX), so a step's transient peak is far below one dense copy; the invariant stated in
+    # (about 1 MiB per worker thread, kept between calls; dX adds a 256 KiB partial per extra
+    # thread), so a step's transient peak is far below one dense copy; the invariant stated in
     # sparse_t5/kernel_policy.py is at most two. Whole-layer decompression for dX measured 64 MiB here.
     out, in_, tokens = 4096, 4096, 16
     dense_bytes = out * in_ * 4
