@@ -102,16 +102,33 @@ def label(variant: str) -> str:
         variant, f"ours CSR {variant.split(':')[1]}" if variant.startswith("csr:") else variant)
 
 
+def step_time_vs_dense(r: dict, dense: dict | None) -> tuple[float, float, float]:
+    """(step s, HF dense step s, ratio): from the paired processes where there are some (ours and HF
+    dense run alternately), else against the HF dense row (HF dense itself, or older figures)."""
+    if "paired_time_ratio_median" in r:
+        return r["paired_step_median_s"], r["paired_dense_step_median_s"], r["paired_time_ratio_median"]
+    dense_s = dense["step_time_median_s"] if dense else float("nan")
+    return r["step_time_median_s"], dense_s, r["step_time_median_s"] / dense_s
+
+
+def pair_range(r: dict) -> str:
+    """' (lo-hi)': the spread of the per-pair ratios, so a reader sees how far one pair can move it."""
+    ratios = r.get("paired_time_ratios") or []
+    return f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+
+
 def recovery_table(data: dict) -> str:
     rows = data["results"]
     lines = []
     for shape in sorted({r["shape"] for r in rows}, key=lambda s: ("small" not in s, s)):
         rs = [r for r in rows if r["shape"] == shape]
         dense = next((r for r in rs if r["variant"] == "hf_dense"), None)
-        lines += [f"**{shape} shape** (batch 8, source 32, target 8, AdamW; peak RSS of the training steps):", "",
-                  "| variant | peak RSS | vs dense | step time | vs dense | model state: sparse layers | "
-                  "bytes / nonzero | model state: rest |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"**{shape} shape** (batch 8, source 32, target 8, AdamW; peak RSS of the training steps, each "
+                  "variant in its own process; step time against HF dense run in alternate processes beside it, the median "
+                  "of the pairs' ratios, their range in brackets; benches/test_bench_recovery.py):", "",
+                  "| variant | peak RSS | vs dense | step time | HF dense beside it | step time vs dense | "
+                  "model state: sparse layers | bytes / nonzero | model state: rest |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         breakdown = ["", f"Where the {shape} peak goes (MB): process after imports; weights and index; gradients; "
                          "optimizer state; the rest of the peak (activations saved for backward, kernel workspaces, "
                          "allocator slack):", "",
@@ -119,11 +136,11 @@ def recovery_table(data: dict) -> str:
                      "|---|---|---|---|---|---|---|"]
         for r in rs:
             mem_ratio = r["peak_rss_bytes"] / dense["peak_rss_bytes"] if dense else float("nan")
-            time_ratio = r["step_time_median_s"] / dense["step_time_median_s"] if dense else float("nan")
+            step_s, dense_s, time_ratio = step_time_vs_dense(r, dense)
             per_nnz = f"{r['sparse_bytes_per_nnz']:.1f}" if r.get("sparse_bytes_per_nnz") else "-"
             sparse_mb = f"{r['sparse_total'] / 2**20:.0f} MB" if r.get("sparse_total") else "-"
             lines.append(f"| {label(r['variant'])} | {r['peak_rss_bytes'] / 2**20:.0f} MB | {mem_ratio:.2f}x | "
-                         f"{r['step_time_median_s'] * 1e3:.0f} ms | {time_ratio:.2f}x | {sparse_mb} | {per_nnz} | "
+                         f"{step_s * 1e3:.0f} ms | {dense_s * 1e3:.0f} ms | {time_ratio:.2f}x{pair_range(r)} | {sparse_mb} | {per_nnz} | "
                          f"{r['other_total'] / 2**20:.0f} MB |")
             weights = r["sparse_params"] + r["other_params"] + r["other_buffers"]
             grads = r["sparse_grads"] + r["other_grads"]
@@ -158,22 +175,23 @@ def plot(data: dict, path: str):
     fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7), squeeze=False)
     for col, shape in enumerate(shapes):
         rs = [r for r in data["results"] if r["shape"] == shape]
-        for row, (key, scale, ylabel) in enumerate((("peak_rss_bytes", 2**30, "peak RSS (GiB)"),
-                                                     ("step_time_median_s", 1.0, "step time (s)"))):
+        dense = next((r for r in rs if r["variant"] == "hf_dense"), None)
+        figures = (lambda r: r["peak_rss_bytes"] / 2**30, "peak RSS (GiB)"), \
+                  (lambda r: step_time_vs_dense(r, dense)[2], "step time / HF dense (paired)")
+        for row, (value, ylabel) in enumerate(figures):
             ax = axes[row][col]
-            dense = next((r for r in rs if r["variant"] == "hf_dense"), None)
             mask = next((r for r in rs if r["variant"] == "hf_mask"), None)
             csr = sorted((r for r in rs if r["variant"].startswith("csr:")), key=lambda r: sparsity_of(r["variant"]))
             if dense:
-                ax.axhline(dense[key] / scale, color="k", ls="--", label="HF dense")
+                ax.axhline(value(dense), color="k", ls="--", label="HF dense")
             if mask:
-                ax.axhline(mask[key] / scale, color="tab:red", ls=":", label="HF + prune masks (any sparsity)")
+                ax.axhline(value(mask), color="tab:red", ls=":", label="HF + prune masks (any sparsity)")
             if csr:
-                ax.plot([sparsity_of(r["variant"]) for r in csr], [r[key] / scale for r in csr], "o-",
+                ax.plot([sparsity_of(r["variant"]) for r in csr], [value(r) for r in csr], "o-",
                         color="tab:blue", label="ours, CSR")
             for r in rs:
                 if r["variant"] == "2:4":
-                    ax.plot([0.5], [r[key] / scale], "s", color="tab:green", label="ours, 2:4")
+                    ax.plot([0.5], [value(r)], "s", color="tab:green", label="ours, 2:4")
             ax.set_xlabel("sparsity")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{shape}: {ylabel.split(' (')[0]}")
