@@ -34,10 +34,6 @@ constexpr int64_t kMinPanelRows = 64;
 // Panel boundaries fall on multiples of 16 rows (or columns): a 2:4 group never splits.
 constexpr int64_t kPanelGranule = 16;
 
-// The threads a parallel loop started here runs on (1 inside another parallel region, where
-// cpu::dynamic_parallel_for runs inline).
-int64_t worker_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
-
 // How `total` rows of row_len elements split into panels: `count` panels, panel p covering the
 // granules [p * granules / count, (p + 1) * granules / count). The count is a multiple of the
 // thread count, so each thread runs as many panels as the others, of the same size to within one
@@ -52,7 +48,7 @@ struct Panels {
 
 Panels panels_of(int64_t total, int64_t row_len, int64_t elem_size) {
   const int64_t max_rows = std::max(kMinPanelRows, kPanelBytes / std::max<int64_t>(1, row_len * elem_size));
-  const int64_t threads = worker_threads(), granules = (total + kPanelGranule - 1) / kPanelGranule;
+  const int64_t threads = cpu::worker_threads(), granules = (total + kPanelGranule - 1) / kPanelGranule;
   int64_t count = (total + max_rows - 1) / max_rows;
   count = (count + threads - 1) / threads * threads;
   return {total, granules, std::max<int64_t>(1, std::min(count, granules))};
@@ -198,7 +194,7 @@ void panel_sddmm(const at::Tensor& g2, const at::Tensor& x2, int64_t out, int64_
 template <typename RowsToDense, typename ColsToDense>
 at::Tensor panel_backward_input(const at::Tensor& g2, int64_t out, int64_t in, const RowsToDense& rows_to_dense,
                                 const ColsToDense& cols_to_dense) {
-  const int64_t tokens = g2.size(0), threads = worker_threads();
+  const int64_t tokens = g2.size(0), threads = cpu::worker_threads();
   const bool exact_partials = g2.scalar_type() == at::kFloat || g2.scalar_type() == at::kDouble;
   if (exact_partials && (threads - 1) * tokens <= out) {
     at::Tensor dx2 = at::zeros({tokens, in}, g2.options());

@@ -53,10 +53,10 @@ def test_every_policy_gives_the_same_result(fmt, dtype):
 
 # dX takes row panels summed into one partial dX per thread while (threads - 1) * tokens <= out, and
 # column panels past that (csrc/transient_dense.cpp, panel_backward_input). On 2 threads:
-#   rows:    2040 x 300, 5 tokens. The forward, dvalues and dX take 6 row panels (340 or 336 rows,
-#            on 16-row boundaries, the last one ragged), 3 per thread; 300 columns hold 75 2:4 groups,
-#            an odd count.
-#   columns: 64 x 4100, 120 tokens. dX takes 4 column panels (1024 or 1040 columns, the last one
+#   rows:    2040 x 300, 5 tokens. The forward, dvalues and dX take 6 row panels (336 or 352 rows,
+#            on 16-row boundaries, the last 344, ragged), 3 per thread; 300 columns hold 75 2:4
+#            groups, an odd count.
+#   columns: 64 x 4100, 120 tokens. dX takes 4 column panels (1024 columns, the last 1028,
 #            ragged); 1025 2:4 groups.
 @pytest.mark.parametrize("fmt", ["csr", "2:4"])
 @pytest.mark.parametrize("out,in_,lead", [(2040, 300, (5,)), (64, 4100, (3, 40))], ids=["rows", "columns"])

@@ -23,11 +23,15 @@ namespace cpu {
 // counter and the loss of contiguity cost nothing measurable.
 constexpr int64_t kChunksPerThread = 8;
 
+// The threads a parallel loop started here runs on: 1 inside another parallel region, where the
+// loops below run inline on the calling thread.
+inline int64_t worker_threads() { return at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads()); }
+
 // body(begin, end) over [0, n), chunks of at least `min_chunk` items, claimed dynamically.
 template <typename F>
 void dynamic_parallel_for(int64_t n, int64_t min_chunk, const F& body) {
   if (n <= 0) return;
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t threads = worker_threads();
   if (threads <= 1 || n <= min_chunk) {
     body(0, n);
     return;
