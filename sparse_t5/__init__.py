@@ -3,6 +3,7 @@
 Sparse weights are stored compressed (CSR) and trained through sparse kernels, so only the
 nonzeros carry weights, gradients and optimizer state.
 """
+from . import hf_compat
 from .formats import CSRWeight, Semi24Weight
 from .kernel_policy import get_kernel_policy, kernel_policy, set_kernel_policy
 from .layers import CSRLinear, Semi24Linear, SparseLinear
@@ -13,3 +14,5 @@ from .pruning import GradualPruner, cubic_sparsity, magnitude_keep
 __all__ = ["CSRWeight", "Semi24Weight", "SparseLinear", "CSRLinear", "Semi24Linear", "SparseT5ForConditionalGeneration", "GradualPruner", "cubic_sparsity",
            "magnitude_keep", "csr_linear", "semi24_linear", "cpu_isa", "kernel_policy", "get_kernel_policy", "set_kernel_policy"]
 __version__ = "0.1.0"
+
+hf_compat.check_tested_version()

@@ -27,7 +27,7 @@ from transformers import GenerationMixin, PreTrainedModel, T5Config
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 
-from . import checkpoint
+from . import checkpoint, hf_compat
 from .checkpoint import LAYOUT_KEY, WEIGHTS_NAME  # noqa: F401  (re-exported: older imports use them here)
 from .devices import placement
 from .formats import semi24_magnitude_mask
@@ -148,9 +148,9 @@ class T5Attention(nn.Module):
         if has_relative_attention_bias:
             self.relative_attention_bias = nn.Embedding(self.relative_attention_num_buckets, self.n_heads)
 
-    def compute_bias(self, query_length, key_length, device, past_length=0):
-        """[1, heads, query_length, key_length] learned bias for the relative positions."""
-        context = torch.arange(query_length, dtype=torch.long, device=device)[:, None] + past_length
+    def compute_bias(self, query_positions, key_length, device):
+        """[1, heads, len(query_positions), key_length] learned bias for the relative positions."""
+        context = query_positions.to(device=device, dtype=torch.long)[:, None]
         memory = torch.arange(key_length, dtype=torch.long, device=device)[None, :]
         buckets = relative_position_bucket(memory - context, bidirectional=not self.is_decoder,
                                            num_buckets=self.relative_attention_num_buckets,
@@ -160,30 +160,35 @@ class T5Attention(nn.Module):
     def _split_heads(self, x):
         return x.view(x.shape[0], x.shape[1], self.n_heads, self.key_value_proj_dim).transpose(1, 2)
 
-    def forward(self, hidden_states, bias, key_value_states=None, cache=None, output_attentions=False):
+    def forward(self, hidden_states, bias, key_value_states=None, cache=None, output_attentions=False,
+                head_mask=None, cache_position=None):
         """bias: [batch or 1, heads or 1, q, k] additive (relative positions + mask).
-        cache: the stack's DynamicCache for self-attention, or for cross-attention a
-        (DynamicCache, is_updated dict) pair, both from an EncoderDecoderCache."""
+        cache: the stack's self-attention Cache, or for cross-attention a (Cache, is_updated dict)
+        pair, both from an EncoderDecoderCache. head_mask: [heads] or [batch, heads, q, k]-broadcastable
+        multiplier of the attention probabilities (HF's head_mask). cache_position: the positions of
+        hidden_states in the sequence, which a static cache writes at."""
         query = self._split_heads(self.q(hidden_states))
         if key_value_states is None:  # self-attention
             key = self._split_heads(self.k(hidden_states))
             value = self._split_heads(self.v(hidden_states))
             if cache is not None:
-                key, value = cache.update(key, value, self.layer_idx)
+                key, value = cache.update(key, value, self.layer_idx, {"cache_position": cache_position})
         else:  # cross-attention: keys/values of the encoder output are computed once per sequence
             cross_cache, is_updated = cache if cache is not None else (None, None)
             if cross_cache is not None and is_updated.get(self.layer_idx, False):
-                key, value = _cached_kv(cross_cache, self.layer_idx)
+                key, value = hf_compat.cached_kv(cross_cache, self.layer_idx)
             else:
                 key = self._split_heads(self.k(key_value_states))
                 value = self._split_heads(self.v(key_value_states))
                 if cross_cache is not None:
-                    key, value = cross_cache.update(key, value, self.layer_idx)
+                    key, value = cross_cache.update(key, value, self.layer_idx, {"cache_position": cache_position})
                     is_updated[self.layer_idx] = True
         dropout = self.dropout if self.training else 0.0
-        if output_attentions:
+        if output_attentions or head_mask is not None:
             scores = torch.matmul(query, key.transpose(2, 3)) + bias
             weights = F.dropout(F.softmax(scores.float(), dim=-1).type_as(scores), p=dropout, training=self.training)
+            if head_mask is not None:
+                weights = weights * (head_mask.view(1, -1, 1, 1) if head_mask.dim() == 1 else head_mask)
             out = torch.matmul(weights, value)
         else:
             # T5 does not scale q.k by 1/sqrt(d) (it is folded into the initialisation).
@@ -191,13 +196,7 @@ class T5Attention(nn.Module):
                                                  dropout_p=dropout, scale=1.0)
             weights = None
         out = out.transpose(1, 2).reshape(hidden_states.shape[0], hidden_states.shape[1], self.inner_dim)
-        return self.o(out), weights
-
-
-def _cached_kv(cache, layer_idx):
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return cache.layers[layer_idx].keys, cache.layers[layer_idx].values
-    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
+        return self.o(out), weights if output_attentions else None
 
 
 class T5LayerSelfAttention(nn.Module):
@@ -207,9 +206,10 @@ class T5LayerSelfAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states, bias, cache=None, output_attentions=False):
+    def forward(self, hidden_states, bias, cache=None, output_attentions=False, head_mask=None, cache_position=None):
         out, weights = self.SelfAttention(self.layer_norm(hidden_states), bias, cache=cache,
-                                          output_attentions=output_attentions)
+                                          output_attentions=output_attentions, head_mask=head_mask,
+                                          cache_position=cache_position)
         return hidden_states + self.dropout(out), weights
 
 
@@ -220,9 +220,9 @@ class T5LayerCrossAttention(nn.Module):
         self.layer_norm = T5LayerNorm(config.d_model, eps=config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, hidden_states, key_value_states, bias, cache=None, output_attentions=False):
+    def forward(self, hidden_states, key_value_states, bias, cache=None, output_attentions=False, head_mask=None):
         out, weights = self.EncDecAttention(self.layer_norm(hidden_states), bias, key_value_states=key_value_states,
-                                            cache=cache, output_attentions=output_attentions)
+                                            cache=cache, output_attentions=output_attentions, head_mask=head_mask)
         return hidden_states + self.dropout(out), weights
 
 
@@ -245,14 +245,17 @@ class T5Block(nn.Module):
         self.layer.append(T5LayerFF(config))
 
     def forward(self, hidden_states, self_bias, encoder_hidden_states=None, cross_bias=None,
-                self_cache=None, cross_cache=None, output_attentions=False):
+                self_cache=None, cross_cache=None, output_attentions=False, head_mask=None, cross_head_mask=None,
+                cache_position=None):
         hidden_states, self_weights = self.layer[0](hidden_states, self_bias, cache=self_cache,
-                                                    output_attentions=output_attentions)
+                                                    output_attentions=output_attentions, head_mask=head_mask,
+                                                    cache_position=cache_position)
         hidden_states = _clamp_fp16(hidden_states)
         cross_weights = None
         if self.is_decoder and encoder_hidden_states is not None:
             hidden_states, cross_weights = self.layer[1](hidden_states, encoder_hidden_states, cross_bias,
-                                                         cache=cross_cache, output_attentions=output_attentions)
+                                                         cache=cross_cache, output_attentions=output_attentions,
+                                                         head_mask=cross_head_mask)
             hidden_states = _clamp_fp16(hidden_states)
         hidden_states = _clamp_fp16(self.layer[-1](hidden_states))
         return hidden_states, self_weights, cross_weights
@@ -276,8 +279,16 @@ class T5Stack(nn.Module):
         self._gradient_checkpointing_func = None
 
     def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                inputs_embeds=None, past_key_values=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False, return_dict=True, **kwargs):
+                inputs_embeds=None, head_mask=None, cross_attn_head_mask=None, past_key_values=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None, cache=None):
+        """HF's T5Stack.forward. Masks: 2D [batch, keys] or 3D [batch, queries, keys] keep-masks (1 = attend),
+        or a 4D [batch, 1, queries, keys] mask used as given (bool: keep; float: additive, causality
+        included), as in HF. A static cache (fixed length) takes keys at `cache_position`."""
+        config = self.config
+        cache = _one_cache(cache, past_key_values)
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = hf_compat.use_return_dict(config) if return_dict is None else return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -286,31 +297,58 @@ class T5Stack(nn.Module):
         dtype, device = inputs_embeds.dtype, inputs_embeds.device
         min_value = torch.finfo(dtype).min
 
-        cache = None
-        if self.is_decoder and (use_cache or past_key_values is not None):
-            cache = past_key_values
-            if cache is None:
-                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        past_length = cache.get_seq_length() if cache is not None else 0
-        key_length = past_length + length
-
-        # Additive mask [batch, 1, q, k]: padding, plus causality in the decoder.
-        if attention_mask is None:
-            keep = torch.ones(batch, key_length, dtype=torch.bool, device=device)
-        else:
-            keep = attention_mask.to(device=device, dtype=torch.bool)
-            if keep.shape[-1] == length and past_length > 0:
-                keep = torch.cat([torch.ones(batch, past_length, dtype=torch.bool, device=device), keep], -1)
-        keep = keep[:, None, None, :]
+        give_back = None
         if self.is_decoder:
-            q_pos = torch.arange(length, device=device)[:, None] + past_length
-            k_pos = torch.arange(key_length, device=device)[None, :]
-            keep = keep & (k_pos <= q_pos)[None, None]
-        mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, min_value)
+            use_cache = config.use_cache if use_cache is None else use_cache
+            if self.gradient_checkpointing and self.training:
+                use_cache = False  # as HF: recomputed blocks would write the cache twice
+            if use_cache or cache is not None:
+                cache, give_back = hf_compat.as_encoder_decoder_cache(cache)
+                if cache is None:
+                    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        else:
+            if use_cache:
+                raise ValueError("use_cache=True needs the decoder: the encoder keeps no cache")
+            cache = None  # as HF: a cache handed to the encoder is not its own
+        self_cache = cache.self_attention_cache if cache is not None else None
+        past_length = self_cache.get_seq_length() if self_cache is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past_length, past_length + length, device=device)
+        if self_cache is not None and hf_compat.is_static(self_cache):
+            key_length = hf_compat.static_length(self_cache)  # keys come back padded; causality hides the rest
+        else:
+            key_length = past_length + length
+
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.dtype == torch.bool:
+                mask = torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(
+                    ~attention_mask.to(device), min_value)
+            else:
+                mask = attention_mask.to(device=device, dtype=dtype)
+            if mask.shape[-2:] != (length, key_length):
+                raise ValueError(f"a 4D attention mask must be [batch, 1, {length}, {key_length}] here, "
+                                 f"not {list(attention_mask.shape)}")
+        else:
+            if attention_mask is None:
+                keep = torch.ones(batch, key_length, dtype=torch.bool, device=device)
+            else:
+                keep = attention_mask.to(device=device, dtype=torch.bool)
+                if keep.shape[-1] == length and past_length > 0:  # a mask of the new tokens only
+                    keep = torch.cat([keep.new_ones(*keep.shape[:-1], past_length), keep], -1)
+                if self.is_decoder and keep.shape[-1] < key_length:  # static cache: slots not written yet
+                    keep = torch.cat([keep, keep.new_ones(*keep.shape[:-1], key_length - keep.shape[-1])], -1)
+                if keep.shape[-1] != key_length or keep.dim() not in (2, 3):
+                    raise ValueError(f"attention_mask of shape {list(attention_mask.shape)} does not fit "
+                                     f"{length} tokens after {past_length} cached ones")
+            keep = keep[:, None, None, :] if keep.dim() == 2 else keep[:, None]
+            if self.is_decoder:
+                k_pos = torch.arange(key_length, device=device)[None, :]
+                keep = keep & (k_pos <= cache_position[:, None])[None, None]
+            mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, min_value)
 
         # Block 0 owns the relative attention bias; every block uses the same position bias.
         attention = self.block[0].layer[0].SelfAttention
-        self_bias = attention.compute_bias(length, key_length, device, past_length).to(dtype) + mask
+        self_bias = attention.compute_bias(cache_position, key_length, device).to(dtype) + mask
 
         cross_bias = None
         if self.is_decoder and encoder_hidden_states is not None:
@@ -318,36 +356,59 @@ class T5Stack(nn.Module):
             if encoder_attention_mask is None:
                 cross_bias = torch.zeros(batch, 1, 1, enc_len, dtype=dtype, device=device)
             else:
-                enc_keep = encoder_attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+                enc_keep = encoder_attention_mask.to(device=device, dtype=torch.bool)
+                enc_keep = enc_keep[:, None, None, :] if enc_keep.dim() == 2 else enc_keep[:, None]
                 cross_bias = torch.zeros(enc_keep.shape, dtype=dtype, device=device).masked_fill(~enc_keep, min_value)
 
-        self_cache = cache.self_attention_cache if cache is not None else None
+        head_masks = _per_layer_head_mask(head_mask, len(self.block), dtype)
+        cross_head_masks = _per_layer_head_mask(cross_attn_head_mask, len(self.block), dtype)
         cross_cache = (cache.cross_attention_cache, cache.is_updated) if cache is not None else None
         hidden_states = self.dropout(inputs_embeds)
         all_hidden, all_self, all_cross = [], [], []
-        for block in self.block:
+        for i, block in enumerate(self.block):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            if self.gradient_checkpointing and self.training and cache is None:
+            if self.gradient_checkpointing and self.training:
                 hidden_states, w_self, w_cross = self._gradient_checkpointing_func(
                     block.__call__, hidden_states, self_bias, encoder_hidden_states, cross_bias, None, None,
-                    output_attentions)
+                    output_attentions, head_masks[i], cross_head_masks[i], cache_position)
             else:
                 hidden_states, w_self, w_cross = block(hidden_states, self_bias, encoder_hidden_states, cross_bias,
-                                                       self_cache, cross_cache, output_attentions)
+                                                       self_cache, cross_cache, output_attentions, head_masks[i],
+                                                       cross_head_masks[i], cache_position)
             if output_attentions:
                 all_self.append(w_self)
                 all_cross.append(w_cross)
         hidden_states = self.dropout(self.final_layer_norm(hidden_states))
         if output_hidden_states:
             all_hidden.append(hidden_states)
-        return BaseModelOutputWithPastAndCrossAttentions(
+        output = BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
+            **hf_compat.cache_output(give_back(cache) if use_cache and cache is not None else None),
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_self) if output_attentions else None,
             cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
         )
+        return output if return_dict else output.to_tuple()
+
+
+def _one_cache(cache, past_key_values):
+    """`cache` (transformers >= 5.24) and `past_key_values` (its name before) are one argument."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+def _per_layer_head_mask(head_mask, num_layers: int, dtype):
+    """HF's head_mask ([heads], or [layers, heads]; 1 keeps a head, 0 drops it) as one [1, heads, 1, 1]
+    multiplier per layer, or None per layer."""
+    if head_mask is None:
+        return [None] * num_layers
+    if head_mask.dim() == 1:
+        return [head_mask.to(dtype).view(1, -1, 1, 1)] * num_layers
+    if head_mask.dim() == 2 and head_mask.shape[0] == num_layers:
+        return [m.to(dtype).view(1, -1, 1, 1) for m in head_mask]
+    raise ValueError(f"head_mask must be [heads] or [{num_layers}, heads], not {list(head_mask.shape)}")
 
 
 class SparseT5PreTrainedModel(PreTrainedModel):
@@ -481,16 +542,30 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         return self._shift_right(labels)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                encoder_outputs=None, past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None,
-                labels=None, use_cache=None, output_attentions=None, output_hidden_states=None, return_dict=None,
-                **kwargs):
-        output_attentions = bool(output_attentions)
-        output_hidden_states = bool(output_hidden_states)
-        return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+                head_mask=None, decoder_head_mask=None, cross_attn_head_mask=None, encoder_outputs=None,
+                past_key_values=None, inputs_embeds=None, decoder_inputs_embeds=None, labels=None, use_cache=None,
+                output_attentions=None, output_hidden_states=None, return_dict=None, cache_position=None, cache=None):
+        """HF's T5ForConditionalGeneration.forward, keyword for keyword, for every transformers in the
+        tested range (sparse_t5.hf_compat.TESTED_TRANSFORMERS).
+
+        `cache` (transformers 5.24's name) and `past_key_values` (the name before it) are the same
+        argument, and the output carries the cache under the name the installed transformers' generate
+        reads. There is no **kwargs: an unknown keyword raises TypeError naming it, as HF's 4.x forward
+        does, rather than being dropped (a dropped `cache=` once made every cached decoding step run
+        without its past). None means the config's value for use_cache, output_attentions,
+        output_hidden_states and return_dict, as in HF; so with labels the cache is built too (pass
+        use_cache=False when training)."""
+        config = self.config
+        cache = _one_cache(cache, past_key_values)
+        use_cache = config.use_cache if use_cache is None else use_cache
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = hf_compat.use_return_dict(config) if return_dict is None else return_dict
         if encoder_outputs is None:
             encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                           inputs_embeds=inputs_embeds, output_attentions=output_attentions,
-                                           output_hidden_states=output_hidden_states)
+                                           inputs_embeds=inputs_embeds, head_mask=head_mask,
+                                           output_attentions=output_attentions,
+                                           output_hidden_states=output_hidden_states, return_dict=True)
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(
                 last_hidden_state=encoder_outputs[0],
@@ -499,13 +574,12 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
             )
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self._shift_right(labels)
-        if use_cache is None:
-            use_cache = self.config.use_cache and labels is None
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids, attention_mask=decoder_attention_mask, inputs_embeds=decoder_inputs_embeds,
-            past_key_values=past_key_values, encoder_hidden_states=encoder_outputs.last_hidden_state,
-            encoder_attention_mask=attention_mask, use_cache=use_cache, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            cache=cache, encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask, head_mask=decoder_head_mask,
+            cross_attn_head_mask=cross_attn_head_mask, use_cache=use_cache, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, cache_position=cache_position, return_dict=True,
         )
         sequence_output = decoder_outputs.last_hidden_state
         if lm_head_is_tied(self.config):
@@ -516,7 +590,7 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.to(logits.device).view(-1),
                                    ignore_index=-100)
         output = Seq2SeqLMOutput(
-            loss=loss, logits=logits, past_key_values=decoder_outputs.past_key_values,
+            loss=loss, logits=logits, **hf_compat.cache_output(getattr(decoder_outputs, hf_compat.CACHE_NAME)),
             decoder_hidden_states=decoder_outputs.hidden_states, decoder_attentions=decoder_outputs.attentions,
             cross_attentions=decoder_outputs.cross_attentions,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,

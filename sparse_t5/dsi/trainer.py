@@ -314,7 +314,7 @@ class Trainer:
                         continue
                     ids, mask, labels = self._batch([self.examples[i] for i in mine])
                     with autocast:
-                        loss = module(input_ids=ids, attention_mask=mask, labels=labels).loss
+                        loss = module(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
                     (loss * len(mine) / max(1, len(chunk))).backward()
                     step_loss += loss.item() * len(mine)
                 if self.world > 1:

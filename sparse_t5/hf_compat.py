@@ -1,0 +1,97 @@
+"""Differences between the transformers releases sparse-t5 supports, in one place.
+
+Each difference is a feature test (a field, an attribute), never a version comparison, with the
+release that introduced it in a comment, as transformers' own `utils/import_utils.py` and PEFT's
+`import_utils.py` do. modeling_t5.py asks this module and never looks at a version itself. The one
+version comparison here is the warning about an untested release, which is about the tested range,
+not about behaviour.
+
+The tested range is TESTED_TRANSFORMERS: the oldest release we support (HF's 4.49 test tree runs in
+the peer suite, scripts/peer_suite.py) and the newest release the test suite ran against. The
+constraints file (constraints.txt) pins the newest for `make test` and `make demo`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import transformers
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import Seq2SeqLMOutput
+
+# Oldest and newest transformers the whole test suite and HF's own T5 suite (peer run) passed with.
+TESTED_TRANSFORMERS = ("4.49.0", "5.24.0")
+
+# transformers 5.24 renamed the cache keyword of forward / generate and the cache field of the
+# model outputs from `past_key_values` to `cache` (the old name is deprecated until 5.40).
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(Seq2SeqLMOutput)} else "past_key_values"
+
+# Tuples of per-layer (key, value[, cross key, cross value]) tensors, the cache format before Cache
+# classes: accepted by 4.x (EncoderDecoderCache.from_legacy_cache, deprecated there), removed in 5.0.
+LEGACY_TUPLE_CACHE = hasattr(EncoderDecoderCache, "from_legacy_cache")
+
+
+def cache_output(cache) -> dict:
+    """The cache as a model output field: {'cache': ...} from 5.24 on, {'past_key_values': ...} before."""
+    return {CACHE_NAME: cache}
+
+
+def cached_kv(cache: Cache, layer_idx: int):
+    """Key and value tensors a cache holds for one layer (cross-attention reuse)."""
+    if hasattr(cache, "layers"):  # 4.56: caches hold a list of layer objects
+        return cache.layers[layer_idx].keys, cache.layers[layer_idx].values
+    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
+
+
+def as_encoder_decoder_cache(cache):
+    """The decoder's cache as an EncoderDecoderCache, and how to hand it back to the caller.
+
+    Returns (cache, give_back): give_back maps the cache after the forward to what this caller expects,
+    as HF's T5Stack does: an EncoderDecoderCache comes back as it is; a plain self-attention Cache gets a
+    fresh cross-attention cache and only its self-attention part is returned; a legacy tuple (4.x only)
+    is converted and returned as a tuple again.
+    """
+    if cache is None or isinstance(cache, EncoderDecoderCache):
+        return cache, lambda c: c
+    if isinstance(cache, Cache):
+        return EncoderDecoderCache(cache, DynamicCache()), lambda c: c.self_attention_cache
+    if isinstance(cache, (tuple, list)):
+        if not LEGACY_TUPLE_CACHE:
+            raise TypeError(f"a tuple cache is not supported by transformers {transformers.__version__} "
+                            "(removed in 5.0): pass an EncoderDecoderCache")
+        return EncoderDecoderCache.from_legacy_cache(cache), lambda c: c.to_legacy_cache()
+    raise TypeError(f"cache must be an EncoderDecoderCache, a Cache or None, not {type(cache).__name__}")
+
+
+def is_static(cache) -> bool:
+    """Whether a self-attention cache has a fixed length (StaticCache and its kin), so that keys come
+    back padded to the cache's length and the mask must hide the slots not written yet."""
+    return bool(getattr(cache, "is_compileable", False))
+
+
+def static_length(cache) -> int:
+    """The fixed key length of a static self-attention cache."""
+    if hasattr(cache, "get_max_cache_shape"):  # 4.48
+        shape = cache.get_max_cache_shape()
+        return shape if isinstance(shape, int) else shape[0]
+    return cache.max_cache_len
+
+
+def use_return_dict(config) -> bool:
+    # 4.x: config.use_return_dict (return_dict and not torchscript); 5.0 dropped torchscript and the property.
+    return bool(getattr(config, "use_return_dict", config.return_dict))
+
+
+def check_tested_version() -> None:
+    """Warn once (on import) when transformers is newer than the newest release we tested with."""
+    from packaging.version import Version
+
+    installed = Version(transformers.__version__)
+    oldest, newest = (Version(v) for v in TESTED_TRANSFORMERS)
+    if installed.release > newest.release:
+        warnings.warn(f"sparse_t5 was tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}; "
+                      f"{transformers.__version__} is newer and untested (pin it with constraints.txt, or run "
+                      "`make compat` to check it)", UserWarning, stacklevel=3)
+    elif installed.release < oldest.release:
+        warnings.warn(f"sparse_t5 needs transformers >= {TESTED_TRANSFORMERS[0]}; {transformers.__version__} is older "
+                      "and untested", UserWarning, stacklevel=3)

@@ -1,0 +1,218 @@
+"""Cached generation equals uncached generation: an invariant that needs no reference model.
+
+A cache that is dropped, misnamed or misread (transformers 5.24 renamed `past_key_values` to `cache`,
+and a forward that swallowed unknown keywords lost it) changes what a decoder sees and so, sooner or
+later, the ids it picks. With use_cache=False every step recomputes the whole prefix, so the two runs
+must give the same ids, whatever transformers version drives `generate`. Covered: greedy, 4-beam,
+seeded sampling, and the DSI path (beam search constrained to a trie of multi-token docids, by
+logits processor and by prefix function), on every test config including asymmetric depths, dense,
+CSR-sparse and 2:4.
+
+Also here: the forward's keyword contract (unknown keywords raise, `cache` and `past_key_values` are
+one argument, config-level defaults, the cache returned with labels).
+"""
+import pytest
+import torch
+from transformers import LogitsProcessorList, T5Config
+
+from sparse_t5 import SparseT5ForConditionalGeneration, hf_compat
+from sparse_t5.dsi.decoding import DocidTrie, TrieLogitsProcessor
+from sparse_t5.dsi.docids import DocidMapping
+
+VOCAB = 64
+CONFIGS = {
+    "v1_relu_tied": dict(d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=2, feed_forward_proj="relu"),
+    "v11_gated_untied": dict(d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=2,
+                             feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "heads_x_dkv_ne_dmodel": dict(d_model=32, d_kv=12, num_heads=3, d_ff=56, num_layers=2, feed_forward_proj="relu"),
+    "deeper_decoder": dict(d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=1, num_decoder_layers=3,
+                           feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "deeper_encoder": dict(d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=3, num_decoder_layers=1,
+                           feed_forward_proj="relu"),
+}
+SPARSITY = {"dense": None, "csr_0.6": dict(sparsity=0.6), "2:4": dict(format="2:4")}
+
+
+def make_model(name, sparse, seed=0):
+    torch.manual_seed(seed)
+    # initializer_factor 4: random init at HF's scale gives near-uniform logits and one id repeated;
+    # larger weights make the next id depend on the prefix, which is what a lost cache would change.
+    config = T5Config(vocab_size=VOCAB, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                      initializer_factor=4.0, **CONFIGS[name])
+    model = SparseT5ForConditionalGeneration(config).eval()
+    if SPARSITY[sparse]:
+        model.sparsify(**SPARSITY[sparse])
+    return model
+
+
+def inputs(seed=1, b=3, src=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (b, src), generator=g)
+    mask = torch.ones(b, src, dtype=torch.long)
+    mask[-1, 6:] = 0  # padding in the last row
+    return ids, mask
+
+
+def docid_trie():
+    """40 docids of 2-4 tokens sharing prefixes (as semantic docids do), each ending in EOS (1)."""
+    g = torch.Generator().manual_seed(7)
+    seqs = {}
+    while len(seqs) < 40:
+        length = int(torch.randint(2, 5, (1,), generator=g))
+        seq = [int(t) for t in torch.randint(2, 12, (length - 1,), generator=g)] + [1]
+        seqs.setdefault(tuple(seq), f"d{len(seqs)}")
+    mapping = DocidMapping("semantic", {d: list(s) for s, d in seqs.items()})
+    return DocidTrie(mapping, VOCAB, pad_token_id=0)
+
+
+TRIE = docid_trie()
+MODES = {
+    "greedy": dict(max_new_tokens=8, suppress_tokens=[0, 1]),
+    "beam4": dict(max_new_tokens=8, num_beams=4, suppress_tokens=[0, 1]),
+    "sample": dict(max_new_tokens=8, do_sample=True, top_k=20, suppress_tokens=[0, 1]),
+    # the DSI path (sparse_t5.dsi.decoding.retrieve): constrained beams, every beam returned
+    "trie_processor_beam": dict(max_length=5, num_beams=4, num_return_sequences=4, early_stopping=True,
+                                logits_processor=LogitsProcessorList([TrieLogitsProcessor(TRIE)])),
+    "trie_prefix_fn_beam": dict(max_length=5, num_beams=4, num_return_sequences=4, early_stopping=True,
+                                prefix_allowed_tokens_fn=TRIE.prefix_allowed_tokens_fn()),
+}
+
+
+def assert_close_to_scale(a, b, tol=1e-5, what=""):
+    """|a - b| <= tol x max|b|: large random weights give logits in the hundreds, where fp32's
+    different summation orders (cached keys vs one whole prefix) differ by ~1e-5 of the scale, and a
+    lost past by O(1) of it."""
+    scale = b.abs().max().item()
+    err = (a - b).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol} x {scale:.3e}"
+
+
+def generate(model, use_cache, mode):
+    ids, mask = inputs()
+    torch.manual_seed(123)  # the sampling mode draws the same numbers in both runs
+    return model.generate(input_ids=ids, attention_mask=mask, use_cache=use_cache, output_scores=True,
+                          return_dict_in_generate=True, **MODES[mode])
+
+
+@pytest.mark.parametrize("sparse", list(SPARSITY))
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cached_generation_equals_uncached(config, sparse, mode):
+    model = make_model(config, sparse)
+    cached = generate(model, True, mode)
+    uncached = generate(model, False, mode)
+    seqs = cached.sequences
+    if mode.startswith("trie"):  # every returned hypothesis is a whole docid from the trie (or padding)
+        for row in seqs[:, 1:].tolist():
+            toks = row[: row.index(1) + 1] if 1 in row else row
+            assert TRIE.mapping.docid_of(toks) is not None or set(toks) <= {0}, row
+        assert len({tuple(r) for r in seqs.tolist()}) >= 4, seqs  # distinct hypotheses: the search explored
+    else:
+        assert seqs[:, 1:].unique().numel() >= 2, seqs  # the ids depend on the input
+    assert torch.equal(seqs, uncached.sequences), f"cached {seqs.tolist()} != uncached {uncached.sequences.tolist()}"
+    for step, (a, b) in enumerate(zip(cached.scores, uncached.scores)):
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite), f"step {step}: different tokens allowed"
+        assert_close_to_scale(a[finite], b[finite], 1e-4, what=f"step {step} scores")
+
+
+def test_the_cache_is_used_not_just_accepted():
+    """A decoder fed only its last token gives the full-prefix logits only through the cache: under
+    both names of the keyword."""
+    model = make_model("v11_gated_untied", "csr_0.6")
+    ids, mask = inputs()
+    dec = torch.randint(2, VOCAB, (3, 5), generator=torch.Generator().manual_seed(3))
+    dec[:, 0] = 0
+    full = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        prefix = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, :-1], use_cache=True)
+        cache = getattr(prefix, hf_compat.CACHE_NAME)
+        assert cache is not None and cache.get_seq_length() == 4
+        step = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, -1:], use_cache=True,
+                     **{name: cache}).logits[:, -1]
+        assert_close_to_scale(step, full, what=name)
+    cut = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec[:, -1:], use_cache=False).logits[:, -1]
+    assert (cut - full).abs().max() > 0.01 * full.abs().max()  # without its past the step differs: the check bites
+
+
+def test_unknown_keywords_raise_and_the_two_cache_names_are_one_argument():
+    model = make_model("v1_relu_tied", "dense")
+    ids, mask = inputs()
+    with pytest.raises(TypeError, match="casche"):
+        model(input_ids=ids, decoder_input_ids=ids[:, :2], casche=None)
+    with pytest.raises(TypeError, match="position_ids"):
+        model.encoder(input_ids=ids, position_ids=None)
+    cache = getattr(model(input_ids=ids, decoder_input_ids=ids[:, :2], use_cache=True), hf_compat.CACHE_NAME)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids, decoder_input_ids=ids[:, 2:3], cache=cache, past_key_values=cache)
+
+
+def test_config_level_defaults_and_outputs_with_labels():
+    model = make_model("v11_gated_untied", "csr_0.6")
+    ids, mask = inputs()
+    labels = torch.randint(2, VOCAB, (3, 4))
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    # as HF: with labels the cache comes back too (config.use_cache), and tuples keep HF's order
+    assert getattr(out, hf_compat.CACHE_NAME) is not None and out.decoder_attentions is None
+    as_tuple = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert len(as_tuple) == 4 and torch.equal(as_tuple[0], out.loss) and torch.equal(as_tuple[1], out.logits)
+    assert getattr(model(input_ids=ids, labels=labels, use_cache=False), hf_compat.CACHE_NAME) is None
+    # The same weights under a config that asks for attentions, hidden states and tuples by default.
+    config = model.config.to_dict()
+    config.update(output_attentions=True, output_hidden_states=True, return_dict=False)
+    chatty = SparseT5ForConditionalGeneration(type(model.config).from_dict(config)).eval()
+    chatty.load_state_dict(model.state_dict())
+    as_tuple = chatty(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False)
+    # loss, logits, decoder hidden states, decoder attentions, cross attentions, encoder last hidden
+    # state, encoder hidden states, encoder attentions
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 8
+    assert_close_to_scale(as_tuple[1], out.logits, what="logits")
+    assert len(as_tuple[3]) == len(model.decoder.block) and len(as_tuple[7]) == len(model.encoder.block)
+    assert as_tuple[3][0].shape == (3, 4, 4, 4)  # [batch, heads, queries, keys]
+    assert len(as_tuple[2]) == len(model.decoder.block) + 1  # embeddings, then each block's output
+
+
+def test_head_mask_drops_heads():
+    model = make_model("v1_relu_tied", "csr_0.6")
+    ids, mask = inputs()
+    dec = ids[:, :4]
+    base = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+    ones = torch.ones(2, 4)
+    same = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False, head_mask=ones,
+                 decoder_head_mask=ones, cross_attn_head_mask=ones).logits
+    assert_close_to_scale(same, base, what="all heads kept")
+    off = ones.clone()
+    off[:, 1] = 0
+    dropped = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False,
+                    head_mask=off).logits
+    assert not torch.allclose(dropped, base, atol=1e-4)
+    with pytest.raises(ValueError, match="head_mask"):
+        model(input_ids=ids, decoder_input_ids=dec, head_mask=torch.ones(3, 4))
+
+
+def test_a_4d_decoder_mask_is_used_as_given():
+    """HF's semantics: a 4D decoder mask replaces the causal mask (bool: keep; float: additive). The
+    causal mask given in 4D changes nothing; HF's shared-prefix mask (three continuations of one prefix
+    in one row, each hidden from the others) equals the same mask given as a 3D keep-mask, and differs
+    from plain causal attention."""
+    model = make_model("v11_gated_untied", "csr_0.6")
+    enc_ids, _ = inputs(b=1)
+    dec = torch.tensor([[0, 11, 12, 13, 14, 15]])
+
+    def run(mask):
+        return model(input_ids=enc_ids, decoder_input_ids=dec, decoder_attention_mask=mask, use_cache=False).logits
+
+    plain = run(None)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    additive = lambda keep: (~keep).float() * torch.finfo(torch.float32).min  # noqa: E731
+    torch.testing.assert_close(run(causal), plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(additive(causal)), plain, rtol=1e-5, atol=1e-6)
+    shared = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+                           [1, 1, 1, 0, 1, 0], [1, 1, 1, 0, 0, 1]], dtype=torch.bool)[None, None]
+    out = run(shared)
+    torch.testing.assert_close(run(additive(shared)), out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(shared[:, 0]), out, rtol=1e-5, atol=1e-6)  # the 3D keep-mask path
+    torch.testing.assert_close(out[:, :4], plain[:, :4], rtol=1e-5, atol=1e-6)  # same rows as causal
+    assert not torch.allclose(out[:, 4:], plain[:, 4:], atol=1e-4)  # the hidden token changed the last two
+    with pytest.raises(ValueError, match="4D attention mask"):
+        run(causal[..., :5])
