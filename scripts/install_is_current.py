@@ -1,8 +1,9 @@
 """Exit 0 when `pip install -e .[EXTRA]` would change nothing, so scripts/setup.sh can skip it (the
 build recompiles the extension, about a minute of `make demo` / `make test` on 2 cores): sparse_t5
 is installed editable from this checkout and imports (which checks the torch it was built against),
-its compiled extension is newer than every C++ source and build file, and every requirement of the
-package and of EXTRA (recursively, e.g. test -> dsi) is installed at an accepted version. Any doubt
+its compiled extension is newer than every C++ source and build file, every requirement of the
+package and of EXTRA (recursively, e.g. test -> dsi) is installed at an accepted version, and every
+installed package that constraints.txt pins is at its pin. Any doubt
 exits 1 and the install runs.
 
     python scripts/install_is_current.py [EXTRA]
@@ -41,6 +42,21 @@ def requirements_met(dist_name: str, extras: set[str], seen: set) -> bool:
     return True
 
 
+def constraints_met(path: str = os.path.join(ROOT, "constraints.txt")) -> bool:
+    """Every installed package that constraints.txt pins is at its pinned version."""
+    with open(path) as f:
+        for line in f:
+            name, sep, pinned = line.split("#")[0].strip().partition("==")
+            if not sep:
+                continue
+            try:
+                if md.version(name) != pinned:
+                    return False
+            except md.PackageNotFoundError:
+                pass  # pinned but not needed here: the requirements check decides
+    return True
+
+
 def main(extra: str) -> int:
     try:
         import sparse_t5
@@ -55,7 +71,8 @@ def main(extra: str) -> int:
             if os.path.isfile(path) and os.path.getmtime(path) > built:
                 return 1
     try:
-        return 0 if requirements_met("sparse-t5", {extra} if extra else set(), set()) else 1
+        met = requirements_met("sparse-t5", {extra} if extra else set(), set()) and constraints_met()
+        return 0 if met else 1
     except Exception:  # noqa: BLE001 - no packaging, unreadable metadata: install
         return 1
 

@@ -28,7 +28,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   fi
 fi
 if [ "$EXTRAS" = test ] && ! "$PY" -c "import triton" 2>/dev/null; then
-  "$PY" -m pip install --quiet "$CPU_TRITON"
+  "$PY" -m pip install --quiet -c constraints.txt "$CPU_TRITON"
 fi
 
 spec="."
@@ -37,6 +37,9 @@ if [ -n "$EXTRAS" ]; then spec=".[$EXTRAS]"; fi
 if "$PY" scripts/install_is_current.py "$EXTRAS"; then
   echo "sparse_t5 is installed from this checkout, its extension is newer than its sources and its requirements are met: no install"
 else
-  "$PY" -m pip install --quiet -e "$spec"
+  # constraints.txt: the versions the tests ran with (a fresh machine would otherwise take each
+  # dependency's newest release, which may not have been tested: transformers 5.24 once broke cached
+  # generation that way). A user's own `pip install -e .` is bounded below, never pinned.
+  "$PY" -m pip install --quiet -c constraints.txt -e "$spec"
 fi
 "$PY" -c "import sparse_t5, torch; print('sparse_t5 ready: torch', torch.__version__, '| CPU kernels:', sparse_t5.cpu_isa())"

@@ -206,6 +206,35 @@ class CheckpointReader:
         self.close()
 
 
+class StateDictReader:
+    """A state dict given to from_pretrained(state_dict=...), read through CheckpointReader's interface."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], source: str = "state_dict"):
+        if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+            raise ValueError("state_dict must map names to tensors")
+        self.source = source
+        self._tensors = state_dict
+        self.shapes = {name: tuple(t.shape) for name, t in state_dict.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def verify(self) -> None:
+        pass  # in memory: no file to be corrupt
+
+    def stream(self):
+        yield from self._tensors.items()
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def _resolve(path_or_name, filename, hub):
     if os.path.isdir(path_or_name):
         candidate = os.path.join(path_or_name, hub.get("subfolder") or "", filename)
@@ -434,10 +463,14 @@ class _PrunePlan:
 
 
 def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, dtype=None, sparsity=None,
-                    format=None, scope="layer", include=None, exclude=None):
+                    format=None, scope="layer", include=None, exclude=None, state_dict=None):
     """The body of SparseT5ForConditionalGeneration.from_pretrained (see its docstring)."""
     prune = sparsity is not None or format is not None
-    with CheckpointReader(path_or_name, hub) as reader:
+    if state_dict is None and path_or_name is None:
+        raise ValueError("from_pretrained(None, ...) needs state_dict= (and config=)")
+    reader = StateDictReader(state_dict) if state_dict is not None else CheckpointReader(path_or_name, hub)
+    path_or_name = path_or_name if path_or_name is not None else "state_dict"
+    with reader:
         reader.verify()
         with torch.device("meta"):
             model = cls(config)  # builds the sparse layout of config.sparse_t5 too
@@ -462,8 +495,12 @@ def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, 
                 raise ValueError(f"corrupt checkpoint: layer '{name}' layout says nnz={spec['nnz']} but the "
                                  f"stored values have {int(torch.Size(stored).numel())}")
 
-        def cast(tensor, like=None):
+        keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
+
+        def cast(tensor, like=None, key=""):
             target = dtype if dtype not in (None, "auto") else (like.dtype if like is not None else tensor.dtype)
+            if target == torch.float16 and keep_fp32 & set(key.split(".")):
+                target = torch.float32  # as transformers: T5's wo overflows in fp16
             return tensor.to(target) if tensor.is_floating_point() else tensor
 
         already_sparse = bool(model.sparse_layers())
@@ -481,7 +518,7 @@ def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, 
             module_name, _, attr = key.rpartition(".")
             if plan is not None and key in plan.weight_keys:
                 linear = model.get_submodule(module_name)
-                sparse = plan.compress(module_name, cast(tensor, linear.weight))
+                sparse = plan.compress(module_name, cast(tensor, linear.weight, key))
                 replace_module(model, module_name, sparse.to(device))
                 del tensor, sparse
                 _release_freed_memory()
@@ -491,7 +528,7 @@ def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, 
                 parts = pending.setdefault(module_name, {})
                 parts[attr] = tensor
                 if len(parts) == 1 + len(module._structure_keys()):
-                    values = cast(parts.pop("values"), module.values)
+                    values = cast(parts.pop("values"), module.values, key)
                     state = {"values": values.to(device), **{k: v.to(device) for k, v in parts.items()}}
                     try:
                         module.load_state_dict(state, strict=True, assign=True)
@@ -500,7 +537,7 @@ def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, 
                     del pending[module_name]
                 continue
             current = getattr(module, attr)
-            _install(model, key, cast(tensor, current).to(device))
+            _install(model, key, cast(tensor, current, key).to(device))
         model.tie_weights()
         leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
         if leftover or pending:
@@ -510,10 +547,11 @@ def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, 
     elif prune:  # a checkpoint that is sparse already: prune it further, in place
         model.sparsify(sparsity, format=format or "csr", scope=scope, include=include, exclude=exclude)
     model.eval()
-    try:
-        from transformers import GenerationConfig
+    if state_dict is None:
+        try:
+            from transformers import GenerationConfig
 
-        model.generation_config = GenerationConfig.from_pretrained(path_or_name, **hub)
-    except (OSError, ValueError):
-        pass
+            model.generation_config = GenerationConfig.from_pretrained(path_or_name, **hub)
+        except (OSError, ValueError):
+            pass
     return model

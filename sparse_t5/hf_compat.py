@@ -31,6 +31,25 @@ CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(Seq2SeqLM
 LEGACY_TUPLE_CACHE = hasattr(EncoderDecoderCache, "from_legacy_cache")
 
 
+# Class attributes mirrored from HF's own T5 of the installed release, so that what transformers'
+# machinery reads from our class (config._attn_implementation, tied-weight keys) is what it accepts for
+# T5: 4.49 and 5.4's T5 have no SDPA path (a config saying "sdpa" makes HF's T5 classes raise), 5.24's
+# does; 4.x lists tied weights, 5.0 maps each tied weight to its source.
+from transformers import T5ForConditionalGeneration as _HFT5  # noqa: E402
+
+HF_T5_SUPPORTS_SDPA = bool(getattr(_HFT5, "_supports_sdpa", False))
+HF_T5_TIED_WEIGHTS_KEYS = _HFT5._tied_weights_keys
+
+
+# 4.52: decoder layers derive from GradientCheckpointingLayer, which checkpoints its own forward when
+# gradient checkpointing is on (5.x enables it only on such layers). Before, the stack wraps each block.
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer as CheckpointedLayer
+except ImportError:  # 4.49 - 4.51
+    from torch.nn import Module as CheckpointedLayer
+LAYERS_CHECKPOINT_THEMSELVES = CheckpointedLayer.__name__ == "GradientCheckpointingLayer"
+
+
 def cache_output(cache) -> dict:
     """The cache as a model output field: {'cache': ...} from 5.24 on, {'past_key_values': ...} before."""
     return {CACHE_NAME: cache}
@@ -71,10 +90,23 @@ def is_static(cache) -> bool:
 
 def static_length(cache) -> int:
     """The fixed key length of a static self-attention cache."""
-    if hasattr(cache, "get_max_cache_shape"):  # 4.48
+    if hasattr(cache, "get_max_cache_shape"):  # 4.48 to 5.x: on the cache
         shape = cache.get_max_cache_shape()
         return shape if isinstance(shape, int) else shape[0]
-    return cache.max_cache_len
+    if hasattr(cache, "max_cache_len"):
+        return cache.max_cache_len
+    return cache.layers[0].max_cache_len  # 5.2x: only the layers know it
+
+
+def empty_loading_info() -> dict:
+    """from_pretrained(output_loading_info=True)'s report for a strict load: nothing missing or unexpected.
+    5.x reports sets (transformers.utils.loading_report.LoadStateDictInfo), 4.x lists."""
+    try:
+        from transformers.utils.loading_report import LoadStateDictInfo  # noqa: F401
+        empty = set
+    except ImportError:
+        empty = list
+    return {"missing_keys": empty(), "unexpected_keys": empty(), "mismatched_keys": empty(), "error_msgs": []}
 
 
 def use_return_dict(config) -> bool:
@@ -82,16 +114,17 @@ def use_return_dict(config) -> bool:
     return bool(getattr(config, "use_return_dict", config.return_dict))
 
 
-def check_tested_version() -> None:
-    """Warn once (on import) when transformers is newer than the newest release we tested with."""
+def check_tested_version(version: str | None = None) -> None:
+    """Warn (on import) when transformers (or `version`) is outside the tested range."""
     from packaging.version import Version
 
-    installed = Version(transformers.__version__)
+    version = version or transformers.__version__
+    installed = Version(version)
     oldest, newest = (Version(v) for v in TESTED_TRANSFORMERS)
     if installed.release > newest.release:
         warnings.warn(f"sparse_t5 was tested with transformers {TESTED_TRANSFORMERS[0]} to {TESTED_TRANSFORMERS[1]}; "
-                      f"{transformers.__version__} is newer and untested (pin it with constraints.txt, or run "
+                      f"{version} is newer and untested (pin it with constraints.txt, or run "
                       "`make compat` to check it)", UserWarning, stacklevel=3)
     elif installed.release < oldest.release:
-        warnings.warn(f"sparse_t5 needs transformers >= {TESTED_TRANSFORMERS[0]}; {transformers.__version__} is older "
+        warnings.warn(f"sparse_t5 needs transformers >= {TESTED_TRANSFORMERS[0]}; {version} is older "
                       "and untested", UserWarning, stacklevel=3)

@@ -235,7 +235,10 @@ def _clamp_fp16(hidden_states):
     return hidden_states
 
 
-class T5Block(nn.Module):
+class T5Block(hf_compat.CheckpointedLayer):
+    """One encoder or decoder layer; with transformers >= 4.52 a GradientCheckpointingLayer, which
+    checkpoints itself when gradient checkpointing is on (else T5Stack wraps it)."""
+
     def __init__(self, config, has_relative_attention_bias=False, layer_idx=0):
         super().__init__()
         self.is_decoder = config.is_decoder
@@ -300,7 +303,7 @@ class T5Stack(nn.Module):
         give_back = None
         if self.is_decoder:
             use_cache = config.use_cache if use_cache is None else use_cache
-            if self.gradient_checkpointing and self.training:
+            if self.training and self.is_checkpointing():
                 use_cache = False  # as HF: recomputed blocks would write the cache twice
             if use_cache or cache is not None:
                 cache, give_back = hf_compat.as_encoder_decoder_cache(cache)
@@ -312,8 +315,8 @@ class T5Stack(nn.Module):
             cache = None  # as HF: a cache handed to the encoder is not its own
         self_cache = cache.self_attention_cache if cache is not None else None
         past_length = self_cache.get_seq_length() if self_cache is not None else 0
-        if cache_position is None:
-            cache_position = torch.arange(past_length, past_length + length, device=device)
+        if cache_position is None:  # past_length is a tensor for some static caches: no arange(start=tensor)
+            cache_position = torch.arange(length, device=device) + past_length
         if self_cache is not None and hf_compat.is_static(self_cache):
             key_length = hf_compat.static_length(self_cache)  # keys come back padded; causality hides the rest
         else:
@@ -368,7 +371,7 @@ class T5Stack(nn.Module):
         for i, block in enumerate(self.block):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and not hf_compat.LAYERS_CHECKPOINT_THEMSELVES:
                 hidden_states, w_self, w_cross = self._gradient_checkpointing_func(
                     block.__call__, hidden_states, self_bias, encoder_hidden_states, cross_bias, None, None,
                     output_attentions, head_masks[i], cross_head_masks[i], cache_position)
@@ -390,6 +393,11 @@ class T5Stack(nn.Module):
             cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
         )
         return output if return_dict else output.to_tuple()
+
+
+    def is_checkpointing(self) -> bool:
+        """Whether gradient checkpointing is on: set on the stack (transformers 4.x) or on its blocks (5.x)."""
+        return self.gradient_checkpointing or any(getattr(b, "gradient_checkpointing", False) for b in self.block)
 
 
 def _one_cache(cache, past_key_values):
@@ -417,11 +425,18 @@ class SparseT5PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
     _no_split_modules = ["T5Block"]
+    # As HF: T5's feed-forward output projection overflows fp16, so loading in fp16 keeps `wo` in fp32
+    # (T5DenseActDense casts its input to wo's dtype).
+    _keep_in_fp32_modules = ["wo"]
     _supports_cache_class = True
-    _supports_static_cache = False
-    # Attention always runs through F.scaled_dot_product_attention (eager math when attention
-    # weights are requested), whatever config._attn_implementation says.
-    _supports_sdpa = True
+    # Static caches (fixed-length keys written at cache_position, T5Stack.forward) and so compiled
+    # decoding: 4.x reads _supports_static_cache, 5.x _can_compile_fullgraph.
+    _supports_static_cache = True
+    _can_compile_fullgraph = True
+    # Attention always runs through F.scaled_dot_product_attention (eager math when attention weights
+    # or a head mask are asked for), whatever config._attn_implementation says; the flag mirrors HF's
+    # T5 so that the implementation transformers writes into the config is one HF's T5 classes accept.
+    _supports_sdpa = hf_compat.HF_T5_SUPPORTS_SDPA
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -463,6 +478,9 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
     Same constructor, forward, generate and checkpoint interface as HF's
     T5ForConditionalGeneration; plus `sparsify`, `densify`, `to_hf` and `sparsity_report`.
     """
+    # HF's declaration (a list in 4.x, a {tied: source} map in 5.x), for transformers' utilities that read
+    # it; tying itself is tie_weights below, which keeps lm_head separate for untied (v1.1) checkpoints.
+    _tied_weights_keys = hf_compat.HF_T5_TIED_WEIGHTS_KEYS
 
     def __init__(self, config: T5Config):
         super().__init__(config)
@@ -482,11 +500,16 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         # Whether lm_head shares the embedding matrix: T5 v1's config says so; an untied config
         # can still share it when its checkpoint has no lm_head.weight (from_pretrained).
         self.lm_head_shared = lm_head_is_tied(config)
-        self.apply(self._init_weights)
-        self._tie_lm_head()
+        if getattr(config, "tie_encoder_decoder", False):
+            # Tying the encoder's and decoder's weights by module name (HF's option, unused by t5, t5 v1.1
+            # and flan-t5) would make one sparse layer serve two prunings: sparsify selects and masks each
+            # layer on its own. Refused rather than ignored.
+            raise ValueError("config.tie_encoder_decoder=True is not supported by SparseT5ForConditionalGeneration")
         # A checkpoint's sparse layout (from `save_pretrained`) is rebuilt by from_pretrained.
         if getattr(config, LAYOUT_KEY, None):
             checkpoint.apply_layout(self, getattr(config, LAYOUT_KEY))
+        # HF's: initialise (_init_weights), tie (tie_weights), and the legacy config.gradient_checkpointing.
+        self.post_init()
 
     # ---- HF plumbing ------------------------------------------------------------------------
     def _tie_lm_head(self):
@@ -509,6 +532,10 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+        self.lm_head_shared = new_embeddings.weight is self.shared.weight
 
     def get_encoder(self, *args, **kwargs):
         return self.encoder
@@ -688,7 +715,8 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None,
                         torch_dtype=None, device=None, device_map=None, map_location=None, sparsity=None,
                         format=None, scope="layer", include=None, exclude=None, cache_dir=None, revision=None,
-                        local_files_only=False, token=None, subfolder="", **kwargs):
+                        local_files_only=False, token=None, subfolder="", output_loading_info=False, state_dict=None,
+                        **kwargs):
         """Load any HF T5 checkpoint (hub name or local directory; safetensors or pytorch_model.bin,
         sharded or not), or a sparse checkpoint written by `save_pretrained`.
 
@@ -703,9 +731,21 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
 
         Placement as in transformers: CPU by default; `device_map` ("auto", "cuda:0", {"": "cuda:0"}),
         `map_location` or `device` put the whole model on one device (sparse_t5.devices.placement).
+
+        As transformers: `state_dict=` loads those tensors instead of the checkpoint's files (the path
+        may then be None, with `config=`); `output_loading_info=True` also returns
+        {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}, which are always empty,
+        since loading is strict: a checkpoint missing a weight raises instead of leaving it random.
+        With `dtype=torch.float16`, the `_keep_in_fp32_modules` (`wo`) stay fp32, as in HF.
+        Other keywords update the config, as in transformers.
         """
         from transformers import T5Config
 
+        if torch.get_default_device().type == "meta":  # transformers' own check and message
+            raise RuntimeError("You are using `from_pretrained` with a meta device context manager or "
+                               "`torch.set_default_device('meta')`: the weights would never be loaded. Load "
+                               "without it; from_pretrained builds on the meta device itself and never "
+                               "materialises a dense weight for a sparse layer.")
         target = placement(device, device_map, map_location)
         dtype = dtype or torch_dtype
         if isinstance(dtype, str) and dtype != "auto":
@@ -713,6 +753,18 @@ class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin)
         hub = dict(cache_dir=cache_dir, revision=revision, local_files_only=local_files_only, token=token,
                    subfolder=subfolder)
         if config is None:
+            if pretrained_model_name_or_path is None:
+                raise ValueError("from_pretrained(None, ...) needs config= (and state_dict=)")
             config = T5Config.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
-        return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, config, hub, target, dtype, sparsity,
-                                          format, scope, include, exclude)
+        else:
+            unknown = sorted(k for k in kwargs if not hasattr(config, k))
+            if unknown:
+                raise TypeError(f"from_pretrained() got unexpected keyword arguments {unknown}")
+            config = copy.deepcopy(config)  # as transformers: the caller's config is not modified (the layout key)
+            for key, value in kwargs.items():
+                setattr(config, key, value)
+        model = checkpoint.load_pretrained(cls, pretrained_model_name_or_path, config, hub, target, dtype, sparsity,
+                                           format, scope, include, exclude, state_dict=state_dict)
+        if output_loading_info:
+            return model, hf_compat.empty_loading_info()
+        return model

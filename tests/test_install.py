@@ -97,3 +97,22 @@ def test_setup_skips_the_install_only_when_it_would_change_nothing(tmp_path, mon
         monkeypatch.setattr(mod.md, "distribution",
                             lambda name, r=requires, real=real: Dist(r) if name == "sparse-t5" else real(name))
         assert mod.requirements_met("sparse-t5", {"dsi"}, set()) == met, requires
+
+
+def test_constraints_pin_what_make_test_installs(tmp_path):
+    """constraints.txt pins the tested versions (transformers among them); setup.sh reinstalls when
+    an installed package is off its pin."""
+    import importlib.metadata as md
+
+    mod = _install_is_current()
+    pins = dict(line.split("#")[0].strip().split("==") for line in open(os.path.join(ROOT, "constraints.txt"))
+                if "==" in line.split("#")[0])
+    assert {"transformers", "tokenizers", "triton", "pyserini"} <= set(pins)
+    from sparse_t5.hf_compat import TESTED_TRANSFORMERS
+    assert pins["transformers"] == TESTED_TRANSFORMERS[1]  # make test runs the newest tested release
+    assert mod.constraints_met()
+    off = tmp_path / "constraints.txt"
+    off.write_text(f"# a comment\ntransformers=={md.version('transformers')}.post999\nsurely-not-installed-pkg==1.0\n")
+    assert not mod.constraints_met(str(off))
+    off.write_text(f"transformers=={md.version('transformers')}\nsurely-not-installed-pkg==1.0\n")
+    assert mod.constraints_met(str(off))

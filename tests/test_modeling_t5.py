@@ -3,6 +3,7 @@
 The HF model is save_pretrained to a temp dir and loaded by ours, then logits, loss, gradients and
 generated ids are compared. No network: configs are built locally.
 """
+import copy
 import json
 import os
 
@@ -199,7 +200,7 @@ def test_gradient_checkpointing(pair):
     plain = {n: p.grad.clone() for n, p in ours.named_parameters()}
     ours.zero_grad()
     ours.gradient_checkpointing_enable()
-    assert ours.encoder.gradient_checkpointing and ours.decoder.gradient_checkpointing
+    assert ours.encoder.is_checkpointing() and ours.decoder.is_checkpointing()
     ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     for n, p in ours.named_parameters():
         assert_rel(p.grad, plain[n], what=n)
@@ -484,3 +485,67 @@ def test_gradual_pruning_during_training_remaps_optimizer(tmp_path):
     total = sum(m.in_features * m.out_features for m in ours.sparse_layers().values())
     assert sum(m.nnz for m in ours.sparse_layers().values()) == round(0.2 * total)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+# ---- transformers' loading and embedding API (HF's own suite checks these; scripts/peer_suite.py) ----------
+def test_from_pretrained_loading_info_state_dict_and_fp32_wo(pair, tmp_path):
+    hf, ours = pair
+    path = tmp_path / "hf"
+    model, info = SparseT5ForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    assert set(info) == {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}
+    assert not any(info.values())
+    # from_pretrained(None, config=, state_dict=): the same model, strictly checked, prunable at load
+    from_dict = SparseT5ForConditionalGeneration.from_pretrained(None, config=ours.config, state_dict=hf.state_dict())
+    ids, mask, _ = batch()
+    dec = ids[:, :4]
+    torch.testing.assert_close(from_dict(input_ids=ids, decoder_input_ids=dec).logits,
+                               ours(input_ids=ids, decoder_input_ids=dec).logits)
+    pruned = SparseT5ForConditionalGeneration.from_pretrained(None, config=ours.config, state_dict=hf.state_dict(),
+                                                              sparsity=0.5)
+    assert pruned.sparse_layers()
+    partial = {k: v for k, v in hf.state_dict().items() if not k.endswith("wo.weight")}
+    with pytest.raises(ValueError, match="missing keys"):
+        SparseT5ForConditionalGeneration.from_pretrained(None, config=ours.config, state_dict=partial)
+    # fp16 keeps the feed-forward output projection in fp32, dense or sparse, as HF does
+    for kwargs in ({}, {"sparsity": 0.5}):
+        half = SparseT5ForConditionalGeneration.from_pretrained(path, dtype=torch.float16, **kwargs)
+        for name, p in half.named_parameters():
+            assert p.dtype == (torch.float32 if ".wo." in name else torch.float16), name
+    # keywords update the config, as in transformers; unknown ones raise
+    chatty = SparseT5ForConditionalGeneration.from_pretrained(path, config=ours.config, output_hidden_states=True)
+    assert chatty.config.output_hidden_states and not ours.config.output_hidden_states
+    with pytest.raises(TypeError, match="not_a_config_key"):
+        SparseT5ForConditionalGeneration.from_pretrained(path, config=ours.config, not_a_config_key=1)
+
+
+def test_resize_token_embeddings_and_set_output_embeddings(pair):
+    _, ours = pair
+    tied = ours.lm_head_shared
+    ours.resize_token_embeddings(VOCAB + 7)
+    assert ours.shared.weight.shape[0] == VOCAB + 7 and ours.lm_head.weight.shape[0] == VOCAB + 7
+    assert (ours.lm_head.weight is ours.shared.weight) == tied
+    ids, mask, labels = batch()
+    assert ours(input_ids=ids, attention_mask=mask, labels=labels).logits.shape[-1] == VOCAB + 7
+    head = nn.Linear(ours.config.d_model, VOCAB + 7, bias=False)
+    ours.set_output_embeddings(head)
+    assert ours.get_output_embeddings() is head and not ours.lm_head_shared
+
+
+def test_constructor_leaves_the_callers_config_usable_by_hf(pair):
+    """The attention implementation transformers records in the config is one HF's own T5 accepts,
+    so the config (and to_hf) still builds HF's T5 classes; tie_encoder_decoder is refused, not ignored;
+    the legacy config.gradient_checkpointing is applied."""
+    from transformers import AutoModelForSeq2SeqLM, T5ForQuestionAnswering
+
+    _, ours = pair
+    AutoModelForSeq2SeqLM.from_config(ours.config)
+    T5ForQuestionAnswering(ours.config)
+    ours.to_hf()
+    config = copy.deepcopy(ours.config)
+    config.tie_encoder_decoder = True
+    with pytest.raises(ValueError, match="tie_encoder_decoder"):
+        SparseT5ForConditionalGeneration(config)
+    config = copy.deepcopy(ours.config)
+    config.tie_encoder_decoder = False
+    config.gradient_checkpointing = True
+    assert SparseT5ForConditionalGeneration(config).decoder.is_checkpointing()
