@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and tests sparse-t5 against each end of the supported torch range, as a new user would:
 # in a fresh virtual environment per torch version, install that torch, then a plain
-# `pip install -e .` (timed), then import sparse_t5 and run the CSR and 2:4 op tests.
+# `pip install -e .` (timed), then import sparse_t5 and run the CSR and 2:4 op tests, then the model and
+# cached-generation tests under the transformers that install resolved and under the oldest supported.
 #
 #   scripts/check_torch_compat.sh                  the range's ends: 2.13.0 and 2.15.0
 #   scripts/check_torch_compat.sh 2.14.1 ...       other versions
@@ -40,6 +41,20 @@ for v in "${VERSIONS[@]}"; do
   fi
   tv=$("$env_dir/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null || echo "$v")
   summary+=("torch $tv: torch install $((t1 - t0)) s, plain pip install -e . $((t2 - t1)) s, op tests: $result")
+  # The model tests at both ends of the transformers range (sparse_t5/hf_compat.py): first the release
+  # the plain install resolved (the newest), then the oldest supported, installed over it.
+  for tf in resolved $(cd "$src" && "$env_dir/bin/python" -c "from sparse_t5.hf_compat import TESTED_TRANSFORMERS as t; print(t[0])"); do
+    [ "$tf" = resolved ] || "$env_dir/bin/python" -m pip install --quiet "transformers==$tf" 2>&1 | grep -vE "^WARNING: Location" || true
+    t3=$(date +%s)
+    mlog="$WORK/model-$v-$tf.log"
+    if (cd "$src" && "$env_dir/bin/python" -m pytest -q -p no:cacheprovider tests/test_modeling_t5.py tests/test_generation_cache.py) >"$mlog" 2>&1; then
+      mresult=$(grep -E "passed|failed" "$mlog" | tail -1)
+    else
+      mresult="FAILED: $(grep -E "passed|failed|rror" "$mlog" | tail -1)"; status=1; tail -30 "$mlog"
+    fi
+    tfv=$("$env_dir/bin/python" -c "import transformers; print(transformers.__version__)")
+    summary+=("torch $tv x transformers $tfv: model and cached-generation tests $(( $(date +%s) - t3 )) s: $mresult")
+  done
 done
 echo "== summary"
 printf '%s\n' "${summary[@]}"

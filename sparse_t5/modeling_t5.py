@@ -438,6 +438,13 @@ class SparseT5PreTrainedModel(PreTrainedModel):
     # T5 so that the implementation transformers writes into the config is one HF's T5 classes accept.
     _supports_sdpa = hf_compat.HF_T5_SUPPORTS_SDPA
 
+    def init_weights(self):
+        """Called by post_init. HF's version visits modules in an order that changed between releases
+        (4.x `apply`, 5.x `smart_apply`), which changes the random draws for a seed; one fixed order
+        (post-order `apply`) keeps random-init training (the DSI demo) identical across versions."""
+        self.apply(self._init_weights)
+        self.tie_weights()
+
     @torch.no_grad()
     def _init_weights(self, module):
         """HF's T5 initialisation (Mesh TensorFlow's), so random-init training matches HF."""
