@@ -18,13 +18,11 @@ from transformers import LogitsProcessorList, T5Config
 from sparse_t5 import SparseT5ForConditionalGeneration, hf_compat
 from sparse_t5.dsi.decoding import DocidTrie, TrieLogitsProcessor
 from sparse_t5.dsi.docids import DocidMapping
+from test_modeling_t5 import CONFIGS as HF_PARITY_CONFIGS
 
 VOCAB = 64
 CONFIGS = {
-    "v1_relu_tied": dict(d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=2, feed_forward_proj="relu"),
-    "v11_gated_untied": dict(d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=2,
-                             feed_forward_proj="gated-gelu", tie_word_embeddings=False),
-    "heads_x_dkv_ne_dmodel": dict(d_model=32, d_kv=12, num_heads=3, d_ff=56, num_layers=2, feed_forward_proj="relu"),
+    **HF_PARITY_CONFIGS,  # v1 ReLU tied, v1.1 gated untied, heads x d_kv != d_model
     "deeper_decoder": dict(d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=1, num_decoder_layers=3,
                            feed_forward_proj="gated-gelu", tie_word_embeddings=False),
     "deeper_encoder": dict(d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=3, num_decoder_layers=1,
