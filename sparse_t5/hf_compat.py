@@ -50,6 +50,19 @@ except ImportError:  # 4.49 - 4.51
 LAYERS_CHECKPOINT_THEMSELVES = CheckpointedLayer.__name__ == "GradientCheckpointingLayer"
 
 
+class EncoderMaskInGeneration:
+    """Mixed in before GenerationMixin: its prepare_inputs_for_generation, plus the encoder's padding
+    mask for cross-attention, which transformers 4.49.0's generic version drops for encoder-decoder
+    models (transformers#36293, fixed in 4.50: padded rows then attend to their padding, in HF's own
+    T5 too). Where transformers passes the mask itself this changes nothing."""
+
+    def prepare_inputs_for_generation(self, *args, attention_mask=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, attention_mask=attention_mask, **kwargs)
+        if attention_mask is not None and inputs.get("attention_mask") is None:
+            inputs["attention_mask"] = attention_mask
+        return inputs
+
+
 def cache_output(cache) -> dict:
     """The cache as a model output field: {'cache': ...} from 5.24 on, {'past_key_values': ...} before."""
     return {CACHE_NAME: cache}

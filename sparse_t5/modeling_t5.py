@@ -479,7 +479,7 @@ def _init_linear(module, std):
         module.weight.normal_(0.0, std)
 
 
-class SparseT5ForConditionalGeneration(SparseT5PreTrainedModel, GenerationMixin):
+class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, SparseT5PreTrainedModel, GenerationMixin):
     """T5 encoder-decoder LM whose attention / feed-forward Linears can be sparse.
 
     Same constructor, forward, generate and checkpoint interface as HF's

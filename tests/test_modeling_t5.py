@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import T5Config, T5ForConditionalGeneration
 
-from sparse_t5 import SparseT5ForConditionalGeneration
+from sparse_t5 import SparseT5ForConditionalGeneration, hf_compat
+from sparse_t5.modeling_t5 import lm_head_is_tied
 from sparse_t5.pruning import GradualPruner, cubic_sparsity
 
 VOCAB = 101
@@ -28,6 +29,14 @@ CONFIGS = {
     # num_heads * d_kv (3 * 12 = 36) != d_model (32)
     "heads_x_dkv_ne_dmodel": dict(d_model=32, d_kv=12, num_heads=3, d_ff=56, num_layers=2, feed_forward_proj="relu"),
 }
+
+
+class HFT5(hf_compat.EncoderMaskInGeneration, T5ForConditionalGeneration):
+    """HF's T5, with the encoder mask reaching generate's decoder steps as transformers 4.50 fixed it
+    (transformers#36293: 4.49.0 drops it, so a padded row's reference ids would attend to its
+    padding). Identical to HF's class from 4.50 on."""
+
+
 GEN = dict(max_new_tokens=8, suppress_tokens=[0, 1])  # random weights would otherwise emit only pad/eos
 
 
@@ -35,8 +44,8 @@ def make_hf(name, seed=0):
     torch.manual_seed(seed)
     config = T5Config(vocab_size=VOCAB, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
                       eos_token_id=1, **CONFIGS[name])
-    hf = T5ForConditionalGeneration(config).eval()
-    if not config.scale_decoder_outputs:  # untied: give lm_head its own weights, as real v1.1 has
+    hf = HFT5(config).eval()
+    if not lm_head_is_tied(config):  # untied: give lm_head its own weights, as real v1.1 has
         hf.lm_head.weight = nn.Parameter(torch.randn(VOCAB, config.d_model) * 0.5)
     return hf
 
@@ -80,7 +89,7 @@ def test_loads_hf_checkpoint_without_missing_or_unexpected_keys(pair):
     assert ours_names == hf_names
     for name, tensor in hf.state_dict().items():
         assert torch.equal(ours.state_dict()[name], tensor), name
-    assert (ours.lm_head.weight is ours.shared.weight) == bool(hf.config.scale_decoder_outputs)
+    assert (ours.lm_head.weight is ours.shared.weight) == (hf.lm_head.weight is hf.shared.weight)
 
 
 def test_logits_loss_and_gradients_match_hf_at_sparsity_0(pair):
@@ -149,7 +158,7 @@ def test_generate_for_any_decoder_depth(tmp_path, depths, sparsity):
     config = T5Config(vocab_size=VOCAB, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
                       d_model=32, d_kv=8, num_heads=4, d_ff=72, num_layers=encoder_layers,
                       num_decoder_layers=decoder_layers, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    hf = T5ForConditionalGeneration(config).eval()
+    hf = HFT5(config).eval()
     hf.lm_head.weight = nn.Parameter(torch.randn(VOCAB, config.d_model) * 4.0)  # large: varied ids
     ours = load_ours(hf, tmp_path)
     assert len(ours.decoder.block) == decoder_layers and len(ours.encoder.block) == encoder_layers
@@ -437,8 +446,12 @@ def test_convergence_follows_hf_at_sparsity_0(tmp_path):
     ours = load_ours(hf, tmp_path)
     ref, got = train_curve(hf), train_curve(ours)
     assert ref[-1] < ref[0] * 0.7  # it does learn
+    # 1e-3 of the loss: gradients agree to fp32 noise (test above), which Adam's per-entry normalisation
+    # amplifies over 30 steps: measured at most 3e-6 of the loss against transformers 5.24 and 2e-4
+    # against 4.49 (whose T5 sums in another order). A parameter that never trains (its gradient
+    # dropped) moves the curve by 2.4e-3 (a decoder layer norm) to 3e-3 (relative attention bias).
     for i, (a, b) in enumerate(zip(ref, got)):
-        assert abs(a - b) <= 1e-4 * abs(a), (i, a, b)
+        assert abs(a - b) <= 1e-3 * abs(a), (i, a, b)
 
 
 def test_convergence_at_sparsity_half_equals_masked_dense(tmp_path):
