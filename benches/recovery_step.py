@@ -37,7 +37,13 @@ SHAPES = {
     "t5-base": dict(d_model=768, d_ff=3072, num_heads=12, d_kv=64, num_layers=12, vocab_size=32128),
     "t5-large": dict(d_model=1024, d_ff=4096, num_heads=16, d_kv=64, num_layers=24, vocab_size=32128),
     "tiny": dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2, vocab_size=256),
+    # Dense training cannot fit these on a 24 GB machine (16 B per parameter for weight, gradient and
+    # AdamW's two moments: t5-3b 2.85B parameters, t5-11b 11.3B). Their dense checkpoints are written
+    # tensor by tensor (STREAMED), never as a whole model.
+    "t5-3b": dict(d_model=1024, d_ff=16384, num_heads=32, d_kv=128, num_layers=24, vocab_size=32128),
+    "t5-11b": dict(d_model=1024, d_ff=65536, num_heads=128, d_kv=128, num_layers=24, vocab_size=32128),
 }
+STREAMED = {"t5-3b", "t5-11b"}
 BATCH, SRC, TGT = 8, 32, 8
 CACHE = os.environ.get("SPARSE_T5_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "sparse_t5_bench_ckpt"))
 
@@ -48,10 +54,10 @@ def config_for(shape):
     return T5Config(**SHAPES[shape], decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
-def _checkpoint_once(path: str, shape: str, make_model: str) -> str:
+def _checkpoint_once(path: str, shape: str, write: str) -> str:
     """Write a random-init checkpoint of `shape` to `path` once, in a child process (so no figure here
-    includes building it). `make_model` is Python that sets `m` from `config`."""
-    if not os.path.exists(os.path.join(path, "model.safetensors")):
+    includes building it). `write` is Python that writes `config`'s checkpoint to `path`."""
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
         import subprocess
 
         code = (
@@ -60,9 +66,8 @@ def _checkpoint_once(path: str, shape: str, make_model: str) -> str:
             "from sparse_t5 import SparseT5ForConditionalGeneration\n"
             "from transformers import T5ForConditionalGeneration\n"
             "torch.manual_seed(0)\n"
-            "config = config_for(%r)\n"
-            "%s\n"
-            "m.save_pretrained(%r)\n" % (os.path.dirname(os.path.abspath(__file__)), shape, make_model, path)
+            "config, path = config_for(%r), %r\n"
+            "%s\n" % (os.path.dirname(os.path.abspath(__file__)), shape, path, write)
         )
         subprocess.run([sys.executable, "-c", code], check=True)
     return path
@@ -72,12 +77,21 @@ def sparse_checkpoint(shape: str, variant: str) -> str:
     """Path of a pruned checkpoint of `shape` for `variant`."""
     prune = "m.sparsify(format='2:4')" if variant == "2:4" else f"m.sparsify({float(variant.split(':')[1])}, scope='global')"
     return _checkpoint_once(os.path.join(CACHE, f"{shape}-{variant.replace(':', '_')}"), shape,
-                            f"m = SparseT5ForConditionalGeneration(config)\n{prune}")
+                            f"m = SparseT5ForConditionalGeneration(config)\n{prune}\nm.save_pretrained(path)")
 
 
 def dense_checkpoint(shape: str) -> str:
-    """Path of a dense HF checkpoint of `shape` (random init, safetensors, as transformers writes it)."""
-    return _checkpoint_once(os.path.join(CACHE, f"{shape}-dense"), shape, "m = T5ForConditionalGeneration(config)")
+    """Path of a dense HF checkpoint of `shape` (random init, safetensors, as transformers writes it).
+    STREAMED shapes: HF's initialisation scale and sharded layout (model.safetensors.index.json, 2 GB
+    shards), fp32, written one module at a time (sparse_t5.modeling_t5.random_init_tensors into
+    sparse_t5.checkpoint.write_sharded), so the dense model is never held."""
+    path = os.path.join(CACHE, f"{shape}-dense")
+    if shape in STREAMED:
+        return _checkpoint_once(path, shape, "from sparse_t5.checkpoint import write_sharded\n"
+                                "from sparse_t5.modeling_t5 import random_init_tensors\n"
+                                "config.save_pretrained(path)\n"
+                                "write_sharded(path, random_init_tensors(config))")
+    return _checkpoint_once(path, shape, "T5ForConditionalGeneration(config).save_pretrained(path)")
 
 
 def build(shape: str, variant: str):

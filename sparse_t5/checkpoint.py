@@ -328,6 +328,47 @@ def atomic_write(path: str, write) -> None:
             os.remove(tmp)
 
 
+def write_sharded(save_directory: str, tensors, max_shard_bytes: int = 2 * 2**30) -> dict:
+    """transformers' sharded safetensors layout (model-0000i-of-0000N.safetensors and
+    model.safetensors.index.json), written from an iterator of (name, tensor) one shard at a time: only
+    the shard being filled is held, so a checkpoint larger than memory (t5-11b: 45 GB in fp32) can be
+    written. Each shard goes to a temporary name and is renamed once N is known; the index is written
+    last, atomically, so an interrupted write leaves no index and is never mistaken for a checkpoint.
+    Returns the index."""
+    from safetensors.torch import save_file
+
+    os.makedirs(save_directory, exist_ok=True)
+    shards, held, held_bytes, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal held, held_bytes
+        tmp = os.path.join(save_directory, f".tmp-shard-{len(shards):05d}.safetensors")
+        save_file(held, tmp, metadata={"format": "pt"})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        shards.append((tmp, list(held)))
+        held, held_bytes = {}, 0
+
+    for name, tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        if held and held_bytes + size > max_shard_bytes:
+            flush()
+        held[name] = tensor.detach().contiguous().cpu()
+        held_bytes += size
+        total += size
+    if held or not shards:
+        flush()
+    weight_map = {}
+    for i, (tmp, names) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(tmp, os.path.join(save_directory, final))
+        weight_map.update({n: final for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write(os.path.join(save_directory, WEIGHTS_NAME + ".index.json"),
+                 lambda p: open(p, "w").write(json.dumps(index, indent=2)))
+    return index
+
+
 def save_pretrained(model, save_directory) -> None:
     """config.json (with the sparsity layout), generation_config.json and model.safetensors
     (compressed tensors for sparse layers, plus a content hash), each written atomically."""

@@ -472,6 +472,40 @@ class SparseT5PreTrainedModel(PreTrainedModel):
                 module.relative_attention_bias.weight.normal_(0.0, factor * d_model ** -0.5)
 
 
+def random_init_tensors(config: T5Config, dtype: torch.dtype = torch.float32):
+    """(name, tensor) for every tensor a dense checkpoint of `config` stores, with HF's initialisation,
+    one module at a time: the model is built on the meta device, and each module _init_weights sets
+    (an attention, a feed-forward block, a layer norm; last the embeddings) is materialised,
+    initialised, yielded and dropped. So t5-11b (11.3B parameters) needs at most one of its 1024 x 65536
+    feed-forward blocks in memory. The draws follow init_weights' post-order, so under one seed the
+    tensors equal those of SparseT5ForConditionalGeneration(config)'s state (tests/test_checkpoint.py)."""
+    with torch.device("meta"):
+        model = SparseT5ForConditionalGeneration(config)
+    if model.sparse_layers():
+        raise ValueError("random_init_tensors writes dense checkpoints: the config has a sparse layout")
+    stored = set(checkpoint.tensors_to_save(model))
+    prefix = {id(m): name for name, m in model.named_modules()}
+    units = [m for m in _post_order(model)
+             if isinstance(m, (T5LayerNorm, T5DenseActDense, T5DenseGatedActDense, T5Attention))]
+    for unit in units + [model]:
+        owned = ([model.shared] + ([] if model.lm_head_shared else [model.lm_head])) if unit is model else [unit]
+        for m in owned:
+            m.to_empty(device="cpu")
+        model._init_weights(unit)
+        for m in owned:
+            for name, t in m.state_dict(prefix=prefix[id(m)] + ".").items():
+                if name in stored:
+                    yield name, t.to(dtype)
+            m.to_empty(device="meta")
+
+
+def _post_order(module):
+    """Modules in nn.Module.apply's order: children first."""
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
+
+
 def _init_linear(module, std):
     if isinstance(module, SparseLinear):
         module.values.normal_(0.0, std)

@@ -179,3 +179,110 @@ def test_placement_arguments_as_transformers_users_pass_them(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             SparseT5ForConditionalGeneration.from_pretrained(path, device_map="cuda")
+
+
+# ---- checkpoints larger than memory: the streaming writer (benches/test_bench_big_models.py) ----------
+def big_shape_config(**overrides):
+    """A small stand-in for t5-3b/t5-11b's proportions (d_ff 16 x d_model, heads x d_kv > d_model)."""
+    return T5Config(**{**dict(vocab_size=96, d_model=32, d_ff=512, num_heads=8, d_kv=8, num_layers=2,
+                              num_decoder_layers=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+                       **overrides})
+
+
+@pytest.mark.parametrize("ffn", [dict(feed_forward_proj="relu"),
+                                 dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)])
+def test_random_init_tensors_are_init_weights_one_module_at_a_time(ffn):
+    from sparse_t5.checkpoint import tensors_to_save
+    from sparse_t5.modeling_t5 import random_init_tensors
+
+    config = big_shape_config(**ffn)
+    with torch.device("meta"):
+        whole = SparseT5ForConditionalGeneration(config)
+    whole.to_empty(device="cpu")
+    torch.manual_seed(0)
+    whole.init_weights()
+    reference = tensors_to_save(whole)
+    torch.manual_seed(0)
+    streamed = list(random_init_tensors(config))
+    assert [n for n, _ in streamed] != [] and sorted(n for n, _ in streamed) == sorted(reference)
+    for name, tensor in streamed:
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_random_init_has_hfs_scale():
+    """Per tensor, the standard deviation (or the constant) of HF's own random init: q at
+    (d_model d_kv)^-1/2, k/v at d_model^-1/2, o at (heads d_kv)^-1/2, wi at d_model^-1/2, wo at d_ff^-1/2,
+    embeddings and an untied lm_head at 1, layer norms at 1. The sampling error of a std is at most about
+    4% here (the relative attention bias: 256 draws; the rest 4,096 or more); exchanging any two of
+    the formulas changes a std by a factor of 1.4 or more."""
+    from sparse_t5.modeling_t5 import random_init_tensors
+
+    config = big_shape_config(feed_forward_proj="gated-gelu", tie_word_embeddings=False, d_model=64, d_kv=16)
+    torch.manual_seed(0)
+    hf = T5ForConditionalGeneration(config).state_dict()
+    torch.manual_seed(1)
+    for name, tensor in random_init_tensors(config):
+        if name.endswith("layer_norm.weight"):
+            assert torch.equal(tensor, hf[name]), name
+        else:
+            assert abs(tensor.std().item() / hf[name].std().item() - 1) < 0.1, name
+
+
+def test_streamed_sharded_checkpoint_is_what_transformers_writes_and_loads(tmp_path):
+    from sparse_t5.checkpoint import write_sharded
+    from sparse_t5.modeling_t5 import random_init_tensors
+
+    config = big_shape_config(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    path = tmp_path / "big"
+    config.save_pretrained(path)
+    torch.manual_seed(0)
+    index = write_sharded(str(path), random_init_tensors(config), max_shard_bytes=64 * 2**10)
+    torch.manual_seed(0)
+    written = dict(random_init_tensors(config))
+    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    n = len(shards)
+    assert n >= 4 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert not [f for f in os.listdir(path) if f.startswith(".tmp")]
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in written.values())
+    assert json.load(open(path / "model.safetensors.index.json")) == index
+    # transformers reads it as one of its own checkpoints
+    hf = T5ForConditionalGeneration.from_pretrained(path)
+    for name, tensor in written.items():
+        assert torch.equal(hf.state_dict()[name], tensor), name
+    # prune-at-load streams the shards, global threshold included, exactly as load-then-sparsify
+    reference = SparseT5ForConditionalGeneration.from_pretrained(path)
+    reference.sparsify(0.9, scope="global")
+    assert_identical(SparseT5ForConditionalGeneration.from_pretrained(path, sparsity=0.9, scope="global"), reference)
+    # bf16 on disk (t5-11b's option when the disk is short): half the bytes, and it loads, as transformers
+    # does without torch_dtype, into fp32 parameters (recovery's master weights) or, asked, into bf16
+    torch.manual_seed(0)
+    small = write_sharded(str(tmp_path / "bf16"), random_init_tensors(config, torch.bfloat16),
+                          max_shard_bytes=64 * 2**10)
+    config.save_pretrained(tmp_path / "bf16")
+    assert small["metadata"]["total_size"] * 2 == index["metadata"]["total_size"]
+    rounded = written["decoder.block.1.layer.2.DenseReluDense.wi_1.weight"]
+    for dtype in (None, torch.bfloat16):
+        loaded = SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "bf16", dtype=dtype)
+        wi_1 = loaded.decoder.block[1].layer[2].DenseReluDense.wi_1.weight
+        assert wi_1.dtype == (dtype or torch.float32)
+        assert torch.equal(wi_1, rounded.to(torch.bfloat16).to(wi_1.dtype))
+
+
+def test_an_interrupted_streamed_write_is_never_a_checkpoint(tmp_path):
+    from sparse_t5.checkpoint import write_sharded
+    from sparse_t5.modeling_t5 import random_init_tensors
+
+    config = big_shape_config()
+    config.save_pretrained(tmp_path)
+
+    def dies_halfway():
+        for i, item in enumerate(random_init_tensors(config)):
+            if i == 10:
+                raise KeyboardInterrupt
+            yield item
+
+    with pytest.raises(KeyboardInterrupt):
+        write_sharded(str(tmp_path), dies_halfway(), max_shard_bytes=16 * 2**10)
+    assert not os.path.exists(tmp_path / "model.safetensors.index.json")
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        SparseT5ForConditionalGeneration.from_pretrained(tmp_path)
