@@ -41,7 +41,9 @@ import time
 import xml.etree.ElementTree as ET
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEER_DIR = os.path.join(os.path.dirname(ROOT), "shared", "peer")
+# HF's test-tree archives: ../shared/peer beside the checkout, or wherever SPARSE_T5_PEER_DIR says (a clone
+# elsewhere, as CI's may be).
+PEER_DIR = os.environ.get("SPARSE_T5_PEER_DIR") or os.path.join(os.path.dirname(ROOT), "shared", "peer")
 KNOWN = os.path.join(ROOT, "tests", "peer", "known_differences.json")
 T5_TESTS = "tests/models/t5/test_modeling_t5.py"
 # What each archive pairs with (../shared/peer/README.md): the test tools its tree needs.

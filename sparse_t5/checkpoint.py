@@ -320,6 +320,7 @@ def atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the checkpoint private to its writer
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -344,6 +345,7 @@ def write_sharded(save_directory: str, tensors, max_shard_bytes: int = 2 * 2**30
         nonlocal held, held_bytes
         tmp = os.path.join(save_directory, f".tmp-shard-{len(shards):05d}.safetensors")
         save_file(held, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         shards.append((tmp, list(held)))
@@ -367,6 +369,12 @@ def write_sharded(save_directory: str, tensors, max_shard_bytes: int = 2 * 2**30
     atomic_write(os.path.join(save_directory, WEIGHTS_NAME + ".index.json"),
                  lambda p: open(p, "w").write(json.dumps(index, indent=2)))
     return index
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_pretrained(model, save_directory) -> None:

@@ -123,8 +123,9 @@ def empty_loading_info() -> dict:
 
 
 def use_return_dict(config) -> bool:
-    # 4.x: config.use_return_dict (return_dict and not torchscript); 5.0 dropped torchscript and the property.
-    return bool(getattr(config, "use_return_dict", config.return_dict))
+    # 4.x's config.use_return_dict, computed: 5.x deprecates that property (a warning on every forward)
+    # and drops torchscript.
+    return bool(config.return_dict and not getattr(config, "torchscript", False))
 
 
 def check_tested_version(version: str | None = None) -> None:

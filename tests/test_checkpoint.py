@@ -243,6 +243,9 @@ def test_streamed_sharded_checkpoint_is_what_transformers_writes_and_loads(tmp_p
     n = len(shards)
     assert n >= 4 and shards == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     assert not [f for f in os.listdir(path) if f.startswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(os.stat(path / f).st_mode & 0o777 == 0o666 & ~umask for f in os.listdir(path))
     assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in written.values())
     assert json.load(open(path / "model.safetensors.index.json")) == index
     # transformers reads it as one of its own checkpoints
