@@ -1,0 +1,74 @@
+"""Sharding a sparse T5 across processes with FSDP2 (torch.distributed.fsdp.fully_shard).
+
+Each T5 block is its own FSDP unit and the model the root, as HF's T5 is usually sharded. A sparse
+layer's `values` is an ordinary parameter, so FSDP2 shards it (and its gradient and AdamW state) along
+its only dimension; the CSR/2:4 index buffers are buffers, which FSDP2 leaves whole on every rank.
+They are about 2 B per kept weight against the 16 B of values, gradient and AdamW's two moments that
+are sharded (t5-3b at 0.9, measured: 571 MB of index for 281.9M kept weights), so each rank of two
+holds about (8 + 2) / 18 = 0.56 of one process's sparse-layer state; sharding the index too would
+make every forward all-gather it.
+
+One T5 detail: the stack computes the relative position bias from block 0's attention *before*
+running block 0, while FSDP2 gathers a unit's parameters only for that unit's own forward (sharding
+block 0 on its own fails: "aten.embedding.default got mixed torch.Tensor and DTensor"). Leaving the
+bias table out of block 0's unit with `ignored_params` leaves it out of every unit: its gradient is
+then never averaged across ranks (tests/test_distributed.py caught that). So each stack's block 0
+(the block that owns the bias table) is not a unit of its own: it belongs to the root, gathered for
+the whole forward, which costs one block of each stack (1/24 of t5-3b or t5-11b) whole on each rank
+during the step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def shard_model(model, mesh=None, **fsdp_kwargs):
+    """fully_shard every encoder and decoder block but each stack's first, then the model (in place;
+    returns it).
+
+    `mesh`: a 1-D DeviceMesh (default: all ranks of the default process group, on the model's device
+    type). Extra keyword arguments go to every fully_shard call (e.g. mp_policy, reshard_after_forward).
+    After it, the model's parameters are DTensors: build the optimizer afterwards, and save with
+    `full_state_dict(model)` gathered to ordinary tensors.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if not torch.distributed.is_initialized():
+        raise RuntimeError("shard_model needs torch.distributed initialised (torchrun, or init_process_group)")
+    if mesh is None:
+        mesh = init_device_mesh(model.device.type, (torch.distributed.get_world_size(),))
+    for block in list(model.encoder.block) + list(model.decoder.block):
+        if not any("relative_attention_bias" in name for name, _ in block.named_parameters()):
+            fully_shard(block, mesh=mesh, **fsdp_kwargs)
+    fully_shard(model, mesh=mesh, **fsdp_kwargs)  # the rest, block 0 of each stack included
+    return model
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state with every sharded parameter gathered (collective: call on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+            for name, t in model.state_dict().items()}
+
+
+def local_state_bytes(model, optimizer=None) -> int:
+    """Bytes this rank holds of parameters, their gradients, optimizer state and buffers (shards, for
+    sharded tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    def local(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        return t.numel() * t.element_size()
+
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += local(p) + (local(p.grad) if p.grad is not None else 0)
+        if optimizer is not None:
+            total += sum(local(s) for s in optimizer.state.get(p, {}).values() if torch.is_tensor(s) and s.dim())
+    total += sum(local(b) for b in model.buffers() if id(b) not in seen)
+    return total
