@@ -174,6 +174,9 @@ def main():
     parser.add_argument("--source", type=int, default=SRC)
     parser.add_argument("--target", type=int, default=TGT)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on the device)")
+    parser.add_argument("--round-trip", metavar="DIR", default=None,
+                        help="after the steps (ours only): save_pretrained to DIR (compressed), reload, and compare "
+                        "greedy ids and eval logits before and after; reports the checkpoint's size on disk")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,7 +246,33 @@ def main():
         result.update(gpu=torch.cuda.get_device_name(device),
                       cuda_max_memory_allocated_bytes=torch.cuda.max_memory_allocated(device))
     result.update(state_bytes(model, optimizer))
+    if args.round_trip:
+        result.update(round_trip(model, ids[:2], args.round_trip))
     json.dump(result, sys.stdout)
+
+
+def round_trip(model, ids, directory) -> dict:
+    """Save the recovered model compressed, reload it, and check that it is the same model: identical
+    eval logits and greedy ids."""
+    from sparse_t5 import SparseT5ForConditionalGeneration
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        before = model.generate(input_ids=ids, max_new_tokens=4, suppress_tokens=[0, 1])  # not just pad/eos
+    t0 = time.perf_counter()
+    model.save_pretrained(directory)
+    save_s = time.perf_counter() - t0
+    size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
+    t0 = time.perf_counter()
+    reloaded = SparseT5ForConditionalGeneration.from_pretrained(directory).to(ids.device)
+    load_s = time.perf_counter() - t0
+    with torch.no_grad():
+        same_logits = torch.equal(reloaded(input_ids=ids, decoder_input_ids=ids[:, :4]).logits, logits)
+        same_ids = torch.equal(reloaded.generate(input_ids=ids, max_new_tokens=4, suppress_tokens=[0, 1]), before)
+    return {"round_trip_checkpoint_bytes": size, "round_trip_save_s": save_s, "round_trip_load_s": load_s,
+            "round_trip_same_logits": same_logits, "round_trip_same_ids": same_ids,
+            "round_trip_ids": before.tolist(), "peak_rss_after_round_trip_bytes": peak_rss_bytes()}
 
 
 if __name__ == "__main__":
