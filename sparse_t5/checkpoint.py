@@ -344,10 +344,7 @@ def write_sharded(save_directory: str, tensors, max_shard_bytes: int = 2 * 2**30
     def flush():
         nonlocal held, held_bytes
         tmp = os.path.join(save_directory, f".tmp-shard-{len(shards):05d}.safetensors")
-        save_file(held, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        atomic_write(tmp, lambda p: save_file(held, p, metadata={"format": "pt"}))  # renamed once N is known
         shards.append((tmp, list(held)))
         held, held_bytes = {}, 0
 

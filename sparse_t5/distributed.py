@@ -1,6 +1,7 @@
 """Sharding a sparse T5 across processes with FSDP2 (torch.distributed.fsdp.fully_shard).
 
-Each T5 block is its own FSDP unit and the model the root, as HF's T5 is usually sharded. A sparse
+Each T5 block but each stack's first is its own FSDP unit and the model is the root (why block 0 is
+not: below). A sparse
 layer's `values` is an ordinary parameter, so FSDP2 shards it (and its gradient and AdamW state) along
 its only dimension; the CSR/2:4 index buffers are buffers, which FSDP2 leaves whole on every rank.
 They are about 2 B per kept weight against the 16 B of values, gradient and AdamW's two moments that

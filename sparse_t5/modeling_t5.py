@@ -478,7 +478,8 @@ def random_init_tensors(config: T5Config, dtype: torch.dtype = torch.float32):
     (an attention, a feed-forward block, a layer norm; last the embeddings) is materialised,
     initialised, yielded and dropped. So t5-11b (11.3B parameters) needs at most one of its 1024 x 65536
     feed-forward blocks in memory. The draws follow init_weights' post-order, so under one seed the
-    tensors equal those of SparseT5ForConditionalGeneration(config)'s state (tests/test_checkpoint.py)."""
+    tensors equal what init_weights() gives the whole model (tests/test_checkpoint.py; the constructor
+    itself draws torch's default inits first, so not its state)."""
     with torch.device("meta"):
         model = SparseT5ForConditionalGeneration(config)
     if model.sparse_layers():
