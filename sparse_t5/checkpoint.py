@@ -303,8 +303,10 @@ def apply_layout(model, layout: dict) -> None:
 
 
 # ---- saving ------------------------------------------------------------------------------------------------
-def tensors_to_save(model) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+def tensors_to_save(model, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """What a checkpoint of `model` stores: its state_dict (or `state`, e.g. one gathered from shards)
+    less the tied copies."""
+    state = model.state_dict() if state is None else state
     # Tied copies are not stored (as HF): embed_tokens are `shared`, and so is a tied lm_head.
     drop = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
     if model.lm_head_shared:
@@ -374,13 +376,15 @@ def _umask() -> int:
     return mask
 
 
-def save_pretrained(model, save_directory) -> None:
+def save_pretrained(model, save_directory, state_dict: dict | None = None) -> None:
     """config.json (with the sparsity layout), generation_config.json and model.safetensors
-    (compressed tensors for sparse layers, plus a content hash), each written atomically."""
+    (compressed tensors for sparse layers, plus a content hash), each written atomically.
+    `state_dict`: the tensors to write instead of the model's own (transformers' argument of that name:
+    a sharded model's state gathered with sparse_t5.distributed.full_state_dict)."""
     from safetensors.torch import save_file
 
     os.makedirs(save_directory, exist_ok=True)
-    tensors = {k: v.cpu() for k, v in tensors_to_save(model).items()}
+    tensors = {k: v.cpu() for k, v in tensors_to_save(model, state_dict).items()}
     config = copy.deepcopy(model.config)
     layout = layout_of(model)
     if layout["layers"]:

@@ -81,6 +81,14 @@ def add_train_args(p, prefix="", recipe=None):
                    help=f"validate every N epochs and after the last (default {r.get('eval_every', 1)})")
 
 
+def add_parallel_args(p):
+    g = p.add_argument_group("several processes (under torchrun)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 across the ranks (each holds 1/world of the sparse values, "
+                        "their gradients and AdamW's moments; checkpoints are gathered and written whole) "
+                        "instead of replicating it with DDP; with one-shot pruning only (not --gradual)")
+
+
 def train_config(args, prefix=""):
     """The TrainConfig of the parsed options; a command without some options (evaluate, bm25) gets
     TrainConfig's defaults for them."""
@@ -102,7 +110,8 @@ def train_config(args, prefix=""):
                        index_tokens=getattr(args, "index_tokens", defaults["index_tokens"]),
                        index_stride=getattr(args, "index_stride", defaults["index_stride"]),
                        pseudo_queries=getattr(args, "pseudo_queries", defaults["pseudo_queries"]),
-                       resample_pseudo_queries=not getattr(args, "fixed_pseudo_queries", False), device=args.device)
+                       resample_pseudo_queries=not getattr(args, "fixed_pseudo_queries", False), device=args.device,
+                       parallel="fsdp" if getattr(args, "fsdp", False) else "ddp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,12 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scope", choices=["global", "layer"], default="global", help="magnitude threshold scope")
     run.add_argument("--gradual", action="store_true", help="prune gradually (cubic) during recovery")
     run.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoints")
+    add_parallel_args(run)
 
     train = cmds.add_parser("train", help="dense training only (the baseline)")
     add_data_args(train)
     model_args(train)
     add_train_args(train, "")
     train.add_argument("--resume", action="store_true", help="continue from out/baseline/last")
+    add_parallel_args(train)
 
     prune = cmds.add_parser("prune", help="prune a checkpoint while loading it, and save it compressed")
     source = prune.add_mutually_exclusive_group(required=True)
@@ -187,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover.add_argument("--labels", default="qrels", choices=["qrels", "bm25"], help="retrieval labels")
     recover.add_argument("--label-k", type=int, default=5, help="K for BM25 labels")
     add_train_args(recover, "", RECOVER_RECIPE)
+    add_parallel_args(recover)
 
     ev = cmds.add_parser("evaluate", help="evaluate a checkpoint on the test split")
     add_data_args(ev)
@@ -219,7 +231,11 @@ def _run_config(args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "gradual", False) and getattr(args, "fsdp", False):
+        parser.error("--gradual cannot run with --fsdp: gradual pruning rebuilds the sparse layers during "
+                     "recovery, which FSDP2's sharded parameters cannot follow; prune one-shot with --fsdp")
     from .dsi import pipeline
 
     try:

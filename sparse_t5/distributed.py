@@ -20,6 +20,8 @@ during the step.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -73,3 +75,67 @@ def local_state_bytes(model, optimizer=None) -> int:
             total += sum(local(s) for s in optimizer.state.get(p, {}).values() if torch.is_tensor(s) and s.dim())
     total += sum(local(b) for b in model.buffers() if id(b) not in seen)
     return total
+
+
+def is_sharded(model) -> bool:
+    """Whether `model` has been through fully_shard (its class is then an FSDPModule)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 cannot have sharded it
+        return False
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Inside, a sharded model's root unit (embeddings, each stack's block 0, final layer norms, lm_head)
+    stays gathered, so code that runs parts of the model outside the root's forward works: `generate`
+    runs the encoder before its first forward call. The other blocks gather themselves in their own
+    forward as usual. Collective: every rank must enter it and run the same forwards inside. A no-op on
+    an unsharded model."""
+    if not is_sharded(model):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
+
+
+def _trainable_names(model) -> list[str]:
+    # The order of model.parameters() (tied parameters once), which is the order the optimizer was
+    # built in (the trainer passes the trainable ones in that order).
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer's state_dict, whole and on the CPU, in torch's own layout (parameters numbered in
+    the order of model.parameters()), so that a checkpoint written by a sharded run loads in a single
+    process and the reverse. Collective when the model is sharded (torch.distributed.checkpoint gathers
+    the shards to rank 0; the other ranks get {})."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, optimizer,
+                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not by_name:  # cpu_offload gathers to rank 0 only; the other ranks get {}
+        return {}
+    index = {name: i for i, name in enumerate(_trainable_names(model))}
+    return {"state": {index[name]: value for name, value in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[name] for name in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """Load what `full_optimizer_state` returned (or any optimizer.state_dict() of the same model) into
+    `optimizer`; on a sharded model each rank keeps its shard of every moment. Collective when sharded."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _trainable_names(model)
+    by_name = {"state": {names[i]: value for i, value in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))

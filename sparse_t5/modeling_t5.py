@@ -586,7 +586,8 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         return self.decoder
 
     def _shift_right(self, input_ids):
-        start, pad = self.config.decoder_start_token_id, self.config.pad_token_id
+        # getattr: transformers 5.x configs may lack the attribute instead of holding None
+        start, pad = getattr(self.config, "decoder_start_token_id", None), getattr(self.config, "pad_token_id", None)
         if start is None or pad is None:
             raise ValueError("config.decoder_start_token_id and config.pad_token_id must be set (T5 uses the pad id)")
         shifted = input_ids.new_zeros(input_ids.shape)
@@ -745,13 +746,15 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         checkpoint.replace_module(self, name, module)
 
     # ---- checkpoints (sparse_t5/checkpoint.py) ---------------------------------------------------------
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs):
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, state_dict=None, **kwargs):
         """Write config.json (with the sparsity layout), generation_config.json and
         model.safetensors (compressed tensors for sparse layers, plus a content hash). Each file is
-        written to a temporary name and renamed, so a crash never leaves a half-written file."""
+        written to a temporary name and renamed, so a crash never leaves a half-written file.
+        `state_dict`, as in transformers: the tensors to write instead of this model's (a sharded
+        model's, gathered with sparse_t5.distributed.full_state_dict)."""
         if not safe_serialization:
             raise ValueError("sparse_t5 writes safetensors only")
-        checkpoint.save_pretrained(self, save_directory)
+        checkpoint.save_pretrained(self, save_directory, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None,

@@ -382,6 +382,8 @@ model = SparseT5ForConditionalGeneration(config)
 model.sparsify(0.5)
 class Tok:
     pad_token_id, eos_token_id = 0, 1
+    def save_pretrained(self, path):  # nothing to save: the test's tokenizer is this code
+        pass
     def __call__(self, texts, **kw):
         ids = [[2 + (ord(c) % 60) for c in t][:12] for t in texts]
         width = max(len(i) for i in ids)
@@ -391,29 +393,41 @@ class Tok:
                                      attention_mask=torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids]))
 mapping = DocidMapping("atomic", {{str(d): [10 + d, 1] for d in range(8)}})
 examples = [Example(f"text number {{i}} about {{i % 8}}", str(i % 8), "query") for i in range(32)]
-trainer = Trainer(model, Tok(), mapping, examples, TrainConfig(epochs=2, batch_size=4, lr=1e-2, device="cpu"), {out!r},
-                  progress=False, log=lambda *_: None)
-trainer.save = lambda name: None
+def evaluate(m):  # validation decodes: under FSDP a collective on every rank
+    ids = m.generate(input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False)
+    return {{"generated": ids[0].tolist()}}
+trainer = Trainer(model, Tok(), mapping, examples,
+                  TrainConfig(epochs=2, batch_size=4, lr=1e-2, device="cpu", parallel={parallel!r}),
+                  os.path.join({out!r}, f"run{{world}}"), evaluate_fn=evaluate, progress=False, log=lambda *_: None)
+if {parallel!r} == "ddp":
+    trainer.save = lambda name: None
 result = trainer.train()
-flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-json.dump({{"loss": result["history"][-1]["train_loss"], "params": flat.tolist()}},
+from sparse_t5.distributed import full_state_dict, is_sharded, local_state_bytes
+state = full_state_dict(model) if is_sharded(model) else dict(model.named_parameters())
+flat = torch.cat([state[n].detach().flatten() for n, _ in model.named_parameters()])
+json.dump({{"loss": result["history"][-1]["train_loss"], "params": flat.tolist(),
+           "generated": result["history"][-1]["generated"], "sharded": is_sharded(model),
+           "state_bytes": local_state_bytes(model, trainer.optimizer)}},
           open(os.path.join({out!r}, f"rank{{rank}}.json"), "w"))
 if dist.is_initialized():
     dist.destroy_process_group()
 """
 
 
-def test_two_process_ddp_matches_single_process(tmp_path):
+def _two_ranks_then_one(tmp_path, parallel):
+    """Run the worker as two ranks (batch 4 each), then as one process (batch 8: the same global batch);
+    returns (rank 0's, rank 1's, the single process's) results."""
     import socket
     import subprocess
     import sys
 
     tests = os.path.dirname(__file__)
     script = tmp_path / "worker.py"
-    script.write_text(DDP_WORKER.format(tests=tests, out=str(tmp_path)))
+    worker = DDP_WORKER.format(tests=tests, out=str(tmp_path), parallel=parallel)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+
     def launch(world):
         procs = []
         for rank in range(world):
@@ -421,25 +435,62 @@ def test_two_process_ddp_matches_single_process(tmp_path):
                        MASTER_PORT=str(port + (0 if world == 2 else 1)))
             procs.append(subprocess.Popen([sys.executable, str(script)], env=env))
         assert all(p.wait(timeout=300) == 0 for p in procs)
-    launch(2)
-    r0, r1 = (json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1))
+        return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
+
+    script.write_text(worker)
+    r0, r1 = launch(2)
+    script.write_text(worker.replace("batch_size=4", "batch_size=8"))
+    one, = launch(1)
     assert r0["params"] == r1["params"]  # every rank ends with identical parameters
-    two = r0
-    # single process with batch_size 8 = the same global batch of 2 x 4
-    script.write_text(DDP_WORKER.format(tests=tests, out=str(tmp_path)).replace("batch_size=4", "batch_size=8"))
-    launch(1)
-    one = json.load(open(tmp_path / "rank0.json"))
-    assert abs(one["loss"] - two["loss"]) <= 1e-4 * abs(one["loss"])
+    assert abs(one["loss"] - r0["loss"]) <= 1e-4 * abs(one["loss"])
     # Parameters: the all-reduce sums in another order than one process does, and AdamW's
     # m / sqrt(v) amplifies that where gradients are ~0, so after 16 steps at lr 1e-2 they agree to a
     # fraction of one step (measured 3e-4), not bit for bit.
-    diff = max(abs(a - b) for a, b in zip(one["params"], two["params"]))
+    diff = max(abs(a - b) for a, b in zip(one["params"], r0["params"]))
     assert diff < 0.1 * 1e-2, diff
+    return r0, r1, one
+
+
+def test_two_process_ddp_matches_single_process(tmp_path):
+    r0, r1, one = _two_ranks_then_one(tmp_path, "ddp")
+    assert not r0["sharded"] and r0["state_bytes"] == r1["state_bytes"] == one["state_bytes"]  # replicas
+
+
+def test_two_process_fsdp_matches_single_process_and_its_checkpoint_resumes_anywhere(tmp_path):
+    """--fsdp: the sharded run trains as one process does, each rank holds about half of the state,
+    validation decodes on both ranks alike, and its checkpoint (gathered by rank 0) is an ordinary one:
+    the model loads whole and a single-process trainer resumes its optimizer state."""
+    from sparse_t5 import SparseT5ForConditionalGeneration
+    from sparse_t5.dsi.docids import DocidMapping
+    from sparse_t5.dsi.trainer import Example
+
+    r0, r1, one = _two_ranks_then_one(tmp_path, "fsdp")
+    assert r0["sharded"] and not one["sharded"]
+    assert r0["generated"] == r1["generated"]  # the collective validation saw the same model on both ranks
+    for r in (r0, r1):  # half of values, gradients and moments (to a row), the index buffers whole
+        assert r["state_bytes"] <= 0.6 * one["state_bytes"], (r["state_bytes"], one["state_bytes"])
+    path = str(tmp_path / "run2" / "last")  # written by rank 0 from the gathered shards
+    model = SparseT5ForConditionalGeneration.from_pretrained(path)
+    mapping = DocidMapping.load(os.path.join(path, "docids.json"))
+    assert torch.cat([p.detach().flatten() for p in model.parameters()]).tolist() == r0["params"]
+    blob = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    saved = blob["optimizer"]
+    params = list(model.parameters())
+    assert sorted(saved["state"]) == list(range(len(params)))  # torch's layout, every parameter
+    for i, p in enumerate(params):  # whole moments, not one rank's shard
+        assert saved["state"][i]["exp_avg"].shape == p.shape
+    trainer = Trainer(model, None, mapping, [Example("text", "0", "query")], TrainConfig(device="cpu"),
+                      str(tmp_path / "resumed"), progress=False, log=lambda *_: None)
+    trainer.resume(path)  # one process resumes what two sharded ranks saved
+    for i, p in enumerate(params):
+        torch.testing.assert_close(trainer.optimizer.state[p]["exp_avg_sq"], saved["state"][i]["exp_avg_sq"])
+    assert trainer.state["global_step"] == blob["state"]["global_step"] == 8  # 2 epochs x 32 / 8
 
 
 @pytest.mark.parametrize("argv,message", [
     (["dsi", "run", "--prune", "bsr:0.5"], "unknown sparse format"),
     (["dsi", "run", "--prune", "1.2"], r"sparsity must be in \[0, 1\)"),
+    (["dsi", "run", "--fsdp", "--gradual"], "--gradual cannot run with --fsdp"),
     (["dsi", "prune", "--checkpoint", ".", "--sparsity", "-0.1", "--output", "x"], r"sparsity must be in \[0, 1\)"),
     (["dsi", "run", "--corpus", "/nonexistent/corpus.jsonl"], "file not found"),
     (["dsi", "evaluate", "--checkpoint", "/nonexistent/ckpt"], "directory not found"),

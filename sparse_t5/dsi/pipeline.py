@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import T5Config
 
+from ..distributed import gathered
 from ..modeling_t5 import SparseT5ForConditionalGeneration
 from ..pruning import check_sparsity
 from .bm25 import labels_from_run, search_corpus
@@ -361,8 +362,10 @@ def train_and_evaluate(cfg: RunConfig, name: str, model, tokenizer, mapping, exa
     phase["seconds"] = time.perf_counter() - t0
     path = trainer.save("last")
     phase["model"] = model_report(model, path)
-    phase["test"] = evaluate_model(model, tokenizer, mapping, prep["data"], prep["splits"]["test"], prep["bm25_run"],
-                                   beam, cfg.rescore_k, label_qrels, os.path.join(cfg.out_dir, "runs", f"{name}.trec"))
+    with gathered(model):  # a sharded (FSDP2) model: every rank decodes, its blocks gathering their shards
+        phase["test"] = evaluate_model(model, tokenizer, mapping, prep["data"], prep["splits"]["test"],
+                                       prep["bm25_run"], beam, cfg.rescore_k, label_qrels,
+                                       os.path.join(cfg.out_dir, "runs", f"{name}.trec"))
     log.info("%s test: %s", name, {k: round(v, 4) for k, v in phase["test"].items() if isinstance(v, float)})
     return phase, path
 

@@ -16,7 +16,12 @@ the CPU), so a run saved on a GPU resumes on a CPU and the reverse.
 Distributed: under torchrun (`init_distributed`) the model is wrapped in DistributedDataParallel
 (nccl on GPUs, one per LOCAL_RANK; gloo on CPU); each rank takes every world_size-th example of the
 same global order, and the sparse `values` are ordinary parameters, so gradients are all-reduced
-like any other.
+like any other. With parallel="fsdp" the model is sharded with FSDP2 instead
+(sparse_t5.distributed.shard_model): each rank holds half (1/world) of the values, their gradients
+and AdamW's moments, for a model that does not fit one device even sparse. Checkpoints are gathered
+and written whole by rank 0, in the same layout as an unsharded run's, so a run saved sharded resumes
+in one process and the reverse. Validation runs on every rank (the blocks gather their shards in
+their forward), and rank 0's metrics decide best checkpoint and early stopping on every rank.
 """
 from __future__ import annotations
 
@@ -73,6 +78,7 @@ class TrainConfig:
     gradual_scope: str = "global"
     gradual_frequency: int = 20
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallel: str = "ddp"  # ddp | fsdp: how several processes (torchrun) share the model
 
     def __post_init__(self):
         if self.schedule not in ("constant", "linear"):
@@ -83,6 +89,12 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum must be >= 1 and epochs >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1) (a fraction of all steps), got {self.warmup_ratio}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.gradual_final_sparsity > 0:
+            raise ValueError("gradual pruning rebuilds the sparse layers during training, which FSDP2's sharded "
+                             "parameters cannot follow: with parallel='fsdp', prune one-shot (prune-at-load) and "
+                             "recover")
         if self.eval_every < 1:
             raise ValueError(f"eval_every must be >= 1 (epochs between validations), got {self.eval_every}")
 
@@ -134,12 +146,20 @@ class Trainer:
         self.model.to(self.device)
         torch.manual_seed(config.seed)
         self.ddp = None
-        if self.world > 1:
+        self.fsdp = self.world > 1 and config.parallel == "fsdp"
+        if self.fsdp:
+            from ..distributed import shard_model
+
+            shard_model(self.model)  # in place: the optimizer below is built over the shards
+        elif self.world > 1:
             self.ddp = self._wrap_ddp()
         self.optimizer = self._make_optimizer()
         self.steps_per_epoch = math.ceil(len(self.examples) / (config.batch_size * self.world * config.grad_accum))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.pruner = None
+        if config.gradual_final_sparsity > 0 and self.fsdp:  # set after TrainConfig's own check (pipeline)
+            raise ValueError("gradual pruning cannot run under FSDP2 (parallel='fsdp'): it rebuilds the sparse "
+                             "layers, which the sharded parameters cannot follow; prune one-shot and recover")
         if config.gradual_final_sparsity > 0:
             from ..pruning import GradualPruner
 
@@ -223,15 +243,21 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save(self, name: str) -> str:
+        """Write the model, tokenizer, docids and training state to out_dir/name (rank 0; under FSDP every
+        rank must call it, since the shards are gathered first)."""
+        from ..distributed import full_optimizer_state, full_state_dict
+
         path = os.path.join(self.out_dir, name)
+        weights = full_state_dict(self.model) if self.fsdp else None
+        optimizer_state = full_optimizer_state(self.model, self.optimizer) if self.fsdp or self.rank == 0 else None
         if self.rank != 0:
             return path
 
         def write(tmp):
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state_dict=weights)
             self.tokenizer.save_pretrained(tmp)
             self.mapping.save(os.path.join(tmp, "docids.json"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            torch.save({"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                         "state": self.state, "config": asdict(self.config),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
@@ -255,8 +281,10 @@ class Trainer:
             raise ValueError(f"refusing to load trainer checkpoint {state_file}: it is corrupt or holds objects "
                              f"other than tensors and plain containers, which are never unpickled ({err})") from err
         # The optimizer must track the checkpoint's parameters (sparse layers may have been rebuilt).
+        from ..distributed import load_full_optimizer_state
+
         self.optimizer = self._make_optimizer()
-        self.optimizer.load_state_dict(blob["optimizer"])
+        load_full_optimizer_state(self.model, self.optimizer, blob["optimizer"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.scheduler.load_state_dict(blob["scheduler"])
         self.state = blob["state"]
@@ -272,12 +300,31 @@ class Trainer:
         """Bytes of what training keeps per model: weights (parameters and the sparse structure
         buffers), gradients (one per trainable parameter) and optimizer state (AdamW's moments). With a
         small model, process RSS is mostly interpreter and libraries; this is the part sparsity changes."""
-        size = lambda t: t.numel() * t.element_size()  # noqa: E731
+        def size(t):  # this rank's shard of a sharded (FSDP2) tensor
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
         weights = sum(size(p) for p in self.model.parameters()) + sum(size(b) for b in self.model.buffers())
         grads = sum(size(p) for p in self.model.parameters() if p.requires_grad)
         optim = sum(size(v) for st in self.optimizer.state.values() for v in st.values()
                     if torch.is_tensor(v) and v.dim() > 0)
         return {"weights": weights, "gradients": grads, "optimizer": optim, "total": weights + grads + optim}
+
+    def _validate(self) -> dict:
+        """evaluate_fn's metrics, equal on every rank (so that best checkpoint and early stopping agree)."""
+        from ..distributed import gathered
+
+        metrics = None
+        if self.fsdp:  # a collective: every rank runs the same decoding
+            with gathered(self.model):
+                metrics = self.evaluate_fn(self.model)
+        elif self.rank == 0:
+            metrics = self.evaluate_fn(self.model)
+        if self.world > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+        return metrics
 
     # ---- the loop ---------------------------------------------------------------------------------------
     def train(self, stop_after_steps: int | None = None) -> dict:
@@ -348,8 +395,8 @@ class Trainer:
                       "step_time_s": (sorted(step_times)[len(step_times) // 2] if step_times else None)}
             # Without a validation function, every epoch is judged by its training loss.
             validated = self.evaluate_fn is None or (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs
-            if self.evaluate_fn is not None and self.rank == 0 and validated:
-                record.update(self.evaluate_fn(self.model))
+            if self.evaluate_fn is not None and validated:
+                record.update(self._validate())
             self.state["history"].append(record)
             self.state["epoch"] = epoch + 1
             self.state["step_in_epoch"] = 0
