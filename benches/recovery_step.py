@@ -73,10 +73,11 @@ def _checkpoint_once(path: str, shape: str, write: str) -> str:
     return path
 
 
-def sparse_checkpoint(shape: str, variant: str) -> str:
-    """Path of a pruned checkpoint of `shape` for `variant`."""
-    prune = "m.sparsify(format='2:4')" if variant == "2:4" else f"m.sparsify({float(variant.split(':')[1])}, scope='global')"
-    return _checkpoint_once(os.path.join(CACHE, f"{shape}-{variant.replace(':', '_')}"), shape,
+def sparse_checkpoint(shape: str, variant: str, scope: str = "global") -> str:
+    """Path of a pruned checkpoint of `shape` for `variant` (CSR: pruned at `scope`)."""
+    prune = "m.sparsify(format='2:4')" if variant == "2:4" else f"m.sparsify({float(variant.split(':')[1])}, scope={scope!r})"
+    name = variant.replace(':', '_') + ("" if variant == "2:4" or scope == "global" else f"_{scope}")
+    return _checkpoint_once(os.path.join(CACHE, f"{shape}-{name}"), shape,
                             f"m = SparseT5ForConditionalGeneration(config)\n{prune}\nm.save_pretrained(path)")
 
 
@@ -94,7 +95,7 @@ def dense_checkpoint(shape: str) -> str:
     return _checkpoint_once(path, shape, "T5ForConditionalGeneration(config).save_pretrained(path)")
 
 
-def build(shape: str, variant: str):
+def build(shape: str, variant: str, scope: str = "global"):
     if variant in ("hf_dense", "hf_mask"):
         from transformers import T5ForConditionalGeneration
 
@@ -114,11 +115,11 @@ def build(shape: str, variant: str):
         how, _, sparsity = variant.split(":")
         path = dense_checkpoint(shape)
         if how == "prune_at_load":
-            return SparseT5ForConditionalGeneration.from_pretrained(path, sparsity=float(sparsity), scope="global")
+            return SparseT5ForConditionalGeneration.from_pretrained(path, sparsity=float(sparsity), scope=scope)
         model = SparseT5ForConditionalGeneration.from_pretrained(path)
-        model.sparsify(float(sparsity), scope="global")
+        model.sparsify(float(sparsity), scope=scope)
         return model
-    return SparseT5ForConditionalGeneration.from_pretrained(sparse_checkpoint(shape, variant))
+    return SparseT5ForConditionalGeneration.from_pretrained(sparse_checkpoint(shape, variant, scope))
 
 
 def state_bytes(model, optimizer) -> dict:
@@ -158,6 +159,23 @@ def state_bytes(model, optimizer) -> dict:
     return out
 
 
+def density_by_kind(model) -> dict:
+    """Kept fraction of each kind of sparse layer (encoder and decoder together): self-attention q, k,
+    v, o; cross-attention q, k, v, o; feed-forward wi (wi_0, wi_1 when gated) and wo. Global scope
+    prunes them unevenly (their init scales differ); layer scope keeps each at 1 - sparsity."""
+    from sparse_t5 import SparseLinear
+
+    kept, total = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, SparseLinear):
+            parts = name.split(".")
+            where = {"SelfAttention": "self", "EncDecAttention": "cross", "DenseReluDense": "ff"}
+            kind = next((where[p] for p in parts if p in where), "other") + "." + parts[-1]
+            kept[kind] = kept.get(kind, 0) + m.nnz
+            total[kind] = total.get(kind, 0) + m.in_features * m.out_features
+    return {kind: kept[kind] / total[kind] for kind in sorted(kept)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
@@ -174,6 +192,13 @@ def main():
     parser.add_argument("--source", type=int, default=SRC)
     parser.add_argument("--target", type=int, default=TGT)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on the device)")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="model.gradient_checkpointing_enable(): recompute each block's activations in backward")
+    parser.add_argument("--adamw", default="default", choices=["default", "for-loop", "foreach", "fused"],
+                        help="AdamW implementation (default: torch's choice for the device; on CPU that is the "
+                        "for-loop; foreach keeps whole-list temporaries)")
+    parser.add_argument("--scope", default="global", choices=["global", "layer"],
+                        help="pruning scope of csr:<s> and prune_at_load/load_then_sparsify variants")
     parser.add_argument("--round-trip", metavar="DIR", default=None,
                         help="after the steps (ours only): save_pretrained to DIR (compressed), reload, and compare "
                         "greedy ids and eval logits before and after; reports the checkpoint's size on disk")
@@ -191,7 +216,7 @@ def main():
     baseline_rss = current_rss_bytes()
     reset_peak_rss()
     t_load = time.perf_counter()
-    model = build(args.shape, args.variant)
+    model = build(args.shape, args.variant, args.scope)
     load_s = time.perf_counter() - t_load
     load_peak = peak_rss_bytes()
     largest_tensor = max(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -201,7 +226,10 @@ def main():
         with CheckpointReader(dense_checkpoint(args.shape)) as reader:  # shapes from the header only
             largest_tensor = max(largest_tensor, max(torch.Size(s).numel() * 4 for s in reader.shapes.values()))
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98))
+    if args.gradient_checkpointing:  # transformers 5.x renamed it (the old name warns)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    impl = {"default": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), **impl[args.adamw])
     g = torch.Generator().manual_seed(1)
     vocab = SHAPES[args.shape]["vocab_size"]
     ids = torch.randint(2, vocab, (args.batch, args.source), generator=g).to(device)
@@ -226,13 +254,13 @@ def main():
         optimizer.step()
         return loss.item()  # synchronises a GPU: the step's work is inside the timing
 
-    step()  # warm-up: allocates grads and optimizer state
+    losses = [step()]  # warm-up: allocates grads and optimizer state
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        step()
+        losses.append(step())
         times.append(time.perf_counter() - t0)
     result = {
         "shape": args.shape, "variant": args.variant, "threads": torch.get_num_threads(),
@@ -240,12 +268,14 @@ def main():
         "rss_after_import_bytes": baseline_rss, "rss_after_setup_bytes": loaded_rss,
         "step_time_median_s": statistics.median(times), "step_times_s": times, **load_info,
         "policy": args.policy or "auto", "device": str(device), "batch": args.batch, "source": args.source,
-        "target": args.target, "bf16": args.bf16,
+        "target": args.target, "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
+        "adamw": args.adamw, "scope": args.scope, "losses": losses,
     }
     if cuda:
         result.update(gpu=torch.cuda.get_device_name(device),
                       cuda_max_memory_allocated_bytes=torch.cuda.max_memory_allocated(device))
     result.update(state_bytes(model, optimizer))
+    result["density_by_kind"] = density_by_kind(model)
     if args.round_trip:
         result.update(round_trip(model, ids[:2], args.round_trip))
     json.dump(result, sys.stdout)

@@ -491,9 +491,9 @@ class _PrunePlan:
         if format == "csr" and check_scope(scope) == "global":
             sources = [by_key[name + ".weight"] for name in self.targets]
 
-            def scores():  # the targets' |w|, streamed in module order (read twice by the radix select)
+            def scores():  # the targets' weights (magnitudes count), streamed in module order, read twice
                 for source in sources:
-                    yield cast(reader.read(source)).abs()
+                    yield cast(reader.read(source))
                     _release_freed_memory()
 
             dense_size = sum(targets[n].in_features * targets[n].out_features for n in self.targets)
@@ -504,11 +504,11 @@ class _PrunePlan:
     def compress(self, name: str, weight: torch.Tensor) -> SparseLinear:
         if self.format == "2:4":
             return self.layer_cls.from_dense(weight)
-        scores = weight.abs()
+        # the selection reads magnitudes from the weight's bits in slices: no |w| copy of the tensor
         if self.threshold is not None:
-            keep = self.threshold.keep(scores, self.allot[name])
+            keep = self.threshold.keep(weight, self.allot[name])
         else:
-            keep = keep_top_k([scores], keep_count(weight.numel(), self.sparsity))[0]
+            keep = keep_top_k([weight], keep_count(weight.numel(), self.sparsity))[0]
         return self.layer_cls.from_dense(weight, keep.view(weight.shape))
 
 

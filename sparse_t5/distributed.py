@@ -1,13 +1,17 @@
 """Sharding a sparse T5 across processes with FSDP2 (torch.distributed.fsdp.fully_shard).
 
 Each T5 block but each stack's first is its own FSDP unit and the model is the root (why block 0 is
-not: below). A sparse
-layer's `values` is an ordinary parameter, so FSDP2 shards it (and its gradient and AdamW state) along
-its only dimension; the CSR/2:4 index buffers are buffers, which FSDP2 leaves whole on every rank.
-They are about 2 B per kept weight against the 16 B of values, gradient and AdamW's two moments that
-are sharded (t5-3b at 0.9, measured: 571 MB of index for 281.9M kept weights), so each rank of two
-holds about (8 + 2) / 18 = 0.56 of one process's sparse-layer state; sharding the index too would
-make every forward all-gather it.
+not: below). A sparse layer's `values` is an ordinary parameter, so FSDP2 shards it (and its
+gradient and AdamW state) along its only dimension.
+
+The CSR/2:4 index (row_ptr and col_idx, or meta) is a buffer, which FSDP2 would leave whole on every
+rank: about 2 B per kept weight against the 16 B of values, gradient and AdamW's two moments (t5-3b
+at 0.9, measured: 571 MB of index for 281.9M kept weights). Replicated, each of two ranks holds
+(8 + 2) / 18 = 0.56 of one process's sparse-layer state (measured 0.553 at t5-3b's widths). So by
+default (`shard_index=True`) the index becomes a frozen parameter (requires_grad=False) and is
+sharded and gathered with the values: 9 / 18 = 0.5 per rank, for 2 B more per kept weight in each
+all-gather (the values are 4 B; nothing more is reduce-scattered, since the index has no gradient).
+`shard_index=False` keeps it replicated: less communication, more memory.
 
 One T5 detail: the stack computes the relative position bias from block 0's attention *before*
 running block 0, while FSDP2 gathers a unit's parameters only for that unit's own forward (sharding
@@ -25,9 +29,12 @@ import contextlib
 import torch
 
 
-def shard_model(model, mesh=None, **fsdp_kwargs):
+def shard_model(model, mesh=None, shard_index: bool = True, **fsdp_kwargs):
     """fully_shard every encoder and decoder block but each stack's first, then the model (in place;
     returns it).
+
+    `shard_index`: shard the sparse layers' index with their values (see the module's docstring);
+    it then shows in model.parameters() as frozen integer parameters, which optimizers skip (no grad).
 
     `mesh`: a 1-D DeviceMesh (default: all ranks of the default process group, on the model's device
     type). Extra keyword arguments go to every fully_shard call (e.g. mp_policy, reshard_after_forward).
@@ -41,6 +48,13 @@ def shard_model(model, mesh=None, **fsdp_kwargs):
         raise RuntimeError("shard_model needs torch.distributed initialised (torchrun, or init_process_group)")
     if mesh is None:
         mesh = init_device_mesh(model.device.type, (torch.distributed.get_world_size(),))
+    if shard_index:
+        from .layers import SparseLinear
+
+        for layer in model.modules():
+            if isinstance(layer, SparseLinear):
+                for key in layer._structure_keys():  # the same name, so state_dict keys do not change
+                    layer.register_parameter(key, torch.nn.Parameter(layer._buffers.pop(key), requires_grad=False))
     for block in list(model.encoder.block) + list(model.decoder.block):
         if not any("relative_attention_bias" in name for name, _ in block.named_parameters()):
             fully_shard(block, mesh=mesh, **fsdp_kwargs)
@@ -52,8 +66,14 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's state with every sharded parameter gathered (collective: call on every rank)."""
     from torch.distributed.tensor import DTensor
 
-    return {name: (t.full_tensor() if isinstance(t, DTensor) else t).detach()
-            for name, t in model.state_dict().items()}
+    def whole(t):
+        if not isinstance(t, DTensor):
+            return t
+        if t.dtype == torch.int16:  # a sharded col_idx: neither gloo nor NCCL all-gathers int16
+            return t.to(torch.int32).full_tensor().to(torch.int16)
+        return t.full_tensor()
+
+    return {name: whole(t).detach() for name, t in model.state_dict().items()}
 
 
 def local_state_bytes(model, optimizer=None) -> int:

@@ -49,10 +49,11 @@ def select_targets(model: nn.Module, include=None, exclude=None) -> dict[str, nn
 
 
 def _scores(module: nn.Module) -> torch.Tensor:
-    """|w| of the weights a module still has: all of a dense Linear, the nonzeros of a sparse one."""
+    """The weights a module still has, flat (all of a dense Linear, the nonzeros of a sparse one): the
+    selection below reads their magnitudes slice by slice, so no |w| copy of the model is made."""
     if isinstance(module, SparseLinear):
-        return module.values.detach().abs().float()
-    return module.weight.detach().abs().float().flatten()
+        return module.values.detach()
+    return module.weight.detach().reshape(-1)
 
 
 def _dense_size(module: nn.Module) -> int:
@@ -60,21 +61,34 @@ def _dense_size(module: nn.Module) -> int:
 
 
 # ---- exact top-k by magnitude, streamable -------------------------------------------------------
-# The k largest scores over one or many tensors, with ties at the threshold broken by position (the
-# earlier element in the tensors' order wins), so a mask is a function of the weights alone. The
-# threshold is found by a two-pass radix select over the scores' float32 bit patterns (monotone in
-# value for scores >= 0): pass 1 counts the high 16 bits, pass 2 the low 16 bits of the one bucket
-# that holds the k-th largest. Memory is two histograms, so the same code selects over weights held
-# in memory (`sparsify`) and over weights streamed one at a time from a checkpoint (prune-at-load),
-# and both give the same masks.
-def _score_bits(scores: torch.Tensor) -> torch.Tensor:
-    return scores.detach().float().reshape(-1).view(torch.int32)
+# The k largest magnitudes over one or many tensors, with ties at the threshold broken by position
+# (the earlier element in the tensors' order wins), so a mask is a function of the weights alone. The
+# threshold is found by a two-pass radix select over the magnitudes' float32 bit patterns (monotone
+# in value once the sign bit is cleared, which is what abs() does): pass 1 counts the high 16 bits,
+# pass 2 the low 16 bits of the one bucket that holds the k-th largest. Memory is two histograms, so
+# the same code selects over weights held in memory (`sparsify`) and over weights streamed one at a
+# time from a checkpoint (prune-at-load), and both give the same masks. Every pass walks a tensor in
+# CHUNK-element slices, so its temporaries stay small beside the tensor itself: t5-11b's 1024 x 65536
+# feed-forward weights are 268 MB each, and whole-tensor temporaries (abs, the shifted bits, a cumsum
+# of the ties in int64) had cost 3.8x that on top of the model while loading.
+CHUNK = 1 << 22
+
+
+def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """The float32 bit pattern of |x|, as int32: x's own with the sign bit cleared (= abs(x)'s)."""
+    return x.detach().float().view(torch.int32) & 0x7FFFFFFF
+
+
+def _chunks(scores: torch.Tensor):
+    flat = scores.detach().reshape(-1)
+    for start in range(0, flat.numel(), CHUNK):
+        yield start, _magnitude_bits(flat[start:start + CHUNK])
 
 
 @dataclass
 class MagnitudeThreshold:
-    """Keep every score whose bits exceed `bits`, plus the first `ties` scores equal to it (in the
-    order the scores were given; `tie_counts[i]` is how many of item i equal it)."""
+    """Keep every magnitude whose bits exceed `bits`, plus the first `ties` equal to it (in the order
+    the tensors were given; `tie_counts[i]` is how many of item i equal it)."""
 
     bits: int
     ties: int
@@ -91,27 +105,31 @@ class MagnitudeThreshold:
         return allot
 
     def keep(self, scores: torch.Tensor, ties: int) -> torch.Tensor:
-        """Flat keep mask for `scores`, keeping its first `ties` scores equal to the threshold (its
-        share from allot_ties)."""
+        """Flat keep mask for `scores` (weights or their magnitudes: only |.| counts), keeping its
+        first `ties` elements equal to the threshold (its share from allot_ties)."""
         if self.keep_all or self.keep_none:
             return torch.full((scores.numel(),), self.keep_all, dtype=torch.bool, device=scores.device)
-        bits = _score_bits(scores)
-        keep = bits > self.bits
-        if ties > 0:
-            tied = bits == self.bits
-            keep |= tied & (torch.cumsum(tied, 0) <= ties)
+        keep = torch.empty(scores.numel(), dtype=torch.bool, device=scores.device)
+        tied = []
+        for start, bits in _chunks(scores):
+            torch.gt(bits, self.bits, out=keep[start:start + bits.numel()])
+            if ties > sum(t.numel() for t in tied):
+                tied.append((bits == self.bits).nonzero().reshape(-1) + start)  # few: one float value
+        if tied:
+            keep[torch.cat(tied)[:ties]] = True
         return keep
 
 
 def top_k_threshold(score_passes, k: int) -> MagnitudeThreshold:
-    """The threshold that keeps exactly k of the scores yielded by `score_passes()` (a callable that
-    returns a fresh iterable of non-negative score tensors each time; it is called twice)."""
+    """The threshold that keeps exactly k of the magnitudes of the tensors yielded by `score_passes()`
+    (a callable that returns a fresh iterable of weight or magnitude tensors each time; it is called
+    twice)."""
     hi = torch.zeros(1 << 15, dtype=torch.int64)  # sign bit is 0: the high half is < 2^15
     n = 0
     for scores in score_passes():
-        bits = _score_bits(scores)
-        n += bits.numel()
-        hi += torch.bincount(bits >> 16, minlength=1 << 15).cpu()  # counted where the scores are
+        n += scores.numel()
+        for _, bits in _chunks(scores):
+            hi += torch.bincount(bits >> 16, minlength=1 << 15).cpu()  # counted where the scores are
     k = int(k)
     if k <= 0:
         return MagnitudeThreshold(0, 0, keep_none=True)
@@ -123,8 +141,8 @@ def top_k_threshold(score_passes, k: int) -> MagnitudeThreshold:
     greater = int(above[bucket + 1]) if bucket + 1 < hi.numel() else 0
     lo = torch.zeros(1 << 16, dtype=torch.int64)
     for scores in score_passes():
-        bits = _score_bits(scores)
-        in_bucket = bits[(bits >> 16) == bucket] & 0xFFFF
+        in_bucket = torch.cat([bits[(bits >> 16) == bucket] & 0xFFFF for _, bits in _chunks(scores)]
+                              or [torch.zeros(0, dtype=torch.int32, device=scores.device)])
         lo += torch.bincount(in_bucket, minlength=1 << 16).cpu()
         values, counts = torch.unique(in_bucket, return_counts=True)
         uniques.append((values.cpu(), counts.cpu()))
@@ -137,7 +155,7 @@ def top_k_threshold(score_passes, k: int) -> MagnitudeThreshold:
 
 
 def keep_top_k(score_list: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Boolean masks keeping exactly min(k, n) of the largest scores over all tensors together
+    """Flat boolean masks keeping exactly min(k, n) of the largest magnitudes over all tensors together
     (ties broken by position, in list order)."""
     threshold = top_k_threshold(lambda: score_list, k)
     allot = threshold.allot_ties() or [0] * len(score_list)

@@ -2,7 +2,7 @@
 
 One training step sharded over two ranks (each on half of the batch) gives the gradients and, after
 SGD, the values of one process on the whole batch; each rank holds half of every parameter, its
-gradient and its AdamW state, and the whole index buffers.
+gradient and its AdamW state, and half of the index (shard_index=True, the default) or all of it.
 """
 import os
 import socket
@@ -42,22 +42,23 @@ def one_step(model, ids, labels, optimizer):
     return grads
 
 
-def rank_main(rank, world, port, fmt, out):
+def rank_main(rank, world, port, fmt, shard_index, out):
     from sparse_t5.distributed import full_state_dict, local_state_bytes, shard_model
     from torch.distributed.tensor import DTensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = shard_model(make_model(fmt))
+        model = shard_model(make_model(fmt), shard_index=shard_index)
         ids, labels = whole_batch()
         half = slice(rank * 2, rank * 2 + 2)
-        grads = one_step(model, ids[half], labels[half], torch.optim.SGD(model.parameters(), lr=0.1))
-        full_grads = {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items()}
+        trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+        grads = one_step(model, ids[half], labels[half], torch.optim.SGD(trainable(model), lr=0.1))
+        full_grads = {n: g.full_tensor() if isinstance(g, DTensor) else g for n, g in grads.items() if g is not None}
         values = full_state_dict(model)
         # AdamW state, sharded as its parameters are
-        adam = shard_model(make_model(fmt))
-        optimizer = torch.optim.AdamW(adam.parameters(), lr=1e-3)
+        adam = shard_model(make_model(fmt), shard_index=shard_index)
+        optimizer = torch.optim.AdamW(trainable(adam), lr=1e-3)
         one_step(adam, ids[half], labels[half], optimizer)
         local = {n: p.to_local().numel() for n, p in adam.named_parameters() if isinstance(p, DTensor)}
         torch.save(dict(grads=full_grads, values=values, local_numel=local,
@@ -72,11 +73,12 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("shard_index", [True, False], ids=["index-sharded", "index-replicated"])
 @pytest.mark.parametrize("fmt", ["csr", "2:4"])
-def test_fsdp2_two_ranks_equal_one_process_with_half_the_state(tmp_path, fmt):
+def test_fsdp2_two_ranks_equal_one_process_with_half_the_state(tmp_path, fmt, shard_index):
     from sparse_t5.distributed import local_state_bytes
 
-    mp.spawn(rank_main, args=(2, free_port(), fmt, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(rank_main, args=(2, free_port(), fmt, shard_index, str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     model = make_model(fmt)
@@ -92,13 +94,16 @@ def test_fsdp2_two_ranks_equal_one_process_with_half_the_state(tmp_path, fmt):
     adam = make_model(fmt)
     optimizer = torch.optim.AdamW(adam.parameters(), lr=1e-3)
     one_step(adam, ids, labels, optimizer)
-    params = dict(adam.named_parameters())
+    sizes = {name: t.numel() for name, t in adam.state_dict().items()}
     sharded = set(ranks[0]["local_numel"])
-    assert {n for n in params if n.endswith(".values")} <= sharded  # every sparse layer's values, sharded
+    index_names = {name for name, _ in adam.named_buffers()}
+    expected = {n for n in sizes if n.endswith(".values")} | (index_names if shard_index else set())
+    assert expected <= sharded and not (index_names & sharded if not shard_index else set())
     for name in sharded:  # split in two, nothing lost or repeated
         counts = [r["local_numel"][name] for r in ranks]
-        assert sum(counts) == params[name].numel() and max(counts) == (params[name].numel() + 1) // 2, name
+        assert sum(counts) == sizes[name] and max(counts) == (sizes[name] + 1) // 2, name
     whole = local_state_bytes(adam, optimizer)
     index = sum(b.numel() * b.element_size() for b in adam.buffers())
-    for r in ranks:  # half of parameters, gradients and moments (to a row of padding), the index whole
-        assert abs(r["state_bytes"] - ((whole - index) / 2 + index)) <= 0.01 * whole, (r["state_bytes"], whole)
+    per_rank = (whole - index) / 2 + (index / 2 if shard_index else index)
+    for r in ranks:  # half of parameters, gradients and moments (to a row of padding), the index half or whole
+        assert abs(r["state_bytes"] - per_rank) <= 0.01 * whole, (r["state_bytes"], per_rank, whole)

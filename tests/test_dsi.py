@@ -404,7 +404,7 @@ if {parallel!r} == "ddp":
 result = trainer.train()
 from sparse_t5.distributed import full_state_dict, is_sharded, local_state_bytes
 state = full_state_dict(model) if is_sharded(model) else dict(model.named_parameters())
-flat = torch.cat([state[n].detach().flatten() for n, _ in model.named_parameters()])
+flat = torch.cat([state[n].detach().flatten() for n, p in model.named_parameters() if p.requires_grad])
 json.dump({{"loss": result["history"][-1]["train_loss"], "params": flat.tolist(),
            "generated": result["history"][-1]["generated"], "sharded": is_sharded(model),
            "state_bytes": local_state_bytes(model, trainer.optimizer)}},
