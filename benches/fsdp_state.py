@@ -7,8 +7,9 @@ matters: every block but each stack's first is sharded alike) is pruned (CSR 0.9
 trained one AdamW step in one process and in `world` gloo processes (each on its share of the batch),
 and each rank's bytes of parameters, gradients, AdamW moments and index are compared with the
 single process's: with the index replicated and with it sharded (shard_index). Prints one JSON
-object. Block 0 of each stack stays whole on every rank (sparse_t5/distributed.py says why), so
-fewer layers understate the saving: at 24 + 24 layers it is 1/24 of the blocks.
+object. These are the bytes held between steps; every unit is sharded then, the root (embeddings,
+block 0 of each stack) included, so the depth does not change the ratio. During the step a unit's
+gathered parameters come on top (the root's for the whole forward and backward).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recovery_step.config_for
 
 
 def build(shape, layers, fmt):

@@ -199,6 +199,9 @@ def main():
                         "for-loop; foreach keeps whole-list temporaries)")
     parser.add_argument("--scope", default="global", choices=["global", "layer"],
                         help="pruning scope of csr:<s> and prune_at_load/load_then_sparsify variants")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one more step (torch.profiler) and report where its time goes: the "
+                        "sparse ops, the dense ones, AdamW, by operator")
     parser.add_argument("--round-trip", metavar="DIR", default=None,
                         help="after the steps (ours only): save_pretrained to DIR (compressed), reload, and compare "
                         "greedy ids and eval logits before and after; reports the checkpoint's size on disk")
@@ -274,11 +277,28 @@ def main():
     if cuda:
         result.update(gpu=torch.cuda.get_device_name(device),
                       cuda_max_memory_allocated_bytes=torch.cuda.max_memory_allocated(device))
+    if args.profile:
+        result["profile"] = profile_step(step)
     result.update(state_bytes(model, optimizer))
     result["density_by_kind"] = density_by_kind(model)
     if args.round_trip:
         result.update(round_trip(model, ids[:2], args.round_trip))
     json.dump(result, sys.stdout)
+
+
+def profile_step(step, top: int = 12) -> dict:
+    """One step under torch.profiler: total self CPU time, the share of the sparse_t5 ops (forward and
+    backward), and the top operators by self time (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events)
+    ours = sum(e.self_cpu_time_total for e in events if "sparse_t5" in e.key)
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return {"self_cpu_ms": total / 1e3, "sparse_t5_ops_share": ours / total if total else 0.0,
+            "top_ops_ms": {e.key: e.self_cpu_time_total / 1e3 for e in events[:top]}}
 
 
 def round_trip(model, ids, directory) -> dict:

@@ -27,14 +27,18 @@ RESULTS = os.path.join(HERE, "results")
 BEGIN, END = "<!-- results:begin (benches/report.py) -->", "<!-- results:end -->"
 
 
-SUITES = ("recovery", "kernels", "prune_at_load")
+SUITES = ("recovery", "scope", "kernels", "prune_at_load", "fsdp", "big_models")
+DEFAULT_SUITES = ("recovery", "scope", "kernels", "prune_at_load", "fsdp")  # big_models is opt-in: it writes ~60 GB
+# The scope suite: the recovery suite's t5-base CSR rows at both pruning scopes, 3 process pairs each.
+SCOPE_SUITE_ENV = {"SPARSE_T5_RECOVERY_SHAPES": "t5-base", "SPARSE_T5_RECOVERY_VARIANTS": "csr:0.2,csr:0.5,csr:0.9",
+                   "SPARSE_T5_RECOVERY_SCOPES": "layer,global", "SPARSE_T5_RECOVERY_ROUNDS": "3"}
 
 
-def run_pytest_benchmark(suite: str, name: str):
+def run_pytest_benchmark(suite: str, name: str, env: dict | None = None):
     """Run one pytest-benchmark suite; keep each test's extra_info in benches/results/<name>.json."""
     raw = os.path.join(RESULTS, f"latest-{name}-benchmark.json")
     subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, suite), "-q", "-p", "no:cacheprovider",
-                    f"--benchmark-json={raw}"], check=True, cwd=ROOT)
+                    f"--benchmark-json={raw}"], check=True, cwd=ROOT, env={**os.environ, **(env or {})})
     rows = [b["extra_info"] for b in json.load(open(raw))["benchmarks"]]
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump({"machine": machine_info(), "results": rows}, f, indent=1)
@@ -44,8 +48,17 @@ def run_suites(suites=SUITES):
     os.makedirs(RESULTS, exist_ok=True)
     if "recovery" in suites:
         run_pytest_benchmark("test_bench_recovery.py", "recovery")
+    if "scope" in suites:
+        run_pytest_benchmark("test_bench_recovery.py", "scope", SCOPE_SUITE_ENV)
     if "prune_at_load" in suites:
         run_pytest_benchmark("test_bench_prune_at_load.py", "prune_at_load")
+    if "fsdp" in suites:
+        out = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_state.py")], check=True, cwd=ROOT,
+                             capture_output=True, text=True).stdout
+        with open(os.path.join(RESULTS, "fsdp_state.json"), "w") as f:
+            json.dump({"machine": machine_info(), "results": [json.loads(out)]}, f, indent=1)
+    if "big_models" in suites:  # asking for the suite by name is the opt-in
+        run_pytest_benchmark("test_bench_big_models.py", "big_models", {"SPARSE_T5_BIG_MODELS": "1"})
     if "kernels" in suites:
         for suite, name in (("test_bench_csr_linear.py", "csr_linear"),
                             ("test_bench_semi24_linear.py", "semi24_linear")):
@@ -84,6 +97,116 @@ def prune_at_load_table(path: str) -> str:
                       f"process after imports, for a compressed model of {mb(r['model_bytes'])}; the bound "
                       f"(model + 2 x the largest tensor, {mb(r['largest_tensor_bytes'])}) is {mb(bound)} plus a "
                       f"small constant. Loaded in {r['load_seconds']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+KINDS = ("self.q", "self.k", "self.v", "self.o", "cross.q", "cross.k", "cross.v", "cross.o", "ff.wi", "ff.wo")
+
+
+def densities(r: dict) -> str:
+    d = r.get("density_by_kind") or {}
+    return " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in KINDS)
+
+
+def scope_table(path: str) -> str:
+    """The same sparsity at layer and at global scope: step time against HF dense, peak, and the
+    per-kind densities global scope produced."""
+    if not os.path.exists(path):
+        return ""
+    rows = [r for r in json.load(open(path))["results"] if r["variant"].startswith("csr:")]
+    rows.sort(key=lambda r: (float(r["variant"].split(":")[1]), r.get("scope") != "layer"))
+    lines = ["**Pruning scope** (t5-base shape, the recovery setup above; `python benches/report.py --suites scope`): "
+             "the step time of each row against HF dense run in alternate processes beside it (median of 3 pairs, "
+             "their range in brackets), and the fraction of weights each kind of layer keeps. Layer scope keeps "
+             "every layer at 1 - sparsity; global scope on HF's random init keeps few of the q projections (init std "
+             "(d_model d_kv)^-0.5, against d_model^-0.5 for k, v, o and wi) and fewer of wo (d_ff^-0.5), so at "
+             "the same sparsity it is another model.", "",
+             "| sparsity | scope | step time vs HF dense | peak RSS | " + " | ".join(KINDS) + " |",
+             "|---|---|---|---|" + "---|" * len(KINDS)]
+    for r in rows:
+        step_s, _, ratio = step_time_vs_dense(r, None)
+        lines.append(f"| {r['variant'].split(':')[1]} | {r.get('scope', 'global')} | {ratio:.2f}x{pair_range(r)} | "
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} MB | {densities(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def fsdp_table(path: str) -> str:
+    """Each rank's training state under FSDP2 against one process's, index replicated or sharded."""
+    if not os.path.exists(path):
+        return ""
+    r = json.load(open(path))["results"][0]
+    cells = {key: f"{v['max_rank_ratio']:.3f}x" for key, v in r.items() if isinstance(v, dict) and "max_rank_ratio" in v}
+    return "\n".join([
+        f"**FSDP2** (`python benches/fsdp_state.py`: {r['shape']} widths, {r['layers']} + {r['layers']} blocks, "
+        f"{r['world']} gloo ranks, one AdamW step): the largest rank's parameters, gradients, AdamW moments and "
+        "index against one process's, between steps (every unit is sharded then; during the step each unit's "
+        "gathered parameters come on top).", "",
+        "| format | index replicated | index sharded (default) |", "|---|---|---|",
+        f"| CSR 0.9 (global) | {cells.get('csr/replicated', '-')} | {cells.get('csr/sharded', '-')} |",
+        f"| 2:4 | {cells.get('2:4/replicated', '-')} | {cells.get('2:4/sharded', '-')} |"]) + "\n"
+
+
+def big_models_table(path: str) -> str:
+    """t5-3b and t5-11b recovered on this machine, HF dense t5-large beside them, dense t5-3b and
+    t5-11b extrapolated from it per parameter, and the projection for one 24 GB GPU."""
+    if not os.path.exists(path):
+        return ""
+    rows = json.load(open(path))["results"]
+    gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
+    dense = next((r for r in rows if r["variant"] == "hf_dense"), None)
+    ours = [r for r in rows if r["variant"] != "hf_dense"]
+    lines = ["**Models dense training cannot fit** (`benches/test_bench_big_models.py`, opt-in): each row a fresh "
+             "process that prunes a dense fp32 checkpoint as it loads it (global scope), then recovery steps "
+             "(AdamW, batch 8, source 32, target 8, the same batch each step), then saves the recovered model "
+             "compressed and reloads it (identical logits and greedy ids). Peaks are whole-process RSS, the load "
+             "included; the load peak is over the process after imports, against its bound (compressed model + "
+             "2 x the largest dense tensor).", "",
+             "| model | run | whole-process peak | load time | load peak (bound) | step time | loss, first → last step "
+             "| kept weights | B / kept weight | checkpoint: dense in, compressed out |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def params(r):  # the shape's dense parameter count (fp32: 4 B each)
+        return r["other_params"] // 4 + (0 if r["variant"] == "hf_dense" else r["sparse_dense_size"])
+
+    if dense:
+        lines.append(f"| {dense['shape']} ({params(dense) / 1e9:.2f}B) | HF dense training (measured) | "
+                     f"{gb(dense['peak_rss_bytes'])} | - | - | {dense['step_time_median_s']:.1f} s | "
+                     f"{dense['losses'][0]:.2f} → {dense['losses'][-1]:.2f} | all | - | - |")
+    for r in ours:
+        flags = " + gradient checkpointing" if r.get("gradient_checkpointing") else ""
+        sparsity = r["variant"].rsplit(":", 1)[1]
+        load = r["load_peak_rss_bytes"] - r["rss_after_import_bytes"]
+        bound = r["model_bytes"] + 2 * r["largest_tensor_bytes"]
+        lines.append(f"| {r['shape']} ({params(r) / 1e9:.2f}B) | ours, CSR {sparsity}{flags} | "
+                     f"**{gb(r['peak_rss_bytes'])}** ({gb(r['peak_rss_after_round_trip_bytes'])} with the round "
+                     f"trip's second copy) | {r['load_seconds']:.0f} s | {gb(load)} ({gb(bound)}) | "
+                     f"{r['step_time_median_s']:.1f} s | {r['losses'][0]:.2f} → {r['losses'][-1]:.2f} | "
+                     f"{r['sparse_nnz'] / 1e6:.0f}M | {r['sparse_bytes_per_nnz']:.1f} | "
+                     f"{gb(r.get('dense_checkpoint_bytes', 0))} → {gb(r['round_trip_checkpoint_bytes'])} |")
+    if ours:
+        lines += ["", "Kept fraction per kind of layer, as global scope chose it over HF's initialisation scales:", "",
+                  "| model | sparsity | " + " | ".join(KINDS) + " |", "|---|---|" + "---|" * len(KINDS)]
+        lines += [f"| {r['shape']} | {r['variant'].rsplit(':', 1)[1]} | {densities(r)} |" for r in ours]
+    if dense and ours:
+        per_param = (dense["peak_rss_bytes"] - dense["rss_after_import_bytes"]) / params(dense)
+        lines += ["", f"HF dense training of the same shapes, **extrapolated** per parameter from the measured "
+                      f"{dense['shape']} row ({per_param:.1f} B per parameter over the process after imports; "
+                      "not run, it would exhaust the machine): " + "; ".join(
+                          f"{r['shape']} {gb(dense['rss_after_import_bytes'] + per_param * params(r))}" for r in ours)
+                  + "."]
+        proj = []
+        for r in ours:
+            state = r["sparse_total"] + r["other_total"]
+            grads_optim = r["sparse_grads"] + r["sparse_optimizer"] + r["other_grads"] + r["other_optimizer"]
+            activations = max(0, r["peak_rss_bytes"] - r["rss_after_setup_bytes"] - grads_optim)
+            total = state + activations
+            proj.append(f"{r['shape']} at {r['variant'].rsplit(':', 1)[1]}: {gb(state)} of training state "
+                        f"({r['sparse_bytes_per_nnz']:.1f} B x {r['sparse_nnz'] / 1e6:.0f}M kept weights, plus the "
+                        f"dense embeddings and norms with their AdamW state) + {gb(activations)} of activations and "
+                        f"workspace as measured here = {gb(total)}, "
+                        f"{'within' if total < 24e9 * 0.9 else 'beyond'} a 24 GB card")
+        lines += ["", "**Projection** for one 24 GB GPU (computed from the bytes measured above, fp32, before the "
+                      "CUDA context and allocator fragmentation; not run on a GPU): " + "; ".join(proj) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -219,7 +342,7 @@ def update_readme(text: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-run", action="store_true", help="only regenerate from the committed JSON")
-    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES),
+    parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(DEFAULT_SUITES),
                         help="suites to rerun (default: all); the others come from their committed JSON")
     args = parser.parse_args()
     if not args.no_run:
@@ -232,7 +355,10 @@ def main():
         f"CPU kernels {m['kernel_isa']}. Raw figures: `benches/results/*.json`.", "",
         "![peak memory and step time against sparsity](benches/results/recovery.png)", "",
         recovery_table(data),
+        scope_table(os.path.join(RESULTS, "scope.json")),
         prune_at_load_table(os.path.join(RESULTS, "prune_at_load.json")),
+        big_models_table(os.path.join(RESULTS, "big_models.json")),
+        fsdp_table(os.path.join(RESULTS, "fsdp_state.json")),
         kernel_table(os.path.join(RESULTS, "csr_linear.json"), "**CSR kernels** (512 tokens, fp32):"),
         kernel_table(os.path.join(RESULTS, "semi24_linear.json"), "**2:4 kernels** (fp32; 512 tokens unless a group names its token count):"),
     ])
