@@ -6,8 +6,9 @@ A model of `shape`'s widths with `layers` encoder and decoder blocks (the per-bl
 matters: every block but each stack's first is sharded alike) is pruned (CSR 0.9 global, and 2:4),
 trained one AdamW step in one process and in `world` gloo processes (each on its share of the batch),
 and each rank's bytes of parameters, gradients, AdamW moments and index are compared with the
-single process's: with the index replicated and with it sharded (shard_index). Prints one JSON
-object. These are the bytes held between steps; every unit is sharded then, the root (embeddings,
+single process's: with the index replicated and with it sharded (shard_index), for the whole model
+and for the sparse layers alone (the dense embeddings, sharded alike, pull the whole toward 0.5 in a
+shallow model). Prints one JSON object. These are the bytes held between steps; every unit is sharded then, the root (embeddings,
 block 0 of each stack) included, so the depth does not change the ratio. During the step a unit's
 gathered parameters come on top (the root's for the whole forward and backward).
 """
@@ -54,7 +55,8 @@ def step_state(model, rank=0, world=1):
     ids, labels = batch(model.config.vocab_size, world, rank)
     model(input_ids=ids, labels=labels).loss.backward()
     optimizer.step()
-    return local_state_bytes(model, optimizer)
+    return {"all": local_state_bytes(model, optimizer),
+            "sparse_layers": local_state_bytes(model, optimizer, sparse_layers_only=True)}
 
 
 def rank_main(rank, world, port, args, out):
@@ -91,8 +93,9 @@ def main():
     result = {"shape": args.shape, "layers": args.layers, "world": args.world, "single_process_bytes": single}
     for key in ranks[0]:
         fmt = key.split("/")[0]
-        result[key] = {"rank_bytes": [r[key] for r in ranks],
-                       "max_rank_ratio": max(r[key] for r in ranks) / single[fmt]}
+        result[key] = {"rank_bytes": [r[key] for r in ranks]}
+        for part in ("all", "sparse_layers"):  # the largest rank's share of one process's bytes
+            result[key][f"max_rank_ratio_{part}"] = max(r[key][part] for r in ranks) / single[fmt][part]
     json.dump(result, sys.stdout, indent=1)
 
 

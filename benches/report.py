@@ -135,15 +135,19 @@ def fsdp_table(path: str) -> str:
     if not os.path.exists(path):
         return ""
     r = json.load(open(path))["results"][0]
-    cells = {key: f"{v['max_rank_ratio']:.3f}x" for key, v in r.items() if isinstance(v, dict) and "max_rank_ratio" in v}
+
+    def cell(key):
+        v = r.get(key)
+        return f"{v['max_rank_ratio_all']:.3f}x ({v['max_rank_ratio_sparse_layers']:.3f}x)" if v else "-"
+
     return "\n".join([
         f"**FSDP2** (`python benches/fsdp_state.py`: {r['shape']} widths, {r['layers']} + {r['layers']} blocks, "
         f"{r['world']} gloo ranks, one AdamW step): the largest rank's parameters, gradients, AdamW moments and "
         "index against one process's, between steps (every unit is sharded then; during the step each unit's "
-        "gathered parameters come on top).", "",
+        "gathered parameters come on top); in brackets, the sparse layers' alone.", "",
         "| format | index replicated | index sharded (default) |", "|---|---|---|",
-        f"| CSR 0.9 (global) | {cells.get('csr/replicated', '-')} | {cells.get('csr/sharded', '-')} |",
-        f"| 2:4 | {cells.get('2:4/replicated', '-')} | {cells.get('2:4/sharded', '-')} |"]) + "\n"
+        f"| CSR 0.9 (global) | {cell('csr/replicated')} | {cell('csr/sharded')} |",
+        f"| 2:4 | {cell('2:4/replicated')} | {cell('2:4/sharded')} |"]) + "\n"
 
 
 def big_models_table(path: str) -> str:

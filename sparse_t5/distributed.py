@@ -54,7 +54,14 @@ def shard_model(model, mesh=None, shard_index: bool = True, **fsdp_kwargs):
         for layer in model.modules():
             if isinstance(layer, SparseLinear):
                 for key in layer._structure_keys():  # the same name, so state_dict keys do not change
-                    layer.register_parameter(key, torch.nn.Parameter(layer._buffers.pop(key), requires_grad=False))
+                    if layer._buffers[key].numel():
+                        layer.register_parameter(key, torch.nn.Parameter(layer._buffers.pop(key), requires_grad=False))
+    # A layer pruned to nothing (global scope empties whole q projections at high sparsity) has empty
+    # values, and FSDP2's reduce-scatter fails on an empty gradient ("_chunk_cat expects non-empty
+    # tensor"). Such a parameter holds no state to shard: FSDP2 leaves it alone.
+    empty = {p for p in model.parameters() if p.numel() == 0}
+    if empty:
+        fsdp_kwargs["ignored_params"] = set(fsdp_kwargs.get("ignored_params") or ()) | empty
     for block in list(model.encoder.block) + list(model.decoder.block):
         if not any("relative_attention_bias" in name for name, _ in block.named_parameters()):
             fully_shard(block, mesh=mesh, **fsdp_kwargs)
@@ -76,24 +83,32 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: whole(t).detach() for name, t in model.state_dict().items()}
 
 
-def local_state_bytes(model, optimizer=None) -> int:
+def local_state_bytes(model, optimizer=None, sparse_layers_only: bool = False) -> int:
     """Bytes this rank holds of parameters, their gradients, optimizer state and buffers (shards, for
-    sharded tensors)."""
+    sharded tensors); `sparse_layers_only`: of the sparse layers' alone (values, index, their
+    gradients and moments), without the dense embeddings and norms."""
     from torch.distributed.tensor import DTensor
+
+    from .layers import SparseLinear
 
     def local(t):
         t = t.to_local() if isinstance(t, DTensor) else t
         return t.numel() * t.element_size()
 
+    owners = [m for m in model.modules() if isinstance(m, SparseLinear)] if sparse_layers_only else [model]
     seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += local(p) + (local(p.grad) if p.grad is not None else 0)
-        if optimizer is not None:
-            total += sum(local(s) for s in optimizer.state.get(p, {}).values() if torch.is_tensor(s) and s.dim())
-    total += sum(local(b) for b in model.buffers() if id(b) not in seen)
+    for owner in owners:
+        for p in owner.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += local(p) + (local(p.grad) if p.grad is not None else 0)
+            if optimizer is not None:
+                total += sum(local(s) for s in optimizer.state.get(p, {}).values() if torch.is_tensor(s) and s.dim())
+        for b in owner.buffers():
+            if id(b) not in seen:
+                seen.add(id(b))
+                total += local(b)
     return total
 
 
