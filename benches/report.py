@@ -160,7 +160,7 @@ def big_models_table(path: str) -> str:
     dense = next((r for r in rows if r["variant"] == "hf_dense"), None)
     ours = [r for r in rows if r["variant"] != "hf_dense"]
     lines = ["**Models dense training cannot fit** (`benches/test_bench_big_models.py`, opt-in): each row a fresh "
-             "process that prunes a dense fp32 checkpoint as it loads it (global scope), then recovery steps "
+             "process that prunes a dense fp32 checkpoint as it loads it, then recovery steps "
              "(AdamW, batch 8, source 32, target 8, the same batch each step), then saves the recovered model "
              "compressed and reloads it (identical logits and greedy ids). Peaks are whole-process RSS, the load "
              "included; the load peak is over the process after imports, against its bound (compressed model + "
@@ -181,16 +181,16 @@ def big_models_table(path: str) -> str:
         sparsity = r["variant"].rsplit(":", 1)[1]
         load = r["load_peak_rss_bytes"] - r["rss_after_import_bytes"]
         bound = r["model_bytes"] + 2 * r["largest_tensor_bytes"]
-        lines.append(f"| {r['shape']} ({params(r) / 1e9:.2f}B) | ours, CSR {sparsity}{flags} | "
+        lines.append(f"| {r['shape']} ({params(r) / 1e9:.2f}B) | ours, CSR {sparsity}, {r['scope']} scope{flags} | "
                      f"**{gb(r['peak_rss_bytes'])}** ({gb(r['peak_rss_after_round_trip_bytes'])} with the round "
                      f"trip's second copy) | {r['load_seconds']:.0f} s | {gb(load)} ({gb(bound)}) | "
                      f"{r['step_time_median_s']:.1f} s | {r['losses'][0]:.2f} → {r['losses'][-1]:.2f} | "
                      f"{r['sparse_nnz'] / 1e6:.0f}M | {r['sparse_bytes_per_nnz']:.1f} | "
                      f"{gb(r.get('dense_checkpoint_bytes', 0))} → {gb(r['round_trip_checkpoint_bytes'])} |")
     if ours:
-        lines += ["", "Kept fraction per kind of layer, as global scope chose it over HF's initialisation scales:", "",
-                  "| model | sparsity | " + " | ".join(KINDS) + " |", "|---|---|" + "---|" * len(KINDS)]
-        lines += [f"| {r['shape']} | {r['variant'].rsplit(':', 1)[1]} | {densities(r)} |" for r in ours]
+        lines += ["", "Kept fraction per kind of layer:", "",
+                  "| model | sparsity | scope | " + " | ".join(KINDS) + " |", "|---|---|---|" + "---|" * len(KINDS)]
+        lines += [f"| {r['shape']} | {r['variant'].rsplit(':', 1)[1]} | {r['scope']} | {densities(r)} |" for r in ours]
     if dense and ours:
         per_param = (dense["peak_rss_bytes"] - dense["rss_after_import_bytes"]) / params(dense)
         lines += ["", f"HF dense training of the same shapes, **extrapolated** per parameter from the measured "
