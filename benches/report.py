@@ -103,6 +103,12 @@ def prune_at_load_table(path: str) -> str:
 KINDS = ("self.q", "self.k", "self.v", "self.o", "cross.q", "cross.k", "cross.v", "cross.o", "ff.wi", "ff.wo")
 
 
+def on_machine(data: dict) -> str:
+    """Where a suite's JSON was measured: the suites run in different sessions, on different hosts."""
+    m = data.get("machine") or {}
+    return f"measured on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}"
+
+
 def densities(r: dict) -> str:
     d = r.get("density_by_kind") or {}
     return " | ".join(f"{d[k]:.3f}" if k in d else "-" for k in KINDS)
@@ -113,9 +119,11 @@ def scope_table(path: str) -> str:
     per-kind densities global scope produced."""
     if not os.path.exists(path):
         return ""
-    rows = [r for r in json.load(open(path))["results"] if r["variant"].startswith("csr:")]
+    data = json.load(open(path))
+    rows = [r for r in data["results"] if r["variant"].startswith("csr:")]
     rows.sort(key=lambda r: (float(r["variant"].split(":")[1]), r.get("scope") != "layer"))
-    lines = ["**Pruning scope** (t5-base shape, the recovery setup above; `python benches/report.py --suites scope`): "
+    lines = [f"**Pruning scope** (t5-base shape, the recovery setup above; `python benches/report.py --suites scope`; "
+             f"{on_machine(data)}): "
              "the step time of each row against HF dense run in alternate processes beside it (median of 3 pairs, "
              "their range in brackets), and the fraction of weights each kind of layer keeps. Layer scope keeps "
              "every layer at 1 - sparsity; global scope on HF's random init keeps few of the q projections (init std "
@@ -155,11 +163,13 @@ def big_models_table(path: str) -> str:
     t5-11b extrapolated from it per parameter, and the projection for one 24 GB GPU."""
     if not os.path.exists(path):
         return ""
-    rows = json.load(open(path))["results"]
+    data = json.load(open(path))
+    rows = data["results"]
     gb = lambda b: f"{b / 1e9:.1f} GB"  # noqa: E731
     dense = next((r for r in rows if r["variant"] == "hf_dense"), None)
     ours = [r for r in rows if r["variant"] != "hf_dense"]
-    lines = ["**Models dense training cannot fit** (`benches/test_bench_big_models.py`, opt-in): each row a fresh "
+    lines = [f"**Models dense training cannot fit** (`benches/test_bench_big_models.py`, opt-in; {on_machine(data)}): "
+             "each row a fresh "
              "process that prunes a dense fp32 checkpoint as it loads it, then recovery steps "
              "(AdamW, batch 8, source 32, target 8, the same batch each step), then saves the recovered model "
              "compressed and reloads it (identical logits and greedy ids). Peaks are whole-process RSS, the load "
