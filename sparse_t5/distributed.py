@@ -83,17 +83,17 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: whole(t).detach() for name, t in model.state_dict().items()}
 
 
+def local_bytes(t: torch.Tensor) -> int:
+    """Bytes of `t` held by this rank: its shard if FSDP2 sharded it (a DTensor), else all of it."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
 def local_state_bytes(model, optimizer=None, sparse_layers_only: bool = False) -> int:
     """Bytes this rank holds of parameters, their gradients, optimizer state and buffers (shards, for
     sharded tensors); `sparse_layers_only`: of the sparse layers' alone (values, index, their
     gradients and moments), without the dense embeddings and norms."""
-    from torch.distributed.tensor import DTensor
-
     from .layers import SparseLinear
-
-    def local(t):
-        t = t.to_local() if isinstance(t, DTensor) else t
-        return t.numel() * t.element_size()
 
     owners = [m for m in model.modules() if isinstance(m, SparseLinear)] if sparse_layers_only else [model]
     seen, total = set(), 0
@@ -102,13 +102,13 @@ def local_state_bytes(model, optimizer=None, sparse_layers_only: bool = False) -
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            total += local(p) + (local(p.grad) if p.grad is not None else 0)
+            total += local_bytes(p) + (local_bytes(p.grad) if p.grad is not None else 0)
             if optimizer is not None:
-                total += sum(local(s) for s in optimizer.state.get(p, {}).values() if torch.is_tensor(s) and s.dim())
+                total += sum(local_bytes(s) for s in optimizer.state.get(p, {}).values() if torch.is_tensor(s) and s.dim())
         for b in owner.buffers():
             if id(b) not in seen:
                 seen.add(id(b))
-                total += local(b)
+                total += local_bytes(b)
     return total
 
 

@@ -48,7 +48,7 @@ def select_targets(model: nn.Module, include=None, exclude=None) -> dict[str, nn
     return found
 
 
-def _scores(module: nn.Module) -> torch.Tensor:
+def _weights_to_rank(module: nn.Module) -> torch.Tensor:
     """The weights a module still has, flat (all of a dense Linear, the nonzeros of a sparse one): the
     selection below reads their magnitudes slice by slice, so no |w| copy of the model is made."""
     if isinstance(module, SparseLinear):
@@ -163,7 +163,7 @@ def keep_top_k(score_list: list[torch.Tensor], k: int) -> list[torch.Tensor]:
 
 
 def magnitude_keep(modules: dict[str, nn.Module], sparsity: float, scope: str = "layer") -> dict[str, torch.Tensor]:
-    """For each module, a boolean keep-mask over its current weights (`_scores` order).
+    """For each module, a boolean keep-mask over its current weights (`_weights_to_rank` order).
 
     scope="layer": each layer keeps round((1 - s) * out * in) weights.
     scope="global": all layers together keep round((1 - s) * sum(out * in)); a layer's share
@@ -174,9 +174,9 @@ def magnitude_keep(modules: dict[str, nn.Module], sparsity: float, scope: str = 
     sparsity = check_sparsity(sparsity)
     check_scope(scope)
     if scope == "layer":
-        return {name: keep_top_k([_scores(m)], keep_count(_dense_size(m), sparsity))[0] for name, m in modules.items()}
+        return {name: keep_top_k([_weights_to_rank(m)], keep_count(_dense_size(m), sparsity))[0] for name, m in modules.items()}
     names = list(modules)
-    masks = keep_top_k([_scores(modules[n]) for n in names],
+    masks = keep_top_k([_weights_to_rank(modules[n]) for n in names],
                        keep_count(sum(_dense_size(m) for m in modules.values()), sparsity))
     return dict(zip(names, masks))
 

@@ -300,9 +300,7 @@ class Trainer:
         """Bytes of what training keeps per model: weights (parameters and the sparse structure
         buffers), gradients (one per trainable parameter) and optimizer state (AdamW's moments). With a
         small model, process RSS is mostly interpreter and libraries; this is the part sparsity changes."""
-        def size(t):  # this rank's shard of a sharded (FSDP2) tensor
-            t = t.to_local() if hasattr(t, "to_local") else t
-            return t.numel() * t.element_size()
+        from ..distributed import local_bytes as size  # this rank's shard of a sharded (FSDP2) tensor
 
         weights = sum(size(p) for p in self.model.parameters()) + sum(size(b) for b in self.model.buffers())
         grads = sum(size(p) for p in self.model.parameters() if p.requires_grad)
