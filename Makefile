@@ -1,5 +1,5 @@
 # Quick start targets (README). Each installs what is missing first (scripts/setup.sh).
-.PHONY: demo test bench report compat peer
+.PHONY: demo test bench report compat peer fuzz
 # The DSI train -> prune -> recover cycle on the embedded offline corpus with the default recipe
 # (sparse_t5/dsi/pipeline.py RECIPE, chosen by measurement with benches/dsi_recipe.py): BM25, the
 # zero-shot dense row, a tiny T5 trained from random init, then 0.2 and 0.9 (CSR) and 2:4 recovered.
@@ -22,3 +22,7 @@ compat:
 # ../shared/peer; fails on a difference that tests/peer/known_differences.json does not explain.
 peer:
 	scripts/setup.sh test && python3 scripts/peer_suite.py
+# The long fuzz run of the six CPU ops (tests/test_ops_fuzz.py, several seeds), also against the
+# ASan + UBSan build of the ops (README "Bad input").
+fuzz:
+	scripts/setup.sh test && scripts/fuzz_ops.sh

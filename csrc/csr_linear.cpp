@@ -3,8 +3,8 @@
 //
 // Every assumption the kernels make is checked here with TORCH_CHECK_* so that bad input raises a
 // Python exception (ValueError for shapes and CSR structure, TypeError for dtypes) and never
-// reaches a kernel: column indices and row pointers are validated on every call, which costs
-// O(nnz + out) against the O(nnz * tokens) product.
+// reaches a kernel. The CSR structure's contents (row pointers, sorted in-range columns) are
+// checked once per structure, not per call (structure_checks.h says why that is safe).
 #include "ops.h"
 
 #include <ATen/ATen.h>
@@ -14,56 +14,10 @@
 #include "cpu/parallel.h"
 #include "kernel_policy.h"
 #include "op_common.h"
+#include "structure_checks.h"
 
 namespace sparse_t5 {
 namespace {
-// nnz: the length values must have (col_idx's own length is checked against it).
-void check_csr(int64_t nnz, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-               int64_t out_features, int64_t in_features) {
-  TORCH_CHECK_VALUE(out_features >= 0 && in_features >= 0,
-                    "sparse_t5: out_features and in_features must be >= 0, got ", out_features,
-                    " and ", in_features);
-  check_cpu(row_ptr, "row_ptr");
-  check_cpu(col_idx, "col_idx");
-  TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kInt, "sparse_t5: row_ptr must be int32, got ",
-                   row_ptr.scalar_type());
-  TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.size(0) == out_features + 1,
-                    "sparse_t5: row_ptr must have shape [out_features + 1] = [", out_features + 1,
-                    "], got ", row_ptr.sizes());
-  TORCH_CHECK_TYPE(col_idx.scalar_type() == at::kInt || col_idx.scalar_type() == at::kShort,
-                   "sparse_t5: col_idx must be int16 or int32, got ", col_idx.scalar_type());
-  TORCH_CHECK_VALUE(col_idx.scalar_type() == at::kInt || in_features <= 32768,
-                    "sparse_t5: int16 col_idx holds at most 32768 columns, in_features is ",
-                    in_features);
-  TORCH_CHECK_VALUE(col_idx.dim() == 1 && col_idx.size(0) == nnz,
-                    "sparse_t5: col_idx must have shape [nnz] = [", nnz, "] like values, got ",
-                    col_idx.sizes());
-  TORCH_CHECK_VALUE(row_ptr.is_contiguous() && col_idx.is_contiguous(),
-                    "sparse_t5: row_ptr and col_idx must be contiguous");
-
-  const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(rp[0] == 0, "sparse_t5: invalid CSR: row_ptr[0] must be 0, got ", rp[0]);
-  TORCH_CHECK_VALUE(rp[out_features] == nnz, "sparse_t5: invalid CSR: row_ptr[-1] must equal nnz (",
-                    nnz, "), got ", rp[out_features]);
-  for (int64_t r = 0; r < out_features; ++r) {
-    TORCH_CHECK_VALUE(rp[r] <= rp[r + 1], "sparse_t5: invalid CSR: row_ptr decreases at row ", r,
-                      " (", rp[r], " > ", rp[r + 1], ")");
-  }
-  auto check_cols = [&](auto* cols) {
-    for (int64_t k = 0; k < nnz; ++k) {
-      const int64_t c = cols[k];
-      TORCH_CHECK_VALUE(c >= 0 && c < in_features, "sparse_t5: invalid CSR: col_idx[", k, "] = ",
-                        c, " is outside [0, in_features = ", in_features, ")");
-    }
-  };
-  if (col_idx.scalar_type() == at::kShort) {
-    check_cols(col_idx.data_ptr<int16_t>());
-  } else {
-    check_cols(col_idx.data_ptr<int32_t>());
-  }
-}
-
-
 double density(int64_t nnz, int64_t out, int64_t in) {
   return out * in > 0 ? static_cast<double>(nnz) / (static_cast<double>(out) * static_cast<double>(in)) : 1.0;
 }
@@ -78,7 +32,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
                           const at::Tensor& col_idx, int64_t out_features, int64_t in_features,
                           const std::optional<at::Tensor>& bias) {
   check_values(values);
-  check_csr(values.size(0), row_ptr, col_idx, out_features, in_features);
+  check_csr_structure(values.size(0), row_ptr, col_idx, out_features, in_features);
   const cpu::DType dt = kernel_dtype(values, "values");
   const int64_t tokens = check_activation(x, "x", in_features, "in_features", values.scalar_type());
   if (bias.has_value()) {
@@ -91,6 +45,8 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   }
   at::Tensor y = at::empty(with_last_dim(x.sizes(), out_features), x.options());
   if (tokens == 0 || out_features == 0) return y;
+  // No inputs: y is the bias (the kernels' panels would be empty, with null data).
+  if (in_features == 0) return bias.has_value() ? y.copy_(*bias) : y.zero_();
   if (use_dense(PolicyOp::kCsrForward, x.scalar_type(), tokens, values.size(0), out_features, in_features))
     return csr_linear_dense_cpu(x, values, row_ptr, col_idx, out_features, in_features, bias);
 
@@ -109,12 +65,13 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                          int64_t out_features, int64_t in_features) {
   check_values(values);
-  check_csr(values.size(0), row_ptr, col_idx, out_features, in_features);
+  check_csr_structure(values.size(0), row_ptr, col_idx, out_features, in_features);
   const cpu::DType dt = kernel_dtype(values, "values");
   const int64_t tokens =
       check_activation(grad_out, "grad_out", out_features, "out_features", values.scalar_type());
   at::Tensor dx = at::empty(with_last_dim(grad_out.sizes(), in_features), grad_out.options());
   if (tokens == 0 || in_features == 0) return dx;
+  if (out_features == 0) return dx.zero_();  // nothing to sum (and empty panels have null data)
   if (use_dense(PolicyOp::kCsrBackwardInput, grad_out.scalar_type(), tokens, values.size(0), out_features,
                 in_features))
     return csr_linear_backward_input_dense_cpu(grad_out, values, row_ptr, col_idx, out_features, in_features);
@@ -134,7 +91,7 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
                          const at::Tensor& col_idx, int64_t out_features, int64_t in_features) {
   TORCH_CHECK_VALUE(col_idx.dim() == 1, "sparse_t5: col_idx must be 1-D, got shape ",
                     col_idx.sizes());
-  check_csr(col_idx.size(0), row_ptr, col_idx, out_features, in_features);
+  check_csr_structure(col_idx.size(0), row_ptr, col_idx, out_features, in_features);
   const cpu::DType dt = kernel_dtype(x, "x");
   const int64_t tokens = check_activation(x, "x", in_features, "in_features", x.scalar_type());
   check_activation(grad_out, "grad_out", out_features, "out_features", x.scalar_type());

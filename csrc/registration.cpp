@@ -6,6 +6,7 @@
 
 #include "cpu/kernel_api.h"
 #include "kernel_policy.h"
+#include "structure_checks.h"
 
 namespace sparse_t5 {
 namespace {
@@ -34,6 +35,11 @@ TORCH_LIBRARY(sparse_t5, m) {
   m.def("semi24_sddmm(Tensor grad_out, Tensor x, Tensor meta) -> Tensor");
   // Name of the CPU kernel variant in use: baseline | avx2 | avx512 (SPARSE_T5_CPU_ISA overrides).
   m.def("cpu_isa() -> str", &sparse_t5::cpu_isa);
+  // Whether the O(nnz) structure checks run once per structure (default) or on every call
+  // (structure_checks.h).
+  m.def("set_structure_checks(str mode) -> ()", &sparse_t5::set_structure_checks);
+  m.def("get_structure_checks() -> str", &sparse_t5::get_structure_checks);
+  m.def("clear_validated_structures() -> ()", &sparse_t5::clear_validated_structures);
   // Which exact method each op call runs (kernel_policy.h; Python: sparse_t5.kernel_policy).
   m.def("set_kernel_policy(str policy) -> ()", &sparse_t5::set_kernel_policy);
   m.def("get_kernel_policy() -> str", &sparse_t5::get_kernel_policy);

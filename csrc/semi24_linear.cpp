@@ -6,73 +6,22 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
-
 #include "cpu/kernel_api.h"
 #include "cpu/parallel.h"
 #include "kernel_policy.h"
 #include "op_common.h"
+#include "structure_checks.h"
 #include "ops.h"
 
 namespace sparse_t5 {
 namespace {
-
-// Checks values [out, in/2] and meta [out, ceil(in/8)] and returns in_features. Every nibble must
-// name two distinct positions in increasing order; the unused high nibble of an odd last group
-// must be zero.
-void check_meta(const at::Tensor& meta, int64_t out, int64_t in) {
-  check_cpu(meta, "meta");
-  TORCH_CHECK_VALUE(in % 4 == 0, "sparse_t5: 2:4 needs in_features divisible by 4, got in_features = ", in);
-  TORCH_CHECK_TYPE(meta.scalar_type() == at::kByte, "sparse_t5: 2:4 meta must be uint8, got ",
-                   meta.scalar_type());
-  TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == out && meta.size(1) == cpu::semi24_meta_width(in),
-                    "sparse_t5: 2:4 meta must have shape [out_features, ceil(in_features / 8)] = [", out, ", ",
-                    cpu::semi24_meta_width(in), "], got ", meta.sizes());
-  TORCH_CHECK_VALUE(meta.is_contiguous(), "sparse_t5: 2:4 meta must be contiguous");
-  const uint8_t* m = meta.data_ptr<uint8_t>();
-  const int64_t groups = in / 4, width = cpu::semi24_meta_width(in);
-  // Fast path on every call: branch-free byte arithmetic that GCC vectorises (16 bytes per SSE2
-  // op), rows split across threads. (A nibble-by-nibble loop with a check per group cost ~0.5 ms
-  // per call on a t5-small FFN weight; a 256-entry table ~0.2 ms, as long as the kernel itself
-  // at one token.) Only a weight that fails is walked again to name the fault.
-  const bool odd = groups % 2 == 1;
-  const int64_t full = odd ? width - 1 : width;  // bytes holding two groups
-  std::atomic<bool> bad{false};
-  at::parallel_for(0, out, 64, [&](int64_t b, int64_t e) {
-    uint8_t fault = 0;
-    for (int64_t r = b; r < e; ++r) {
-      const uint8_t* row = m + r * width;
-      for (int64_t i = 0; i < full; ++i) {
-        const uint8_t v = row[i];
-        fault |= static_cast<uint8_t>(((v & 3) >= ((v >> 2) & 3)) | (((v >> 4) & 3) >= (v >> 6)));
-      }
-      if (odd) {
-        const uint8_t v = row[width - 1];
-        fault |= static_cast<uint8_t>(((v & 3) >= ((v >> 2) & 3)) | ((v >> 4) != 0));
-      }
-    }
-    if (fault) bad.store(true, std::memory_order_relaxed);
-  });
-  if (!bad.load()) return;
-  for (int64_t r = 0; r < out; ++r) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const unsigned nib = (m[r * width + g / 2] >> ((g & 1) * 4)) & 0xFu;
-      TORCH_CHECK_VALUE((nib & 3u) < (nib >> 2), "sparse_t5: malformed 2:4 meta at row ", r, ", group ", g,
-                        ": positions ", nib & 3u, " and ", nib >> 2, " must be distinct and increasing");
-    }
-    if (odd) {
-      TORCH_CHECK_VALUE((m[r * width + width - 1] >> 4) == 0, "sparse_t5: malformed 2:4 meta at row ", r,
-                        ": the unused high nibble of the last byte must be 0");
-    }
-  }
-}
 
 int64_t check_semi24(const at::Tensor& values, const at::Tensor& meta) {
   check_cpu(values, "values");
   TORCH_CHECK_VALUE(values.dim() == 2, "sparse_t5: 2:4 values must be 2-D [out_features, in_features / 2], got ",
                     values.sizes());
   const int64_t out = values.size(0), in = values.size(1) * 2;
-  check_meta(meta, out, in);
+  check_semi24_meta(meta, out, in);
   return in;
 }
 
@@ -92,6 +41,8 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   }
   at::Tensor y = at::empty(with_last_dim(x.sizes(), out), x.options());
   if (tokens == 0 || out == 0) return y;
+  // No inputs: y is the bias (the kernels' panels would be empty, with null data).
+  if (in == 0) return bias.has_value() ? y.copy_(*bias) : y.zero_();
   if (choose_method("cpu", PolicyOp::kSemi24Forward, x.scalar_type(), tokens, out, in, 0.5) == Method::kDense)
     return semi24_linear_dense_cpu(x, values, meta, bias);
   const at::Tensor xc = x.contiguous(), vc = values.contiguous();
@@ -111,6 +62,7 @@ at::Tensor semi24_linear_backward_input_cpu(const at::Tensor& grad_out, const at
   const int64_t tokens = check_activation(grad_out, "grad_out", out, "out_features", values.scalar_type());
   at::Tensor dx = at::empty(with_last_dim(grad_out.sizes(), in), grad_out.options());
   if (tokens == 0 || in == 0) return dx;
+  if (out == 0) return dx.zero_();  // nothing to sum (and empty panels have null data)
   if (choose_method("cpu", PolicyOp::kSemi24BackwardInput, grad_out.scalar_type(), tokens, out, in, 0.5) ==
       Method::kDense)
     return semi24_linear_backward_input_dense_cpu(grad_out, values, meta);
@@ -129,7 +81,7 @@ at::Tensor semi24_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, con
   TORCH_CHECK_VALUE(meta.dim() == 2, "sparse_t5: 2:4 meta must be 2-D, got ", meta.sizes());
   TORCH_CHECK_VALUE(x.dim() >= 1, "sparse_t5: x must have at least 1 dimension");
   const int64_t out = meta.size(0), in = x.size(-1);
-  check_meta(meta, out, in);
+  check_semi24_meta(meta, out, in);
   const cpu::DType dt = kernel_dtype(x, "x");
   const int64_t tokens = check_activation(x, "x", in, "in_features", x.scalar_type());
   check_activation(grad_out, "grad_out", out, "out_features", x.scalar_type());

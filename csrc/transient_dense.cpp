@@ -219,7 +219,13 @@ at::Tensor panel_backward_input(const at::Tensor& g2, int64_t out, int64_t in, c
   return dx2;
 }
 
-at::Tensor flat(const at::Tensor& t) { return t.contiguous().view({-1, t.size(-1)}); }
+// [tokens, features] view of a [..., features] tensor; tokens from the leading sizes, since -1 is
+// ambiguous for an empty tensor with no features (found by tests/test_ops_fuzz.py).
+at::Tensor flat(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.contiguous().view({rows, t.size(-1)});
+}
 
 // The GEMMs below are this op's implementation, not part of the user's autograd graph (the op's
 // autograd formula is registered in sparse_t5/ops/).

@@ -197,7 +197,8 @@ def semi24_meta_width(in_features: int) -> int:
 def semi24_nibbles(meta: torch.Tensor, out_features: int) -> torch.Tensor:
     """[out, 2 * meta width] uint8: the nibble of every group, in group order (plus the pad nibble
     of an odd last group)."""
-    return torch.stack([meta & 0xF, meta >> 4], -1).reshape(out_features, -1)
+    # An explicit width: -1 is ambiguous for a weight with no rows.
+    return torch.stack([meta & 0xF, meta >> 4], -1).reshape(out_features, 2 * meta.shape[-1])
 
 
 def semi24_positions(meta: torch.Tensor, shape, dtype: torch.dtype = torch.int64) -> torch.Tensor:

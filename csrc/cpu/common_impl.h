@@ -164,6 +164,7 @@ template <typename S, typename C>
 void pack_tile(const S* src, int64_t tokens, int64_t features, int64_t tile, int64_t item, C* panel) {
   const int64_t t0 = item * tile;
   const int64_t valid = min_i64(tile, tokens - t0);
+  if (features == 0) return;  // an empty panel may have no storage: memset(nullptr, 0, 0) is UB
   if (valid < tile) __builtin_memset(panel, 0, sizeof(C) * features * tile);
   int64_t f_done = 0;
   if constexpr (IsFloat<S>::value) {

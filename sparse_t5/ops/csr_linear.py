@@ -13,6 +13,15 @@ from .._extension import _C  # noqa: F401  (loads the library that defines the s
 _ops = torch.ops.sparse_t5
 
 
+def check_one_device(*tensors):
+    """Every tensor argument on one device. A call that mixes a CPU tensor with a meta one would
+    otherwise dispatch to these fake rules and return a meta tensor instead of an error (found by
+    tests/test_ops_fuzz.py)."""
+    devices = {t.device for t in tensors if t is not None}
+    torch._check_value(len(devices) <= 1,
+                       lambda: f"sparse_t5: all tensor arguments must be on one device, got {sorted(map(str, devices))}")
+
+
 def _check_csr_shapes(values_len, row_ptr, col_idx, out_features, in_features):
     torch._check(row_ptr.dim() == 1 and row_ptr.shape[0] == out_features + 1,
                  lambda: f"sparse_t5: row_ptr must have shape [{out_features + 1}], got {tuple(row_ptr.shape)}")
@@ -22,6 +31,7 @@ def _check_csr_shapes(values_len, row_ptr, col_idx, out_features, in_features):
 
 @torch.library.register_fake("sparse_t5::csr_linear")
 def _csr_linear_fake(x, values, row_ptr, col_idx, out_features, in_features, bias=None):
+    check_one_device(x, values, row_ptr, col_idx, bias)
     torch._check(x.shape[-1] == in_features,
                  lambda: f"sparse_t5: x has {x.shape[-1]} features, the weight has in_features={in_features}")
     torch._check(values.dim() == 1, lambda: "sparse_t5: values must be 1-D")
@@ -34,6 +44,7 @@ def _csr_linear_fake(x, values, row_ptr, col_idx, out_features, in_features, bia
 
 @torch.library.register_fake("sparse_t5::csr_linear_backward_input")
 def _csr_linear_backward_input_fake(grad_out, values, row_ptr, col_idx, out_features, in_features):
+    check_one_device(grad_out, values, row_ptr, col_idx)
     torch._check(grad_out.shape[-1] == out_features,
                  lambda: f"sparse_t5: grad_out has {grad_out.shape[-1]} features, out_features={out_features}")
     _check_csr_shapes(values.shape[0], row_ptr, col_idx, out_features, in_features)
@@ -42,6 +53,7 @@ def _csr_linear_backward_input_fake(grad_out, values, row_ptr, col_idx, out_feat
 
 @torch.library.register_fake("sparse_t5::csr_sddmm")
 def _csr_sddmm_fake(grad_out, x, row_ptr, col_idx, out_features, in_features):
+    check_one_device(grad_out, x, row_ptr, col_idx)
     torch._check(grad_out.shape[:-1] == x.shape[:-1],
                  lambda: "sparse_t5: grad_out and x must have the same leading dimensions")
     _check_csr_shapes(col_idx.shape[0], row_ptr, col_idx, out_features, in_features)

@@ -10,7 +10,7 @@ import torch
 
 from .._extension import _C  # noqa: F401  (loads the library that defines the schemas, after the torch check)
 from ..formats import semi24_meta_width
-from .csr_linear import bias_grad
+from .csr_linear import bias_grad, check_one_device
 
 _ops = torch.ops.sparse_t5
 
@@ -25,6 +25,7 @@ def _check(values, meta, in_features):
 
 @torch.library.register_fake("sparse_t5::semi24_linear")
 def _semi24_linear_fake(x, values, meta, bias=None):
+    check_one_device(x, values, meta, bias)
     in_features = values.shape[1] * 2
     _check(values, meta, in_features)
     torch._check(x.shape[-1] == in_features, lambda: f"sparse_t5: x has {x.shape[-1]} features, expected {in_features}")
@@ -34,6 +35,7 @@ def _semi24_linear_fake(x, values, meta, bias=None):
 
 @torch.library.register_fake("sparse_t5::semi24_linear_backward_input")
 def _semi24_backward_input_fake(grad_out, values, meta):
+    check_one_device(grad_out, values, meta)
     _check(values, meta, values.shape[1] * 2)
     torch._check(grad_out.shape[-1] == values.shape[0], lambda: "sparse_t5: grad_out features != out_features")
     return grad_out.new_empty((*grad_out.shape[:-1], values.shape[1] * 2))
@@ -41,6 +43,7 @@ def _semi24_backward_input_fake(grad_out, values, meta):
 
 @torch.library.register_fake("sparse_t5::semi24_sddmm")
 def _semi24_sddmm_fake(grad_out, x, meta):
+    check_one_device(grad_out, x, meta)
     torch._check(grad_out.shape[:-1] == x.shape[:-1], lambda: "sparse_t5: grad_out and x leading dims differ")
     return x.new_empty((meta.shape[0], x.shape[-1] // 2))
 

@@ -6,7 +6,9 @@
 #include <cstdio>
 #include <functional>
 #include <string>
+#include <tuple>
 
+#include "kernel_policy.h"
 #include "ops.h"
 
 namespace {
@@ -97,6 +99,31 @@ int main() {
   expect_throws([&] { csr_sddmm_cpu(at::randn({5, 8}), x, w.row_ptr, w.col_idx, 8, 16); },
                 "same leading dimensions", "sddmm tokens");
   expect_throws([&] { csr_linear_cpu(x, w.values, w.row_ptr, w.col_idx, -1, 16, {}); }, ">= 0", "negative out");
+  // The structures that reached the kernels and corrupted the heap (issue 31): a row pointer raised
+  // but still monotone, and columns out of order within a row. Under every method of every op.
+  for (const char* policy : {"sparse", "dense"}) {
+    sparse_t5::set_kernel_policy(policy);
+    Csr big = make(64, 256, 0.5);  // several transient-dense panels on any thread count
+    const int64_t big_nnz = big.values.size(0);
+    at::Tensor xb = at::randn({5, 256}), dyb = at::randn({5, 64});
+    at::Tensor reversed = big.col_idx.flip(0).contiguous();
+    at::Tensor raised = big.row_ptr.clone();
+    raised[10] = raised[10].item<int32_t>() + 3;  // moves 3 of row 10's entries into row 9: unsorted there
+    at::Tensor dup = big.col_idx.clone();
+    dup[big.row_ptr[5].item<int32_t>() + 1] = dup[big.row_ptr[5].item<int32_t>()];
+    for (const auto& [rp, ci, needle] : {std::tuple{big.row_ptr, reversed, "unsorted"},
+                                          std::tuple{raised, big.col_idx, "unsorted within row 9"},
+                                          std::tuple{big.row_ptr, dup, "duplicated within row 5"}}) {
+      const std::string what = std::string(policy) + " " + needle;
+      expect_throws([&] { csr_linear_cpu(xb, big.values, rp, ci, 64, 256, {}); }, needle, "forward " + what);
+      expect_throws([&] { csr_linear_backward_input_cpu(dyb, big.values, rp, ci, 64, 256); }, needle, "dX " + what);
+      expect_throws([&] { csr_sddmm_cpu(dyb, xb, rp, ci, 64, 256); }, needle, "sddmm " + what);
+    }
+    expect(big_nnz > 0 && at::allclose(csr_linear_cpu(xb, big.values, big.row_ptr, big.col_idx, 64, 256, {}),
+                                       at::linear(xb, big.dense), 1e-5, 1e-5),
+           std::string(policy) + ": well-formed after the malformed calls");
+  }
+  sparse_t5::set_kernel_policy("auto");
 
   // 2:4: correct against dense, and malformed metadata raises.
   {
