@@ -4,7 +4,7 @@
 # the ASan + UBSan build of the same ops (CMake's build-asan/libsparse_t5_ops.so, loaded in place of
 # sparse_t5._C through SPARSE_T5_OPS_LIBRARY, with libasan preloaded into the uninstrumented Python).
 #
-#   scripts/fuzz_ops.sh                      # 3 seeds, 2000 examples per property: >= 10,000 calls per op and seed
+#   scripts/fuzz_ops.sh                      # 3 seeds, 4000 examples per property: >= 10,000 calls per op and run
 #   SEEDS="7 8" EXAMPLES=500 scripts/fuzz_ops.sh
 #   SANITIZED_ONLY=1 scripts/fuzz_ops.sh     # only the ASan + UBSan runs
 #
@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SEEDS=${SEEDS:-"1 2 3"}
-EXAMPLES=${EXAMPLES:-2000}
+EXAMPLES=${EXAMPLES:-4000}
 OUT=${OUT:-runs/fuzz}
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json "$OUT"/*.log
@@ -33,7 +33,7 @@ run() {  # run NAME SEED [env...]
   echo "== $name, seed $seed, $EXAMPLES examples per property"
   env "$@" SPARSE_T5_FUZZ_LONG=1 SPARSE_T5_FUZZ_EXAMPLES="$EXAMPLES" \
     SPARSE_T5_FUZZ_STATS="$OUT/$name-seed$seed.json" \
-    "$PY" -m pytest tests/test_ops_fuzz.py -q -p no:cacheprovider -W ignore::DeprecationWarning \
+    "$PY" -m pytest tests/test_ops_fuzz.py -q --capture=sys -p no:cacheprovider -W ignore::DeprecationWarning \
     --hypothesis-seed="$seed" >"$log" 2>&1
   local rc=$?
   tail -n 1 "$log"

@@ -33,6 +33,7 @@ import tempfile
 import torch
 from torch import nn
 
+from .configuration_t5 import as_saved
 from .layers import SparseLinear, weight_dtype
 from .pruning import (MagnitudeThreshold, check_prune_args, check_scope, keep_count, keep_top_k, select_targets,
                       top_k_threshold)
@@ -105,6 +106,27 @@ class _SafetensorsFile:
         self._file.close()
 
 
+def load_weights_only(path: str, what: str, mmap: bool = False):
+    """torch.load with weights_only=True (tensors and plain containers, never an unpickled object:
+    a crafted file could otherwise run code), with a one-line ValueError that names the file and what
+    to do instead of torch's many-line unpickling message. There is deliberately no fallback to a full
+    unpickle. mmap: memory-map the file where its format allows (the legacy non-zip format does not)."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as err:
+            if not mmap or "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (pickle errors come in many types)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = (lines[0][:160] if lines else type(err).__name__).rstrip(".")
+        raise ValueError(f"refusing to load {what} {path}: it is corrupt, or holds objects other than tensors and "
+                         f"plain containers, which are never unpickled ({reason}); it is not a file sparse-t5 "
+                         f"wrote: write it again with sparse-t5, or unpickle it yourself only if you trust its "
+                         f"source") from None
+
+
 class _BinFile:
     """One pytorch_model.bin, loaded with weights_only=True (memory-mapped where the file allows)."""
 
@@ -112,16 +134,7 @@ class _BinFile:
 
     def __init__(self, path: str):
         self.path = path
-        try:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as err:
-                if "mmap" not in str(err):  # only the legacy (non-zip) format cannot be mapped
-                    raise
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001  (pickle errors come in many types)
-            raise ValueError(f"refusing to load {path}: it is corrupt, or holds objects other than tensors, "
-                             f"which are never unpickled (weights_only=True): {err}") from None
+        state = load_weights_only(path, "checkpoint file", mmap=True)
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"corrupt checkpoint {path}: expected a dict of tensors")
         self._state = state
@@ -387,6 +400,7 @@ def save_pretrained(model, save_directory, state_dict: dict | None = None) -> No
     tensors = {k: v.cpu() for k, v in tensors_to_save(model, state_dict).items()}
     config = copy.deepcopy(model.config)
     layout = layout_of(model)
+    as_saved(config, has_sparse_layers=bool(layout["layers"]))  # model_type: configuration_t5.py says why
     if layout["layers"]:
         config.__dict__[LAYOUT_KEY] = layout
         config.architectures = [type(model).__name__]
@@ -407,7 +421,7 @@ def to_hf(model):
     from transformers import T5ForConditionalGeneration
 
     dense = copy.deepcopy(model).densify()
-    config = copy.deepcopy(dense.config)
+    config = as_saved(copy.deepcopy(dense.config), has_sparse_layers=False)
     config.architectures = ["T5ForConditionalGeneration"]
     hf = T5ForConditionalGeneration(config).to(dense.shared.weight.dtype)
     if not dense.lm_head_shared:

@@ -142,3 +142,20 @@ def check_tested_version(version: str | None = None) -> None:
     elif installed.release < oldest.release:
         warnings.warn(f"sparse_t5 needs transformers >= {TESTED_TRANSFORMERS[0]}; {version} is older "
                       "and untested", UserWarning, stacklevel=3)
+
+
+# Keywords transformers' Auto classes and pipelines pass to a model class's from_pretrained that say
+# how it was called, not what to load: _from_auto, _from_pipeline, trust_remote_code and
+# adapter_kwargs (4.x and 5.x; adapter_kwargs carries the hub token/revision even without an
+# adapter), code_revision and _commit_hash (4.x). A PEFT adapter itself (`_adapter_model_path`, set
+# when the path holds one) is not supported and raises.
+AUTO_LOADER_KEYWORDS = ("_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "code_revision",
+                        "_commit_hash")
+
+
+def drop_auto_loader_keywords(kwargs: dict) -> None:
+    adapter = kwargs.get("adapter_kwargs") or {}
+    if "_adapter_model_path" in adapter:
+        raise NotImplementedError("sparse_t5 does not load PEFT adapters: load the base model, then the adapter")
+    for key in AUTO_LOADER_KEYWORDS:
+        kwargs.pop(key, None)

@@ -28,6 +28,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 
 from . import checkpoint, hf_compat
+from .configuration_t5 import SparseT5Config, register_auto_classes
 from .checkpoint import LAYOUT_KEY, WEIGHTS_NAME  # noqa: F401  (re-exported: older imports use them here)
 from .devices import placement
 from .formats import semi24_magnitude_mask
@@ -420,7 +421,8 @@ def _per_layer_head_mask(head_mask, num_layers: int, dtype):
 
 
 class SparseT5PreTrainedModel(PreTrainedModel):
-    config_class = T5Config
+    # Any T5Config works; a compressed checkpoint loads as SparseT5Config (configuration_t5.py).
+    config_class = SparseT5Config
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     main_input_name = "input_ids"
@@ -760,8 +762,8 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, dtype=None,
                         torch_dtype=None, device=None, device_map=None, map_location=None, sparsity=None,
                         format=None, scope="layer", include=None, exclude=None, cache_dir=None, revision=None,
-                        local_files_only=False, token=None, subfolder="", output_loading_info=False, state_dict=None,
-                        **kwargs):
+                        local_files_only=False, token=None, subfolder="", force_download=False, proxies=None,
+                        output_loading_info=False, state_dict=None, **kwargs):
         """Load any HF T5 checkpoint (hub name or local directory; safetensors or pytorch_model.bin,
         sharded or not), or a sparse checkpoint written by `save_pretrained`.
 
@@ -784,8 +786,9 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         With `dtype=torch.float16`, the `_keep_in_fp32_modules` (`wo`) stay fp32, as in HF.
         Other keywords update the config, as in transformers.
         """
-        from transformers import T5Config
+        from transformers import AutoConfig, T5Config
 
+        hf_compat.drop_auto_loader_keywords(kwargs)
         if torch.get_default_device().type == "meta":  # transformers' own check and message
             raise RuntimeError("You are using `from_pretrained` with a meta device context manager or "
                                "`torch.set_default_device('meta')`: the weights would never be loaded. Load "
@@ -796,11 +799,15 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
         hub = dict(cache_dir=cache_dir, revision=revision, local_files_only=local_files_only, token=token,
-                   subfolder=subfolder)
+                   subfolder=subfolder, force_download=force_download, proxies=proxies)
         if config is None:
             if pretrained_model_name_or_path is None:
                 raise ValueError("from_pretrained(None, ...) needs config= (and state_dict=)")
-            config = T5Config.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
+            # AutoConfig: T5Config for a "t5" checkpoint, SparseT5Config for a compressed one.
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
+            if not isinstance(config, T5Config):
+                raise ValueError(f"{pretrained_model_name_or_path} is not a T5 checkpoint: its model_type is "
+                                 f"{config.model_type!r}")
         else:
             unknown = sorted(k for k in kwargs if not hasattr(config, k))
             if unknown:
@@ -813,3 +820,6 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         if output_loading_info:
             return model, hf_compat.empty_loading_info()
         return model
+
+
+register_auto_classes()  # AutoModelForSeq2SeqLM loads compressed checkpoints as this class

@@ -289,3 +289,42 @@ def test_an_interrupted_streamed_write_is_never_a_checkpoint(tmp_path):
     assert not os.path.exists(tmp_path / "model.safetensors.index.json")
     with pytest.raises(ValueError, match="no model.safetensors"):
         SparseT5ForConditionalGeneration.from_pretrained(tmp_path)
+
+
+# ---- transformers' Auto classes on our checkpoints (issue 33) ----------------------------------------
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_auto_classes_load_a_compressed_checkpoint_as_the_sparse_model(tmp_path, name):
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from sparse_t5.configuration_t5 import SparseT5Config
+
+    model = SparseT5ForConditionalGeneration.from_pretrained(write_dense(str(tmp_path / "dense"), name, "safetensors"),
+                                                             sparsity=0.8).eval()
+    model.save_pretrained(tmp_path / "sparse")
+    assert json.load(open(tmp_path / "sparse" / "config.json"))["model_type"] == "sparse_t5"
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "sparse"), SparseT5Config)
+    auto = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "sparse").eval()
+    assert type(auto) is SparseT5ForConditionalGeneration
+    ids, labels = torch.tensor([[3, 4, 5, 6, 1]]), torch.tensor([[7, 8, 1]])
+    assert torch.equal(auto(input_ids=ids, labels=labels).logits, model(input_ids=ids, labels=labels).logits)
+    # Densified, it is a T5 checkpoint again: model_type "t5", which HF's own class loads whole.
+    model.densify().save_pretrained(tmp_path / "densified")
+    assert json.load(open(tmp_path / "densified" / "config.json"))["model_type"] == "t5"
+    hf = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "densified").eval()
+    assert type(hf) is T5ForConditionalGeneration
+    assert torch.allclose(hf(input_ids=ids, labels=labels).logits, model(input_ids=ids, labels=labels).logits,
+                          atol=1e-5)
+
+
+def test_without_sparse_t5_the_auto_classes_refuse_a_compressed_checkpoint(tmp_path):
+    """Not a dense T5 with newly initialised sparse layers: transformers does not know model_type
+    sparse_t5 until sparse_t5 registers it."""
+    model = SparseT5ForConditionalGeneration.from_pretrained(write_dense(str(tmp_path / "dense"), "v1_relu_tied",
+                                                                        "safetensors"), sparsity=0.8)
+    model.save_pretrained(tmp_path / "sparse")
+    code = ("import sys\nfrom transformers import AutoModelForSeq2SeqLM\n"
+            "try:\n    AutoModelForSeq2SeqLM.from_pretrained(sys.argv[1])\nexcept ValueError as e:\n"
+            "    print('refused:', e)\nelse:\n    print('loaded')\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sparse")], capture_output=True, text=True,
+                         timeout=300)
+    assert "refused:" in out.stdout and "sparse_t5" in out.stdout, out.stdout + out.stderr

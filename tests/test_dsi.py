@@ -342,9 +342,12 @@ def test_resume_refuses_a_pickle_payload_without_running_it(lee, tokenizer, tmp_
     marker = tmp_path / "payload-ran"
     state["state"]["history"] = [PicklePayload(marker)]
     torch.save(state, os.path.join(path, "trainer_state.pt"))
-    with pytest.raises(ValueError, match="refusing to load trainer checkpoint .* never unpickled"):
+    with pytest.raises(ValueError, match="refusing to load trainer checkpoint .* never unpickled") as err:
         _trainer(lee, tokenizer, tmp_path / "run").resume(path)
     assert not marker.exists()
+    # One line that names the file and what to do, not torch's many-line unpickling message.
+    assert "\n" not in str(err.value) and "trainer_state.pt" in str(err.value)
+    assert "not a file sparse-t5 wrote" in str(err.value)
 
 
 def test_from_pretrained_refuses_a_pickle_payload_without_running_it(tmp_path):
@@ -358,9 +361,10 @@ def test_from_pretrained_refuses_a_pickle_payload_without_running_it(tmp_path):
     marker = tmp_path / "payload-ran"
     os.remove(tmp_path / "ckpt" / "model.safetensors")
     torch.save({**state, "extra": PicklePayload(marker)}, tmp_path / "ckpt" / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="refusing to load .*pytorch_model.bin.* never unpickled"):
+    with pytest.raises(ValueError, match="refusing to load .*pytorch_model.bin.* never unpickled") as err:
         SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
     assert not marker.exists()
+    assert "\n" not in str(err.value)
 
 
 DDP_WORKER = r"""

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import load_weights_only
 from ..devices import resolve_device
 from ..memory import peak_rss_bytes, reset_peak_rss
 from ..modeling_t5 import SparseT5ForConditionalGeneration
@@ -272,14 +273,9 @@ class Trainer:
         state_file = os.path.join(path, "trainer_state.pt")
         if not os.path.isfile(state_file):
             raise ValueError(f"not a trainer checkpoint (no trainer_state.pt): {path}")
-        # weights_only: tensors and plain containers only, never an unpickled object (a crafted
-        # checkpoint could otherwise run code on resume; CVE-2026-1839 was this flaw in transformers'
-        # Trainer). There is deliberately no fallback to a full unpickle.
-        try:
-            blob = torch.load(state_file, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"refusing to load trainer checkpoint {state_file}: it is corrupt or holds objects "
-                             f"other than tensors and plain containers, which are never unpickled ({err})") from err
+        # Tensors and plain containers only, never an unpickled object (a crafted checkpoint could
+        # otherwise run code on resume; CVE-2026-1839 was this flaw in transformers' Trainer).
+        blob = load_weights_only(state_file, "trainer checkpoint")
         # The optimizer must track the checkpoint's parameters (sparse layers may have been rebuilt).
         from ..distributed import load_full_optimizer_state
 
