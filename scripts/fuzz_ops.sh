@@ -9,8 +9,9 @@
 #   SANITIZED_ONLY=1 scripts/fuzz_ops.sh     # only the ASan + UBSan runs
 #
 # Prints, per op, the calls made (well-formed; malformed that raised; malformed that were accepted)
-# over all runs, and the sanitizer reports found. Exits 1 on a failed property, an abort, any
-# sanitizer report, or any accepted malformed call.
+# over all runs, and the sanitizer reports found (pytest captures only sys.stdout/err here, so a
+# report written to fd 2 reaches the log). Exits 1 on a failed property, an abort, any sanitizer
+# report, or any accepted malformed call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

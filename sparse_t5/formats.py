@@ -9,7 +9,8 @@ optimizer and checkpoints see nothing but ordinary tensors (torchao's block-spar
                                 within a row
 
 Index overhead is 2 bytes per nonzero (int16) plus 4 bytes per row: there is deliberately no
-transposed copy of the index (GUIDE §1: it would cost 6-8 more bytes per nonzero); the dX kernel
+transposed copy of the index (README "How the CSR kernels work": it would cost 6-8 more bytes per
+nonzero); the dX kernel
 scatters by column instead.
 """
 from __future__ import annotations
@@ -308,7 +309,7 @@ class _ValidatedStructures:
 
     Why: the CUDA bodies of the ops (Triton) gather through these indices, so a malformed structure
     would read out of bounds; but a full check costs a device-to-host sync, too much for every call
-    of a layer whose GEMM takes tens of microseconds (GUIDE section 5). The structure of a layer never
+    of a layer whose GEMM takes tens of microseconds on an H100. The structure of a layer never
     changes between calls, so checking it once per version gives the CPU ops' guarantee (a clear
     ValueError, never an illegal memory access) at the price of one check per layer."""
 

@@ -10,7 +10,8 @@ interpreter (TRITON_INTERPRET=1) on CPU tensors, where the tests run them.
   BLOCK_K, gathers x[tokens, cols] and reduces over the chunk.
 - dX = dY W: one program per (row, token block) scatters dY[:, r] * W[r, c] into dX with fp32
   atomics. Why atomics: the alternative, a transposed (CSC) copy of the index, costs 6-8 more bytes
-  per nonzero, which is most of the memory this project exists to save (GUIDE section 1).
+  per nonzero, which is most of the memory this project exists to save (README "How the CSR
+  kernels work").
 - dvalues (SDDMM): one program per (row, nonzero block) reduces dY[:, r] * x[:, cols] over tokens.
 """
 from __future__ import annotations

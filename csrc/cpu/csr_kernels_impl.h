@@ -1,13 +1,13 @@
 // CSR sparse-linear kernels, compiled once per instruction set (see kernels_<isa>.cpp).
 //
-// Layout and loops (GUIDE §2):
+// Layout and loops (README "How the CSR kernels work"):
 //  * Activations are repacked into token-tile panels P[tile][feature][TILE] (kernel_api.h), so a
 //    nonzero W[r, c] touches one contiguous run of TILE tokens: P[tile][c][0:TILE].
 //  * forward: for an output row r and a token tile, acc[TILE] (in registers) += W[r,c] * X[tile][c]
 //    over the row's nonzeros; one AXPY per nonzero, no index beyond the CSR itself.
 //  * backward_input: dX[tile][c] += W[r,c] * dY[tile][r], scattered by column. A thread owns whole
 //    token tiles of dX, so there are no atomics and no transposed copy of the index (which would
-//    cost 6-8 more bytes per nonzero, GUIDE §1).
+//    cost 6-8 more bytes per nonzero: README "How the CSR kernels work").
 //  * sddmm: dvalues[k] = <dY[:, r], X[:, c]>, accumulated over chunks of tiles that fit in L2.
 #pragma once
 #include "common_impl.h"
