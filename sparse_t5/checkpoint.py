@@ -1,6 +1,7 @@
-"""Checkpoint I/O for SparseT5ForConditionalGeneration: reading any HF T5 checkpoint, prune-at-load,
-compressed save and load, and dense export. modeling_t5.py holds the architecture; its
-`from_pretrained`, `save_pretrained` and `to_hf` call into this module.
+"""Checkpoint I/O for SparseT5ForConditionalGeneration: reading any HF T5 checkpoint, compressed save
+and load, and dense export. modeling_t5.py holds the architecture; its `from_pretrained`,
+`save_pretrained` and `to_hf` call into this module. What a pruned weight keeps and the layer that
+stores it come from sparsify.py, for prune-at-load as for `sparsify`.
 
 One reader serves every load (`CheckpointReader`): safetensors (single or sharded) and
 pytorch_model.bin (single or sharded), tensor by tensor. Loading streams the checkpoint into a
@@ -34,13 +35,13 @@ import torch
 from torch import nn
 
 from .configuration_t5 import as_saved
-from .layers import SparseLinear, weight_dtype
-from .pruning import (MagnitudeThreshold, check_prune_args, check_scope, keep_count, keep_top_k, select_targets,
-                      top_k_threshold)
+from .layers import SparseLinear
+from .memory import release_freed_memory
+from .pruning import select_targets
+from .sparsify import LAYOUT_KEY, PrunePlan, layout_of, record_layout, replace_module, sparsify
 
 WEIGHTS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
-LAYOUT_KEY = "sparse_t5"  # config key holding {"format_version", "layers": {name: {...}}}
 HASH_KEY = "sparse_t5_sha256"  # safetensors metadata: sha256 of the tensors (see content_hash)
 
 SAFETENSORS_DTYPES = {
@@ -279,42 +280,6 @@ def _checkpoint_files(path_or_name, hub) -> list[str]:
 
 
 # ---- the sparsity layout (config key sparse_t5) --------------------------------------------------------
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def layout_of(model) -> dict:
-    return {"format_version": 1, "layers": {name: m.layout_spec() for name, m in model.sparse_layers().items()}}
-
-
-def apply_layout(model, layout: dict) -> None:
-    """Replace the named Linears by empty sparse layers of the recorded shapes (to be filled by a
-    load). Raises ValueError if the layout does not fit this architecture."""
-    if not isinstance(layout, dict) or not isinstance(layout.get("layers"), dict):
-        raise ValueError(f"corrupt checkpoint: config key '{LAYOUT_KEY}' is not a sparsity layout")
-    for name, spec in layout["layers"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"checkpoint layout names layer '{name}', which this T5 config does not have") from None
-        fmt = spec.get("format")
-        try:
-            SparseLinear.layer_class(fmt)
-        except ValueError as err:
-            raise ValueError(f"checkpoint layout: layer '{name}': {err}") from None
-        if not isinstance(module, (nn.Linear, SparseLinear)) or (module.in_features, module.out_features) != (
-                spec.get("in_features"), spec.get("out_features")):
-            raise ValueError(f"checkpoint layout: layer '{name}' shape {spec.get('out_features')}x"
-                             f"{spec.get('in_features')} does not match the config")
-        device = module.values.device if isinstance(module, SparseLinear) else module.weight.device
-        sparse = SparseLinear.empty(module.in_features, module.out_features, int(spec["nnz"]), bias=False,
-                                    dtype=weight_dtype(module), device=device, format=fmt)
-        replace_module(model, name, sparse)
-    model.config.__dict__[LAYOUT_KEY] = layout
-
-
 # ---- saving ------------------------------------------------------------------------------------------------
 def tensors_to_save(model, state: dict | None = None) -> dict[str, torch.Tensor]:
     """What a checkpoint of `model` stores: its state_dict (or `state`, e.g. one gathered from shards)
@@ -437,28 +402,6 @@ def to_hf(model):
 _EMBEDDING_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
-def _release_freed_memory():
-    """Return freed heap memory to the OS (glibc's malloc_trim). Loading interleaves long-lived
-    compressed tensors with large transient ones (each dense weight, its scores and masks), and glibc
-    keeps the freed transients resident behind the long-lived ones: measured here on a 176 MB
-    checkpoint at 0.9, the load peaked at 124 MB above the process without trimming and 73-77 MB with it (29 MB of model). A no-op where
-    malloc_trim does not exist."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _find_malloc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
 def _model_keys(names, model) -> dict[str, str | None]:
     """checkpoint name -> our state key (None: ignored), as HF maps a T5 state dict: tied aliases of
     `shared` and a stray cross-attention relative bias of old checkpoints are dropped."""
@@ -488,42 +431,60 @@ def _install(model, key: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
-class _PrunePlan:
-    """Which Linear weights prune-at-load compresses, and how; masks equal `sparsify`'s."""
+def _check_keys_and_layout(model, reader, keys: dict, config, path_or_name) -> dict[str, str]:
+    """Raise ValueError unless the checkpoint holds exactly the tensors `model` stores, and every
+    sparse layer of the layout the nnz it says. Returns our key -> checkpoint name."""
+    expected = set(tensors_to_save(model))
+    present = {v for v in keys.values() if v is not None}
+    missing, unexpected = sorted(expected - present), sorted(present - expected)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path_or_name} does not match the T5 config: "
+                         f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+    by_key = {v: k for k, v in keys.items() if v is not None}
+    for name, spec in (getattr(config, LAYOUT_KEY, None) or {}).get("layers", {}).items():
+        stored = reader.shapes[by_key[name + ".values"]]
+        if int(torch.Size(stored).numel()) != int(spec["nnz"]):
+            raise ValueError(f"corrupt checkpoint: layer '{name}' layout says nnz={spec['nnz']} but the "
+                             f"stored values have {int(torch.Size(stored).numel())}")
+    return by_key
 
-    def __init__(self, model, reader, keys, sparsity, format, scope, include, exclude, cast):
-        self.layer_cls = check_prune_args(sparsity, format, "magnitude")
-        self.format, self.sparsity = format, sparsity
-        targets = select_targets(model, include, exclude)
-        if not targets:
-            raise ValueError("no Linear layer matches the include/exclude patterns")
-        self.targets = list(targets)  # module order, as sparsify concatenates them
-        self.weight_keys = {name + ".weight": name for name in self.targets}
-        by_key = {v: k for k, v in keys.items() if v is not None}
-        self.allot: dict[str, int] = {}
-        self.threshold: MagnitudeThreshold | None = None
-        if format == "csr" and check_scope(scope) == "global":
-            sources = [by_key[name + ".weight"] for name in self.targets]
 
-            def scores():  # the targets' weights (magnitudes count), streamed in module order, read twice
-                for source in sources:
-                    yield cast(reader.read(source))
-                    _release_freed_memory()
-
-            dense_size = sum(targets[n].in_features * targets[n].out_features for n in self.targets)
-            self.threshold = top_k_threshold(scores, keep_count(dense_size, sparsity))
-            self.allot = dict(zip(self.targets, self.threshold.allot_ties()))
-        self.scope = scope
-
-    def compress(self, name: str, weight: torch.Tensor) -> SparseLinear:
-        if self.format == "2:4":
-            return self.layer_cls.from_dense(weight)
-        # the selection reads magnitudes from the weight's bits in slices: no |w| copy of the tensor
-        if self.threshold is not None:
-            keep = self.threshold.keep(weight, self.allot[name])
-        else:
-            keep = keep_top_k([weight], keep_count(weight.numel(), self.sparsity))[0]
-        return self.layer_cls.from_dense(weight, keep.view(weight.shape))
+def _stream_into(model, reader, keys: dict, plan: PrunePlan | None, cast, device, path_or_name) -> None:
+    """Every checkpoint tensor into the meta-built `model`, one at a time: a prune target is
+    compressed as it is read (plan), a sparse layer adopts its values and structure together, the
+    rest is installed in place of its meta tensor. Raises ValueError if anything stays unloaded."""
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for source, tensor in reader.stream():
+        key = keys.get(source)
+        if key is None:
+            continue
+        module_name, _, attr = key.rpartition(".")
+        if plan is not None and key in plan.weight_keys:
+            linear = model.get_submodule(module_name)
+            sparse = plan.compress(module_name, cast(tensor, linear.weight, key))
+            replace_module(model, module_name, sparse.to(device))
+            del tensor, sparse
+            release_freed_memory()
+            continue
+        module = model.get_submodule(module_name)
+        if isinstance(module, SparseLinear):  # gather values + structure, then adopt them together
+            parts = pending.setdefault(module_name, {})
+            parts[attr] = tensor
+            if len(parts) == 1 + len(module._structure_keys()):
+                values = cast(parts.pop("values"), module.values, key)
+                state = {"values": values.to(device), **{k: v.to(device) for k, v in parts.items()}}
+                try:
+                    module.load_state_dict(state, strict=True, assign=True)
+                except ValueError as err:
+                    raise ValueError(f"corrupt sparse weight at '{module_name}': {err.__cause__ or err}") from None
+                del pending[module_name]
+            continue
+        current = getattr(module, attr)
+        _install(model, key, cast(tensor, current, key).to(device))
+    model.tie_weights()
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover or pending:
+        raise ValueError(f"checkpoint {path_or_name} left tensors unloaded: {(leftover or list(pending))[:10]}")
 
 
 def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, dtype=None, sparsity=None,
@@ -546,18 +507,7 @@ def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, 
             model.lm_head_shared = True
             model.tie_weights()
             keys = _model_keys(reader.shapes, model)
-        expected = set(tensors_to_save(model))
-        present = {v for v in keys.values() if v is not None}
-        missing, unexpected = sorted(expected - present), sorted(present - expected)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path_or_name} does not match the T5 config: "
-                             f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
-        by_key = {v: k for k, v in keys.items() if v is not None}
-        for name, spec in (getattr(config, LAYOUT_KEY, None) or {}).get("layers", {}).items():
-            stored = reader.shapes[by_key[name + ".values"]]
-            if int(torch.Size(stored).numel()) != int(spec["nnz"]):
-                raise ValueError(f"corrupt checkpoint: layer '{name}' layout says nnz={spec['nnz']} but the "
-                                 f"stored values have {int(torch.Size(stored).numel())}")
+        by_key = _check_keys_and_layout(model, reader, keys, config, path_or_name)
 
         keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
 
@@ -572,44 +522,13 @@ def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, 
         if prune and not already_sparse:
             first_target = select_targets(model, include, exclude)
             like = next(iter(first_target.values())).weight if first_target else None
-            plan = _PrunePlan(model, reader, keys, sparsity, format or "csr", scope, include, exclude,
-                              lambda t: cast(t, like))
-        pending: dict[str, dict[str, torch.Tensor]] = {}
-        for source, tensor in reader.stream():
-            key = keys.get(source)
-            if key is None:
-                continue
-            module_name, _, attr = key.rpartition(".")
-            if plan is not None and key in plan.weight_keys:
-                linear = model.get_submodule(module_name)
-                sparse = plan.compress(module_name, cast(tensor, linear.weight, key))
-                replace_module(model, module_name, sparse.to(device))
-                del tensor, sparse
-                _release_freed_memory()
-                continue
-            module = model.get_submodule(module_name)
-            if isinstance(module, SparseLinear):  # gather values + structure, then adopt them together
-                parts = pending.setdefault(module_name, {})
-                parts[attr] = tensor
-                if len(parts) == 1 + len(module._structure_keys()):
-                    values = cast(parts.pop("values"), module.values, key)
-                    state = {"values": values.to(device), **{k: v.to(device) for k, v in parts.items()}}
-                    try:
-                        module.load_state_dict(state, strict=True, assign=True)
-                    except ValueError as err:
-                        raise ValueError(f"corrupt sparse weight at '{module_name}': {err.__cause__ or err}") from None
-                    del pending[module_name]
-                continue
-            current = getattr(module, attr)
-            _install(model, key, cast(tensor, current, key).to(device))
-        model.tie_weights()
-        leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-        if leftover or pending:
-            raise ValueError(f"checkpoint {path_or_name} left tensors unloaded: {(leftover or list(pending))[:10]}")
+            plan = PrunePlan(model, by_key, lambda source: cast(reader.read(source), like), sparsity,
+                             format or "csr", scope, include, exclude)
+        _stream_into(model, reader, keys, plan, cast, device, path_or_name)
     if plan is not None:
-        model.config.__dict__[LAYOUT_KEY] = layout_of(model)
+        record_layout(model)
     elif prune:  # a checkpoint that is sparse already: prune it further, in place
-        model.sparsify(sparsity, format=format or "csr", scope=scope, include=include, exclude=exclude)
+        sparsify(model, sparsity, format=format or "csr", scope=scope, include=include, exclude=exclude)
     model.eval()
     if state_dict is None:
         try:

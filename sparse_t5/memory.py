@@ -1,5 +1,6 @@
 """Process memory as the OS sees it (Linux /proc, with a getrusage fallback): what the trainer
-reports per phase and what the recovery benchmark measures."""
+reports per phase and what the recovery benchmark measures; and giving freed heap back to the OS
+while loading (release_freed_memory)."""
 from __future__ import annotations
 
 
@@ -39,3 +40,25 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_freed_memory():
+    """Return freed heap memory to the OS (glibc's malloc_trim). Loading interleaves long-lived
+    compressed tensors with large transient ones (each dense weight, its scores and masks), and glibc
+    keeps the freed transients resident behind the long-lived ones: measured here on a 176 MB
+    checkpoint at 0.9, the load peaked at 124 MB above the process without trimming and 73-77 MB with it (29 MB of model). A no-op where
+    malloc_trim does not exist."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()

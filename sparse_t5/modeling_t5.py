@@ -27,13 +27,11 @@ from transformers import GenerationMixin, PreTrainedModel, T5Config
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPastAndCrossAttentions, Seq2SeqLMOutput
 
-from . import checkpoint, hf_compat
+from . import checkpoint, hf_compat, sparsify
 from .configuration_t5 import SparseT5Config, register_auto_classes
-from .checkpoint import LAYOUT_KEY, WEIGHTS_NAME  # noqa: F401  (re-exported: older imports use them here)
+from .sparsify import LAYOUT_KEY
 from .devices import placement
-from .formats import semi24_magnitude_mask
 from .layers import SparseLinear, weight_dtype
-from .pruning import check_prune_args, magnitude_keep, remap_optimizer_state_, select_targets, shrink_sparse_linear_
 
 
 def lm_head_is_tied(config: T5Config) -> bool:
@@ -551,7 +549,7 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
             raise ValueError("config.tie_encoder_decoder=True is not supported by SparseT5ForConditionalGeneration")
         # A checkpoint's sparse layout (from `save_pretrained`) is rebuilt by from_pretrained.
         if getattr(config, LAYOUT_KEY, None):
-            checkpoint.apply_layout(self, getattr(config, LAYOUT_KEY))
+            sparsify.apply_layout(self, getattr(config, LAYOUT_KEY))
         # HF's: initialise (_init_weights), tie (tie_weights), and the legacy config.gradient_checkpointing.
         self.post_init()
 
@@ -689,34 +687,7 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         wi wi_0 wi_1 wo; embeddings and lm_head stay dense). With `optimizer`, its state is
         remapped to the surviving weights.
         """
-        layer_cls = check_prune_args(sparsity, format, method)
-        targets = select_targets(self, include, exclude)
-        if not targets:
-            raise ValueError("no Linear layer matches the include/exclude patterns")
-        for name, module in targets.items():
-            if isinstance(module, SparseLinear) and module.format != format:
-                raise ValueError(f"{name} is already sparse in format {module.format!r}, not {format!r}")
-        if format == "2:4":
-            keep = {n: semi24_magnitude_mask(m.weight).flatten() for n, m in targets.items()
-                    if not isinstance(m, SparseLinear)}
-        else:
-            keep = magnitude_keep(targets, sparsity, scope)
-        for name, module in targets.items():
-            if isinstance(module, SparseLinear):
-                if name not in keep or bool(keep[name].all()):
-                    continue
-                old = module.values
-                kept = shrink_sparse_linear_(module, keep[name])
-                if optimizer is not None:
-                    remap_optimizer_state_(optimizer, old, module.values, kept)
-            else:
-                mask = keep[name].view(module.out_features, module.in_features)
-                sparse = layer_cls.from_dense(module, mask)
-                if optimizer is not None:
-                    remap_optimizer_state_(optimizer, module.weight, sparse.values, mask.flatten().nonzero().flatten())
-                self._replace_module(name, sparse)
-        self.config.__dict__[LAYOUT_KEY] = checkpoint.layout_of(self)
-        return {n: m.sparsity for n, m in self.sparse_layers().items()}
+        return sparsify.sparsify(self, sparsity, format, method, scope, include, exclude, optimizer)
 
     @torch.no_grad()
     def densify(self) -> "SparseT5ForConditionalGeneration":
@@ -745,7 +716,7 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         }
 
     def _replace_module(self, name: str, module: nn.Module):
-        checkpoint.replace_module(self, name, module)
+        sparsify.replace_module(self, name, module)
 
     # ---- checkpoints (sparse_t5/checkpoint.py) ---------------------------------------------------------
     def save_pretrained(self, save_directory, safe_serialization: bool = True, state_dict=None, **kwargs):
