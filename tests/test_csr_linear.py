@@ -12,7 +12,7 @@ from conftest import skip_dtype_under_triton_interpreter
 import torch.nn.functional as F
 
 from sparse_t5 import CSRWeight, SparseLinear
-from sparse_t5.formats import validate_csr
+from test_formats import valid_triple
 from sparse_t5.ops import cpu_isa, csr_linear
 
 # Every test here runs under each exact method of the ops (conftest.py kernel_method).
@@ -193,109 +193,6 @@ def test_torch_compile_fullgraph():
     step(x).backward()
     torch.testing.assert_close(loss, step(x))
     torch.testing.assert_close(grad_compiled, layer.values.grad)
-
-
-def test_adamw_keeps_pattern_and_zeros():
-    g = torch.Generator().manual_seed(8)
-    weight, mask = torch.randn(32, 48, generator=g), torch.rand(32, 48, generator=g) > 0.7
-    layer = SparseLinear.from_dense(weight, mask, bias=torch.zeros(32))
-    params = dict(layer.named_parameters())
-    assert set(params) == {"values", "bias"}
-    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, betas=(0.9, 0.98))
-    for _ in range(5):
-        opt.zero_grad()
-        layer(torch.randn(16, 48, generator=g)).pow(2).mean().backward()
-        opt.step()
-    dense = layer.to_dense()
-    assert torch.equal(layer.mask(), mask)
-    assert torch.all(dense[~mask] == 0)
-    assert not torch.equal(dense[mask], weight[mask])  # the kept weights did train
-    state = opt.state[layer.values]
-    assert state["exp_avg"].numel() == state["exp_avg_sq"].numel() == int(mask.sum())
-
-
-def test_properties_and_memory():
-    g = torch.Generator().manual_seed(9)
-    mask = torch.rand(64, 128, generator=g) > 0.75
-    layer = SparseLinear.from_dense(torch.randn(64, 128, generator=g), mask, bias=torch.zeros(64))
-    nnz = int(mask.sum())
-    assert layer.nnz == nnz
-    assert layer.sparsity == pytest.approx(1 - nnz / (64 * 128))
-    # fp32 values + int16 columns + int32 row pointers + fp32 bias
-    assert layer.memory_bytes() == 4 * nnz + 2 * nnz + 4 * 65 + 4 * 64
-    assert (layer.col_idx.element_size()) <= 2  # <= 2.5 bytes of index per nonzero
-    assert not any(p.shape == (64, 128) for p in layer.parameters())
-    assert not any(b.shape == (64, 128) for b in layer.buffers())
-    torch.testing.assert_close(layer.to_linear().weight, layer.to_dense())
-
-
-def test_state_dict_round_trip_exact():
-    g = torch.Generator().manual_seed(10)
-    a = SparseLinear.from_dense(torch.randn(20, 30, generator=g), torch.rand(20, 30, generator=g) > 0.5,
-                                bias=torch.randn(20, generator=g))
-    sd = a.state_dict()
-    assert set(sd) == {"values", "row_ptr", "col_idx", "bias"}
-    b = SparseLinear.empty(30, 20, nnz=3, bias=True)  # different nnz: adopts the checkpoint's structure
-    b.load_state_dict(sd)
-    for k, v in b.state_dict().items():
-        assert torch.equal(v, sd[k]) and v.dtype == sd[k].dtype, k
-    x = torch.randn(5, 30, generator=g)
-    assert torch.equal(a(x), b(x))
-
-
-def test_load_state_dict_rejects_corrupt_structure():
-    a = SparseLinear.from_dense(torch.randn(4, 6), torch.rand(4, 6) > 0.3)
-    sd = a.state_dict()
-    sd["col_idx"] = sd["col_idx"].clone()
-    sd["col_idx"][0] = 99
-    with pytest.raises(ValueError, match="corrupt sparse weight.*outside"):
-        SparseLinear.empty(6, 4, nnz=1, bias=False).load_state_dict(sd)
-
-
-# ---- validation of the format ------------------------------------------------------------------
-def valid_triple():
-    w = CSRWeight.from_dense(torch.randn(4, 6), torch.tensor([[1, 0, 1, 0, 0, 1],
-                                                             [0, 0, 0, 0, 0, 0],
-                                                             [1, 1, 0, 0, 1, 0],
-                                                             [0, 0, 0, 1, 0, 0]], dtype=torch.bool))
-    return w.values, w.row_ptr, w.col_idx, (4, 6)
-
-
-def corrupt(field, fn):
-    values, row_ptr, col_idx, shape = valid_triple()
-    parts = {"values": values.clone(), "row_ptr": row_ptr.clone(), "col_idx": col_idx.clone()}
-    parts[field] = fn(parts[field])
-    return parts["values"], parts["row_ptr"], parts["col_idx"], shape
-
-
-@pytest.mark.parametrize("field,fn,exc,message", [
-    ("row_ptr", lambda t: t[:-1], ValueError, "row_ptr has length"),
-    ("row_ptr", lambda t: torch.tensor([0, 3, 2, 6, 7], dtype=torch.int32), ValueError, "not monotone"),
-    ("row_ptr", lambda t: t + 1, ValueError, r"row_ptr\[0\] must be 0"),
-    ("row_ptr", lambda t: torch.tensor([0, 3, 3, 6, 6], dtype=torch.int32), ValueError, "must equal nnz"),
-    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 1, 7, t).to(t.dtype), ValueError, "outside"),
-    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 0, -1, t).to(t.dtype), ValueError, "outside"),
-    ("col_idx", lambda t: t[[1, 0, 2, 3, 4, 5, 6]], ValueError, "unsorted"),
-    ("col_idx", lambda t: t[[0, 0, 2, 3, 4, 5, 6]], ValueError, "duplicated"),
-    ("col_idx", lambda t: t[:-1], ValueError, "col_idx has 6 entries"),
-    ("values", lambda t: t[:-1], ValueError, "col_idx has 7 entries but values has 6"),
-    ("values", lambda t: t.to(torch.int32), TypeError, "values dtype"),
-    ("row_ptr", lambda t: t.to(torch.int64), TypeError, "row_ptr must be int32"),
-    ("col_idx", lambda t: t.to(torch.int64), TypeError, "col_idx must be int16 or int32"),
-])
-def test_format_validation_names_the_fault(field, fn, exc, message):
-    validate_csr(*valid_triple())  # the unmodified triple is valid
-    with pytest.raises(exc, match=message):
-        validate_csr(*corrupt(field, fn))
-
-
-def test_from_dense_rejects_bad_input():
-    with pytest.raises(ValueError, match="2-D"):
-        CSRWeight.from_dense(torch.randn(3, 4, 5))
-    with pytest.raises(ValueError, match="mask shape"):
-        CSRWeight.from_dense(torch.randn(3, 4), torch.ones(4, 3, dtype=torch.bool))
-    with pytest.raises(TypeError, match="dtype"):
-        CSRWeight.from_dense(torch.ones(3, 4, dtype=torch.int64))
 
 
 # ---- the C++ op rejects bad input instead of crashing -----------------------------------------------
