@@ -28,6 +28,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import struct
 import tempfile
 
@@ -290,6 +291,22 @@ def tensors_to_save(model, state: dict | None = None) -> dict[str, torch.Tensor]
     if model.lm_head_shared:
         drop.add("lm_head.weight")
     return {k: v.detach().contiguous() for k, v in state.items() if k not in drop}
+
+
+def atomic_dir(path: str, write) -> None:
+    """write(tmp) into a fresh directory beside `path`, then swap it in for `path` (the old one is kept
+    as path.old until the new one is in place): a crash leaves either the old or the new directory
+    whole, never a half-written one (the DSI trainer's checkpoints)."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    old = path + ".old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write(path: str, write) -> None:

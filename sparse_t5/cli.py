@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     from .dsi import pipeline
 
     try:
-        from .dsi.trainer import init_distributed
+        from .distributed import init_distributed
 
         device = init_distributed(getattr(args, "device", "auto"))  # validates --device; joins torchrun's group
         if args.command in ("run", "train"):

@@ -1,4 +1,5 @@
-"""Sharding a sparse T5 across processes with FSDP2 (torch.distributed.fsdp.fully_shard).
+"""Several processes: joining torchrun's process group (init_distributed, which the CLI calls), and
+sharding a sparse T5 across them with FSDP2 (torch.distributed.fsdp.fully_shard).
 
 Each T5 block but each stack's first is its own FSDP unit and the model is the root (why block 0 is
 not: below). A sparse layer's `values` is an ordinary parameter, so FSDP2 shards it (and its
@@ -25,8 +26,12 @@ during the step.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+import torch.distributed as dist
+
+from .devices import resolve_device
 
 
 def shard_model(model, mesh=None, shard_index: bool = True, **fsdp_kwargs):
@@ -174,3 +179,14 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
     by_name = {"state": {names[i]: value for i, value in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def init_distributed(device_spec: str = "auto") -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: nccl when this rank runs on a GPU
+    (cuda:LOCAL_RANK), gloo on CPU. Returns this process's device; a no-op outside torchrun."""
+    device = resolve_device(device_spec)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device

@@ -44,11 +44,6 @@ class _CompressedWeight:
     def nnz(self) -> int:
         return self.values.numel()
 
-    @property
-    def density(self) -> float:
-        total = self.shape[0] * self.shape[1]
-        return self.nnz / total if total else 0.0
-
 
 def _check_dense_weight(weight: torch.Tensor) -> None:
     if weight.dim() != 2:

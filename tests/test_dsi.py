@@ -371,7 +371,7 @@ DDP_WORKER = r"""
 import os, sys, json, torch, torch.distributed as dist
 sys.path.insert(0, {tests!r})
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-from sparse_t5.dsi.trainer import init_distributed
+from sparse_t5.distributed import init_distributed
 assert init_distributed("cpu").type == "cpu"  # what the CLI calls: gloo on CPU under torchrun's variables
 assert dist.is_initialized() == (world > 1) and (world == 1 or dist.get_backend() == "gloo")
 torch.set_num_threads(1)

@@ -264,7 +264,7 @@ def model_report(model, path: str | None = None) -> dict:
     return report
 
 
-def run(cfg: RunConfig, resume: bool = False, phases=("train", "prune", "evaluate"), progress=True) -> dict:
+def run(cfg: RunConfig, resume: bool = False, progress=True) -> dict:
     """The whole cycle. Returns (and writes to out_dir/report.json) everything measured."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prep = prepare(cfg)

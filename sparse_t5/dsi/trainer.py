@@ -13,7 +13,7 @@ Devices: `device` ("auto": CUDA when available) holds the model, every batch and
 autocast runs on that device; on CUDA the phase report adds peak GPU memory
 (torch.cuda.max_memory_allocated) beside peak RSS. Checkpoints are device-free (tensors saved from
 the CPU), so a run saved on a GPU resumes on a CPU and the reverse.
-Distributed: under torchrun (`init_distributed`) the model is wrapped in DistributedDataParallel
+Distributed: under torchrun (`sparse_t5.distributed.init_distributed`) the model is wrapped in DistributedDataParallel
 (nccl on GPUs, one per LOCAL_RANK; gloo on CPU); each rank takes every world_size-th example of the
 same global order, and the sparse `values` are ordinary parameters, so gradients are all-reduced
 like any other. With parallel="fsdp" the model is sharded with FSDP2 instead
@@ -29,14 +29,13 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_weights_only
+from ..checkpoint import atomic_dir, load_weights_only
 from ..devices import resolve_device
 from ..memory import peak_rss_bytes, reset_peak_rss
 from ..modeling_t5 import SparseT5ForConditionalGeneration
@@ -104,30 +103,6 @@ def _rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def init_distributed(device_spec: str = "auto") -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1), join the process group: nccl when this rank runs on a GPU
-    (cuda:LOCAL_RANK), gloo on CPU. Returns this process's device; a no-op outside torchrun."""
-    device = resolve_device(device_spec)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def _atomic_dir(path: str, write) -> None:
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
-    old = path + ".old"
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class Trainer:
@@ -265,7 +240,7 @@ class Trainer:
                         "pruner_history": self.pruner.history if self.pruner else None},
                        os.path.join(tmp, "trainer_state.pt"))
 
-        _atomic_dir(path, write)
+        atomic_dir(path, write)
         return path
 
     def resume(self, path: str) -> None:
