@@ -1,8 +1,8 @@
 # Quick start targets (README). Each installs what is missing first (scripts/setup.sh).
 .PHONY: demo test bench report compat peer fuzz
-# The DSI train -> prune -> recover cycle on the embedded offline corpus with the default recipe
-# (sparse_t5/dsi/pipeline.py RECIPE, chosen by measurement with benches/dsi_recipe.py): BM25, the
-# zero-shot dense row, a tiny T5 trained from random init, then 0.2 and 0.9 (CSR) and 2:4 recovered.
+# The DSI train -> prune -> recover cycle on the embedded offline corpus with the default recipe (the
+# defaults of RunConfig, TrainConfig and RecoverConfig, chosen by measurement with benches/dsi_recipe.py):
+# BM25, the zero-shot dense row, a tiny T5 trained from random init, then 0.2 and 0.9 (CSR) and 2:4 recovered.
 demo:
 	scripts/setup.sh dsi && sparse-t5 dsi run --prune 0.2 0.9 2:4 --out runs/demo
 test:

@@ -64,8 +64,10 @@ def main(argv=None):
                                    a.index_tokens, a.index_ratio, a.seed, index_stride=a.index_stride,
                                    pseudo_queries=a.pseudo_queries, draw=draw),
         resample=not a.fixed_pseudo_queries)
+    # eval_every=1: validate() below decides which epochs decode
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, schedule=a.schedule,
-                     warmup_steps=a.warmup_steps, warmup_ratio=a.warmup_ratio, index_tokens=a.index_tokens, seed=a.seed, device="cpu")
+                     warmup_steps=a.warmup_steps, warmup_ratio=a.warmup_ratio, index_tokens=a.index_tokens,
+                     seed=a.seed, device="cpu", eval_every=1)
     val = splits["validation"]
     epoch_box = {"n": 0}
 

@@ -297,11 +297,58 @@ class T5Stack(nn.Module):
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
         dtype, device = inputs_embeds.dtype, inputs_embeds.device
-        min_value = torch.finfo(dtype).min
 
+        use_cache, cache, give_back = self._own_cache(use_cache, cache)
+        self_cache = cache.self_attention_cache if cache is not None else None
+        past_length = self_cache.get_seq_length() if self_cache is not None else 0
+        if cache_position is None:  # past_length is a tensor for some static caches: no arange(start=tensor)
+            cache_position = torch.arange(length, device=device) + past_length
+        if self_cache is not None and hf_compat.is_static(self_cache):
+            key_length = hf_compat.static_length(self_cache)  # keys come back padded; causality hides the rest
+        else:
+            key_length = past_length + length
+
+        self_bias, cross_bias = self._attention_biases(attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                                       batch, length, past_length, key_length, cache_position,
+                                                       dtype, device)
+
+        head_masks = _per_layer_head_mask(head_mask, len(self.block), dtype)
+        cross_head_masks = _per_layer_head_mask(cross_attn_head_mask, len(self.block), dtype)
+        cross_cache = (cache.cross_attention_cache, cache.is_updated) if cache is not None else None
+        hidden_states = self.dropout(inputs_embeds)
+        all_hidden, all_self, all_cross = [], [], []
+        for i, block in enumerate(self.block):
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            if self.gradient_checkpointing and self.training and not hf_compat.LAYERS_CHECKPOINT_THEMSELVES:
+                hidden_states, w_self, w_cross = self._gradient_checkpointing_func(
+                    block.__call__, hidden_states, self_bias, encoder_hidden_states, cross_bias, None, None,
+                    output_attentions, head_masks[i], cross_head_masks[i], cache_position)
+            else:
+                hidden_states, w_self, w_cross = block(hidden_states, self_bias, encoder_hidden_states, cross_bias,
+                                                       self_cache, cross_cache, output_attentions, head_masks[i],
+                                                       cross_head_masks[i], cache_position)
+            if output_attentions:
+                all_self.append(w_self)
+                all_cross.append(w_cross)
+        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        output = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            **hf_compat.cache_output(give_back(cache) if use_cache and cache is not None else None),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_self) if output_attentions else None,
+            cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _own_cache(self, use_cache, cache):
+        """(use_cache, the EncoderDecoderCache this stack writes or None, give_back): the decoder makes
+        one when asked and none was given; give_back turns it back into the caller's cache type."""
         give_back = None
         if self.is_decoder:
-            use_cache = config.use_cache if use_cache is None else use_cache
+            use_cache = self.config.use_cache if use_cache is None else use_cache
             if self.training and self.is_checkpointing():
                 use_cache = False  # as HF: recomputed blocks would write the cache twice
             if use_cache or cache is not None:
@@ -312,15 +359,13 @@ class T5Stack(nn.Module):
             if use_cache:
                 raise ValueError("use_cache=True needs the decoder: the encoder keeps no cache")
             cache = None  # as HF: a cache handed to the encoder is not its own
-        self_cache = cache.self_attention_cache if cache is not None else None
-        past_length = self_cache.get_seq_length() if self_cache is not None else 0
-        if cache_position is None:  # past_length is a tensor for some static caches: no arange(start=tensor)
-            cache_position = torch.arange(length, device=device) + past_length
-        if self_cache is not None and hf_compat.is_static(self_cache):
-            key_length = hf_compat.static_length(self_cache)  # keys come back padded; causality hides the rest
-        else:
-            key_length = past_length + length
+        return use_cache, cache, give_back
 
+    def _attention_biases(self, attention_mask, encoder_hidden_states, encoder_attention_mask, batch, length,
+                          past_length, key_length, cache_position, dtype, device):
+        """(self-attention bias, cross-attention bias or None): the relative position bias plus the
+        additive mask (padding, causality in the decoder, a 4D mask as given), as HF's T5Stack."""
+        min_value = torch.finfo(dtype).min
         if attention_mask is not None and attention_mask.dim() == 4:
             if attention_mask.dtype == torch.bool:
                 mask = torch.zeros(attention_mask.shape, dtype=dtype, device=device).masked_fill(
@@ -362,37 +407,7 @@ class T5Stack(nn.Module):
                 enc_keep = enc_keep[:, None, None, :] if enc_keep.dim() == 2 else enc_keep[:, None]
                 cross_bias = torch.zeros(enc_keep.shape, dtype=dtype, device=device).masked_fill(~enc_keep, min_value)
 
-        head_masks = _per_layer_head_mask(head_mask, len(self.block), dtype)
-        cross_head_masks = _per_layer_head_mask(cross_attn_head_mask, len(self.block), dtype)
-        cross_cache = (cache.cross_attention_cache, cache.is_updated) if cache is not None else None
-        hidden_states = self.dropout(inputs_embeds)
-        all_hidden, all_self, all_cross = [], [], []
-        for i, block in enumerate(self.block):
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            if self.gradient_checkpointing and self.training and not hf_compat.LAYERS_CHECKPOINT_THEMSELVES:
-                hidden_states, w_self, w_cross = self._gradient_checkpointing_func(
-                    block.__call__, hidden_states, self_bias, encoder_hidden_states, cross_bias, None, None,
-                    output_attentions, head_masks[i], cross_head_masks[i], cache_position)
-            else:
-                hidden_states, w_self, w_cross = block(hidden_states, self_bias, encoder_hidden_states, cross_bias,
-                                                       self_cache, cross_cache, output_attentions, head_masks[i],
-                                                       cross_head_masks[i], cache_position)
-            if output_attentions:
-                all_self.append(w_self)
-                all_cross.append(w_cross)
-        hidden_states = self.dropout(self.final_layer_norm(hidden_states))
-        if output_hidden_states:
-            all_hidden.append(hidden_states)
-        output = BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states,
-            **hf_compat.cache_output(give_back(cache) if use_cache and cache is not None else None),
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_self) if output_attentions else None,
-            cross_attentions=tuple(all_cross) if output_attentions and self.is_decoder else None,
-        )
-        return output if return_dict else output.to_tuple()
-
+        return self_bias, cross_bias
 
     def is_checkpointing(self) -> bool:
         """Whether gradient checkpointing is on: set on the stack (transformers 4.x) or on its blocks (5.x)."""

@@ -15,7 +15,8 @@ from sparse_t5.dsi.docids import SCHEMES, build_docids
 from sparse_t5.dsi.metrics import evaluate, write_run
 from sparse_t5.dsi.pipeline import PruneSetting, RunConfig, new_model
 from sparse_t5.dsi.pipeline import run as run_cycle
-from sparse_t5.dsi.trainer import Trainer, TrainConfig, load_checkpoint, make_examples
+from sparse_t5.dsi.examples import make_examples
+from sparse_t5.dsi.trainer import Trainer, TrainConfig, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +165,8 @@ def test_rescoring_ranks_the_preferred_docid_first(lee, tok):
     query = "bushfire warning residents evacuated"
     target = docs[5].id
     examples = [type("E", (), {"text": query, "docid": target, "kind": "query"})()]
-    trainer = Trainer(model, tok, mapping, examples * 8, TrainConfig(epochs=25, lr=3e-3, batch_size=8), "/tmp/unused",
-                      progress=False, log=lambda *_: None)
+    trainer = Trainer(model, tok, mapping, examples * 8, TrainConfig(epochs=25, lr=3e-3, batch_size=8, **PLAIN),
+                      "/tmp/unused", progress=False, log=lambda *_: None)
     trainer.save = lambda name: None  # no checkpoints needed here
     trainer.train()
     scores = rescore(model, tok, mapping, {"q": query}, {"q": [d.id for d in docs]})["q"]
@@ -192,9 +193,14 @@ def test_metrics_match_hand_computed_and_pytrec_eval(tmp_path):
 
 
 # ---- trainer: the cycle, resume, DDP, CLI ---------------------------------------------------------------
+# What the trainer tests run: constant learning rate, validation every epoch, the examples the test
+# builds (no pseudo-queries); TrainConfig's defaults are the demo's recipe.
+PLAIN = dict(schedule="constant", warmup_ratio=0.0, eval_every=1, index_ratio=1.0, pseudo_queries=0)
+
 def small_config(lee_paths, out, **train_kw):
-    train = TrainConfig(epochs=1, batch_size=8, lr=1e-3, eval_beam=5, max_eval_queries=5, **train_kw)
-    recover = TrainConfig(epochs=1, batch_size=8, lr=1e-3, eval_beam=5, max_eval_queries=5)
+    train = TrainConfig(**{**PLAIN, **dict(epochs=1, batch_size=8, lr=1e-3, eval_beam=5, max_eval_queries=5),
+                           **train_kw})
+    recover = TrainConfig(epochs=1, batch_size=8, lr=1e-3, eval_beam=5, max_eval_queries=5, **PLAIN)
     return RunConfig(out_dir=str(out), corpus=lee_paths["corpus"], queries=lee_paths["queries"],
                      qrels=lee_paths["qrels"], model_size="tiny", train=train, recover=recover,
                      prune=[PruneSetting(0.5), PruneSetting(None, "2:4")], rescore_k=50)
@@ -249,7 +255,7 @@ def _trainer(lee, tokenizer, out, seed=0, **kw):
     model = tiny_model(tok, seed)
     labels = [(q, d) for q, rels in data.qrels.items() for d in rels]
     examples = make_examples(data.corpus, data.queries, labels, tok, 32, 1.0, seed)
-    cfg = TrainConfig(**{**dict(epochs=2, batch_size=8, lr=1e-3, seed=seed), **kw})
+    cfg = TrainConfig(**{**PLAIN, **dict(epochs=2, batch_size=8, lr=1e-3, seed=seed), **kw})
     return Trainer(model, tok, mapping, examples, cfg, str(out), progress=False, log=lambda *_: None)
 
 
@@ -401,7 +407,7 @@ def evaluate(m):  # validation decodes: under FSDP a collective on every rank
     ids = m.generate(input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=3, do_sample=False)
     return {{"generated": ids[0].tolist()}}
 trainer = Trainer(model, Tok(), mapping, examples,
-                  TrainConfig(epochs=2, batch_size=4, lr=1e-2, device="cpu", parallel={parallel!r}),
+                  TrainConfig(epochs=2, batch_size=4, lr=1e-2, device="cpu", parallel={parallel!r}, **{PLAIN!r}),
                   os.path.join({out!r}, f"run{{world}}"), evaluate_fn=evaluate, progress=False, log=lambda *_: None)
 if {parallel!r} == "ddp":
     trainer.save = lambda name: None
@@ -427,7 +433,7 @@ def _two_ranks_then_one(tmp_path, parallel):
 
     tests = os.path.dirname(__file__)
     script = tmp_path / "worker.py"
-    worker = DDP_WORKER.format(tests=tests, out=str(tmp_path), parallel=parallel)
+    worker = DDP_WORKER.format(tests=tests, out=str(tmp_path), parallel=parallel, PLAIN=PLAIN)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -466,7 +472,7 @@ def test_two_process_fsdp_matches_single_process_and_its_checkpoint_resumes_anyw
     the model loads whole and a single-process trainer resumes its optimizer state."""
     from sparse_t5 import SparseT5ForConditionalGeneration
     from sparse_t5.dsi.docids import DocidMapping
-    from sparse_t5.dsi.trainer import Example
+    from sparse_t5.dsi.examples import Example
 
     r0, r1, one = _two_ranks_then_one(tmp_path, "fsdp")
     assert r0["sharded"] and not one["sharded"]
@@ -494,7 +500,7 @@ def test_two_process_fsdp_matches_single_process_and_its_checkpoint_resumes_anyw
 @pytest.mark.parametrize("argv,message", [
     (["dsi", "run", "--prune", "bsr:0.5"], "unknown sparse format"),
     (["dsi", "run", "--prune", "1.2"], r"sparsity must be in \[0, 1\)"),
-    (["dsi", "run", "--fsdp", "--gradual"], "--gradual cannot run with --fsdp"),
+    (["dsi", "run", "--fsdp", "--gradual"], r"gradual pruning cannot run with FSDP2 \(--fsdp"),
     (["dsi", "prune", "--checkpoint", ".", "--sparsity", "-0.1", "--output", "x"], r"sparsity must be in \[0, 1\)"),
     (["dsi", "run", "--corpus", "/nonexistent/corpus.jsonl"], "file not found"),
     (["dsi", "evaluate", "--checkpoint", "/nonexistent/ckpt"], "directory not found"),
@@ -502,9 +508,11 @@ def test_two_process_fsdp_matches_single_process_and_its_checkpoint_resumes_anyw
 def test_bad_cli_input_gets_a_clear_error(capsys, argv, message):
     from sparse_t5.cli import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
+    try:  # argparse exits on what it checks; main returns 2 on what the configs check
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
     assert __import__("re").search(message, capsys.readouterr().err)
 
 
@@ -531,13 +539,32 @@ def test_a_device_this_machine_lacks_is_a_clear_error(capsys, tmp_path, device):
 
 
 @pytest.mark.parametrize("argv", [["dsi", "evaluate", "--checkpoint", "."], ["dsi", "bm25"],
-                                  ["dsi", "recover", "--checkpoint", "."], ["dsi", "run"]])
-def test_every_command_builds_its_run_config(argv):
-    """evaluate and bm25 have no training options; building their config once raised AttributeError."""
+                                  ["dsi", "recover", "--checkpoint", "."], ["dsi", "run"], ["dsi", "train"]])
+def test_every_command_builds_its_run_config_with_the_dataclass_defaults(argv):
+    """The configs are the one source of defaults: each command without options builds exactly the
+    RunConfig, TrainConfig and RecoverConfig defaults (evaluate and bm25 have no training options;
+    building their config once raised AttributeError)."""
     from sparse_t5.cli import _run_config, build_parser
-    from sparse_t5.dsi.pipeline import RECIPE, TRAIN_RECIPE
+    from sparse_t5.dsi.pipeline import RunConfig
+    from sparse_t5.dsi.trainer import RecoverConfig, TrainConfig
 
     cfg = _run_config(build_parser().parse_args(argv))
-    assert cfg.model_size == RECIPE["model_size"] and cfg.docid_scheme == RECIPE["docid_scheme"]
-    if argv[1] == "run":  # whole-document indexing and pseudo-queries by default, for any corpus
-        assert cfg.train.pseudo_queries == TRAIN_RECIPE["pseudo_queries"] > 0 and cfg.train.index_stride == 0
+    expected = RunConfig(prune=[] if argv[1] == "train" else RunConfig().prune)
+    assert cfg == expected, (cfg, expected)
+    assert type(cfg.recover) is RecoverConfig and cfg.recover.epochs < TrainConfig().epochs
+    # whole-document indexing and pseudo-queries by default, for any corpus
+    assert cfg.train.pseudo_queries > 0 and cfg.train.index_stride == 0
+
+
+def test_cli_options_reach_the_phase_they_name():
+    from sparse_t5.cli import _run_config, build_parser
+
+    cfg = _run_config(build_parser().parse_args(
+        ["dsi", "run", "--epochs", "3", "--recover-epochs", "2", "--recover-lr", "0.5", "--beam", "4",
+         "--patience", "5", "--fixed-pseudo-queries", "--docids", "naive", "--out", "x", "--seed", "7"]))
+    assert (cfg.train.epochs, cfg.recover.epochs, cfg.recover.lr, cfg.train.lr) == (3, 2, 0.5, 2e-3)
+    assert cfg.train.eval_beam == cfg.recover.eval_beam == 4 and cfg.train.early_stopping_patience == 5
+    assert cfg.recover.early_stopping_patience == 0 and not cfg.train.resample_pseudo_queries
+    assert (cfg.docid_scheme, cfg.out_dir, cfg.seed, cfg.train.seed, cfg.recover.seed) == ("naive", "x", 7, 7, 7)
+    recover = _run_config(build_parser().parse_args(["dsi", "recover", "--checkpoint", ".", "--epochs", "4"]))
+    assert recover.recover.epochs == 4

@@ -12,13 +12,12 @@ random ranking: the mean of seeded shuffles, so a reader sees at once what a fig
 """
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from transformers import T5Config
@@ -35,7 +34,7 @@ from .examples import (KeywordSpanGenerator, ResampledExamples, Seq2SeqQueryGene
                        make_examples)
 from .metrics import evaluate as ir_evaluate
 from .metrics import qrels_from_labels, write_run
-from .trainer import Trainer, TrainConfig, load_checkpoint, write_json
+from .trainer import RecoverConfig, Trainer, TrainConfig, check_gradual_parallel, load_checkpoint, write_json
 
 log = logging.getLogger("sparse_t5.dsi")
 
@@ -49,29 +48,6 @@ MODEL_SIZES = {
     "tiny": dict(d_model=64, d_ff=128, num_heads=2, d_kv=32, num_layers=2),  # the demo's and the tests'
 
 }
-
-
-# The default recipe (CLI and RunConfig), chosen by measurement on the embedded dataset with
-# benches/dsi_recipe.py so that `make demo` (BM25, the dense row, the baseline and three recoveries)
-# fits about 15 minutes on 2 CPU cores; README "DSI" gives the runs and a longer recipe.
-RECIPE = dict(model_size="tiny", docid_scheme="atomic", dropout=0.1)
-# Validation (constrained beam search, about 7 s) runs every 10th epoch: every epoch cost a quarter
-# of the time. It only reports progress and keeps "best"; the test figures are the last epoch's model,
-# and training does not depend on it, so this changes no figure (make demo gave the same table).
-# The learning rate warms up linearly over the first quarter of the steps to 2e-3, then decays
-# linearly to 0. From random init the model first sits at uniform docids (train loss ~2.85); a low
-# rate leaves that plateau sooner and a high one learns faster after it, which the long warm-up gives
-# both. Measured with benches/dsi_recipe.py (test Hits@1 / Hits@10 after 100 epochs): decay from 1e-3
-# without warm-up 0.593 / 0.856 (the previous default); warm-up over 25 epochs to 2e-3 0.805 / 0.966.
-# Constant 5e-4 left the plateau by epoch 15 where 1e-3 needed 20, 2e-3 after a 5-epoch warm-up 30,
-# and 3e-3 without warm-up never did.
-TRAIN_RECIPE = dict(epochs=100, batch_size=32, lr=2e-3, schedule="linear", warmup_ratio=0.25, index_ratio=4.0,
-                    pseudo_queries=20, eval_every=10)
-# Recovery runs the same schedule over 20 epochs, peaking at 3e-3. Measured from the previous
-# default's baseline (test Hits@1 / Hits@10, one-shot pruning, no warm-up): at 0.9, 10 epochs at
-# 1e-3 gave 0.153 / 0.492, gradual pruning over 20 epochs at 1e-3 0.398 / 0.771, and 20 epochs at
-# 3e-3 0.559 / 0.831.
-RECOVER_RECIPE = dict(TRAIN_RECIPE, epochs=20, lr=3e-3)
 
 
 @dataclass
@@ -111,23 +87,39 @@ class RunConfig:
     qrels: str | None = None
     tokenizer: str | None = None
     model: str | None = None  # a local HF T5 checkpoint; None: random init of `model_size`
-    model_size: str = RECIPE["model_size"]
-    dropout: float = RECIPE["dropout"]  # T5's dropout_rate for a randomly initialised model
-    docid_scheme: str = RECIPE["docid_scheme"]
+    # The demo's defaults (`make demo`): a tiny T5 from random init, one token per document.
+    model_size: str = "tiny"
+    dropout: float = 0.1  # T5's dropout_rate for a randomly initialised model
+    docid_scheme: str = "atomic"
     encoder: str | None = "auto"  # semantic docids and the dense row: auto (MiniLM if installed) | lsa | PATH
     qg_model: str | None = None  # a local doc2query-style seq2seq checkpoint for pseudo-queries
     labels: str = "qrels"  # qrels | bm25 (the study's BM25 top-K)
     label_k: int = 5
     split: tuple = (0.7, 0.1, 0.2)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(**TRAIN_RECIPE))
-    recover: TrainConfig = field(default_factory=lambda: TrainConfig(**RECOVER_RECIPE))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recover: TrainConfig = field(default_factory=RecoverConfig)
     prune: list = field(default_factory=lambda: [PruneSetting(0.2)])
     rescore_k: int = 1000
     seed: int = 0
 
+    def __post_init__(self):
+        # Checked here, before the baseline trains, not when its recovery phase starts.
+        check_gradual_parallel(any(p.mode == "gradual" for p in self.prune), self.recover.parallel)
+
+
+@dataclass
+class Prepared:
+    """What every phase of a run shares: the data, its splits, BM25's run (labels, baseline, the
+    candidates that rescoring ranks) and the retrieval training labels."""
+    data: DSIData
+    splits: dict
+    bm25_run: dict
+    labels: list
+    bm25_seconds: float
+
 
 # ---- preparation -----------------------------------------------------------------------------------
-def prepare(cfg: RunConfig) -> dict:
+def prepare(cfg: RunConfig) -> Prepared:
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.corpus is None:
         paths = build_lee_dataset(os.path.join(cfg.out_dir, "data"), seed=cfg.seed)
@@ -148,22 +140,21 @@ def prepare(cfg: RunConfig) -> dict:
         labels = [(q, d) for q in splits["train"] for d, r in data.qrels.get(q, {}).items() if r > 0]
     else:
         raise ValueError(f"labels must be 'qrels' or 'bm25', got {cfg.labels!r}")
-    return {"data": data, "splits": splits, "bm25_run": bm25_run, "labels": labels,
-            "bm25_seconds": bm25_seconds}
+    return Prepared(data, splits, bm25_run, labels, bm25_seconds)
 
 
-def training_examples(cfg: RunConfig, prep: dict, tokenizer, train_cfg: TrainConfig | None = None):
+def training_examples(cfg: RunConfig, prep: Prepared, tokenizer, train_cfg: TrainConfig | None = None):
     """The training examples of a run: windows and pseudo-queries of every document, and the labelled
     training queries (examples.py). Pseudo-queries come from the document text only."""
     tc = train_cfg or cfg.train
-    data, splits = prep["data"], prep["splits"]
+    data, splits = prep.data, prep.splits
     generator = Seq2SeqQueryGenerator(cfg.qg_model, seed=cfg.seed) if cfg.qg_model else KeywordSpanGenerator(cfg.seed)
     queries = {q: data.queries[q] for q in splits["train"]}
     windows = {d.id: document_windows(d.contents, tokenizer, tc.index_tokens, tc.index_stride or None)
                for d in data.corpus}  # the same every epoch: cut once
 
     def make(draw: int):
-        return make_examples(data.corpus, queries, prep["labels"], tokenizer, tc.index_tokens, tc.index_ratio,
+        return make_examples(data.corpus, queries, prep.labels, tokenizer, tc.index_tokens, tc.index_ratio,
                              cfg.seed, index_stride=tc.index_stride or None, pseudo_queries=tc.pseudo_queries,
                              generator=generator, draw=draw, windows=windows)
 
@@ -243,14 +234,16 @@ def evaluate_chance(data, qids, beam, seed: int = 0, shuffles: int = 20) -> dict
     return total
 
 
-def validation_fn(tokenizer, mapping, prep, cfg: RunConfig, beam):
-    qids = prep["splits"]["validation"]
-    if cfg.train.max_eval_queries:
-        qids = qids[: cfg.train.max_eval_queries]
+def validation_fn(tokenizer, mapping, prep: Prepared, cfg: RunConfig, train_cfg: TrainConfig):
+    """A phase's validation: constrained beam search over the validation queries (train_cfg's beam and
+    max_eval_queries)."""
+    qids = prep.splits["validation"]
+    if train_cfg.max_eval_queries:
+        qids = qids[: train_cfg.max_eval_queries]
 
     def fn(model):
-        r = evaluate_model(model, tokenizer, mapping, prep["data"], qids, prep["bm25_run"], beam, cfg.rescore_k,
-                           rescore_too=False)
+        r = evaluate_model(model, tokenizer, mapping, prep.data, qids, prep.bm25_run, train_cfg.eval_beam,
+                           cfg.rescore_k, rescore_too=False)
         return {k: v for k, v in r.items() if k in ("Hits@1", "Hits@10", "MRR@10")}
     return fn
 
@@ -268,19 +261,49 @@ def run(cfg: RunConfig, resume: bool = False, progress=True) -> dict:
     """The whole cycle. Returns (and writes to out_dir/report.json) everything measured."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     prep = prepare(cfg)
-    data, splits = prep["data"], prep["splits"]
+    data, splits = prep.data, prep.splits
     tokenizer = load_or_train_tokenizer(cfg.tokenizer, [d.contents for d in data.corpus] +
                                         [data.queries[q] for q in splits["train"]],
                                         os.path.join(cfg.out_dir, "tokenizer"))
-    beam = cfg.train.eval_beam
-    label_qrels = qrels_from_labels(labels_from_run(prep["bm25_run"], cfg.label_k))
     report = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "phases": {}}
-    test = splits["test"]
-    report["bm25"] = evaluate_bm25(data, test, prep["bm25_run"], beam, os.path.join(cfg.out_dir, "runs", "bm25.trec"))
-    report["bm25"]["seconds"] = prep["bm25_seconds"]
+    encoder = resolve_encoder(cfg.encoder)
+    doc_vectors = _reference_rows(cfg, prep, encoder, report)
+
+    # dense baseline
+    base_dir = os.path.join(cfg.out_dir, "baseline")
+    if resume and os.path.isdir(os.path.join(base_dir, "last")):
+        model, tokenizer, mapping = load_checkpoint(os.path.join(base_dir, "last"))
+    else:
+        mapping = build_docids(cfg.docid_scheme, data.corpus, tokenizer, seed=cfg.seed, vectors=doc_vectors)
+        model = new_model(cfg, tokenizer)
+    phases = Phases(cfg, prep, tokenizer, mapping, training_examples(cfg, prep, tokenizer), resume, progress)
+    report["docids"] = {"scheme": mapping.scheme, "vectors": (_encoder_name(encoder) if encoder else "lsa")
+                        if mapping.scheme == "semantic" else None}
+    report["examples"] = {kind: sum(e.kind == kind for e in phases.examples) for kind in ("index", "pseudo", "query")}
+    report["phases"]["baseline"], baseline_path = phases.train_and_evaluate("baseline", model, cfg.train, base_dir)
+    # Free the dense model and its optimizer state before the recovery phases, so each phase's peak
+    # memory is its own (recoveries reload the baseline from its checkpoint).
+    del model
+    gc.collect()
+
+    for setting in cfg.prune:
+        report["phases"][setting.name] = phases.prune_and_recover(setting, baseline_path)
+    write_json(report, os.path.join(cfg.out_dir, "report.json"))
+    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
+        f.write(summary_table(report))
+    plot_history(report, os.path.join(cfg.out_dir, "curves.png"))
+    return report
+
+
+def _reference_rows(cfg: RunConfig, prep: Prepared, encoder, report: dict):
+    """BM25, zero-shot dense retrieval (with an encoder) and chance on the test queries, into `report`.
+    Returns the encoder's document vectors (for semantic docids), or None."""
+    data, test, beam = prep.data, prep.splits["test"], cfg.train.eval_beam
+    report["bm25"] = evaluate_bm25(data, test, prep.bm25_run, beam, os.path.join(cfg.out_dir, "runs", "bm25.trec"))
+    report["bm25"]["seconds"] = prep.bm25_seconds
     log.info("BM25 on %d test queries: %s", len(test), {k: round(v, 4) for k, v in report["bm25"].items()
                                                         if isinstance(v, float)})
-    encoder, doc_vectors = resolve_encoder(cfg.encoder), None
+    doc_vectors = None
     if encoder:  # one encoding of the corpus serves the dense row and the semantic docids
         t0 = time.perf_counter()
         sentence_encoder = SentenceEncoder(encoder)
@@ -293,81 +316,86 @@ def run(cfg: RunConfig, resume: bool = False, progress=True) -> dict:
         report["dense"].update(seconds=time.perf_counter() - t0, encoder=_encoder_name(encoder))
         log.info("dense retrieval (%s): %s", report["dense"]["encoder"],
                  {k: round(v, 4) for k, v in report["dense"].items() if isinstance(v, float)})
-        del sentence_encoder
     report["chance"] = evaluate_chance(data, test, beam, cfg.seed)
-
-    # dense baseline
-    base_dir = os.path.join(cfg.out_dir, "baseline")
-    if resume and os.path.isdir(os.path.join(base_dir, "last")):
-        model, tokenizer, mapping = load_checkpoint(os.path.join(base_dir, "last"))
-    else:
-        mapping = build_docids(cfg.docid_scheme, data.corpus, tokenizer, seed=cfg.seed, vectors=doc_vectors)
-        model = new_model(cfg, tokenizer)
-    examples = training_examples(cfg, prep, tokenizer)
-    report["docids"] = {"scheme": mapping.scheme, "vectors": (_encoder_name(encoder) if encoder else "lsa")
-                        if mapping.scheme == "semantic" else None}
-    report["examples"] = {kind: sum(e.kind == kind for e in examples) for kind in ("index", "pseudo", "query")}
-    phase, baseline_path = train_and_evaluate(cfg, "baseline", model, tokenizer, mapping, examples, cfg.train,
-                                              base_dir, prep, beam, label_qrels, resume, progress)
-    report["phases"]["baseline"] = phase
-    # Free the dense model and its optimizer state before the recovery phases, so each phase's peak
-    # memory is its own (recoveries reload the baseline from its checkpoint).
-    del model
-    gc.collect()
-
-    for setting in cfg.prune:
-        report["phases"][setting.name] = prune_and_recover(cfg, setting, baseline_path, tokenizer, mapping, prep,
-                                                           examples, beam, label_qrels, resume, progress)
-    write_json(report, os.path.join(cfg.out_dir, "report.json"))
-    with open(os.path.join(cfg.out_dir, "summary.md"), "w") as f:
-        f.write(summary_table(report))
-    plot_history(report, os.path.join(cfg.out_dir, "curves.png"))
-    return report
+    return doc_vectors
 
 
-def prune_and_recover(cfg, setting: PruneSetting, baseline_path, tokenizer, mapping, prep, examples, beam,
-                      label_qrels, resume, progress) -> dict:
-    out = os.path.join(cfg.out_dir, setting.name)
-    recover_cfg = copy.deepcopy(cfg.recover)
-    if resume and os.path.isdir(os.path.join(out, "last")):
-        model, tokenizer, mapping = load_checkpoint(os.path.join(out, "last"))
-    else:
-        if setting.mode == "gradual":
+@dataclass
+class Phases:
+    """The training phases of one run (the baseline, each recovery) and what they share."""
+    cfg: RunConfig
+    prep: Prepared
+    tokenizer: object
+    mapping: object
+    examples: object  # a ResampledExamples (training_examples)
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        # The study's protocol beside the qrels: BM25's top label_k as the relevant set (rescoring).
+        self.label_qrels = qrels_from_labels(labels_from_run(self.prep.bm25_run, self.cfg.label_k))
+
+    def prune_and_recover(self, setting: PruneSetting, baseline_path: str) -> dict:
+        out = os.path.join(self.cfg.out_dir, setting.name)
+        recover_cfg = self.cfg.recover
+        if setting.mode == "gradual":  # a resumed gradual phase keeps pruning where it stopped
+            recover_cfg = replace(recover_cfg, gradual_final_sparsity=setting.sparsity, gradual_scope=setting.scope)
+        if self.resume and os.path.isdir(os.path.join(out, "last")):
+            model, _, _ = load_checkpoint(os.path.join(out, "last"))
+        elif setting.mode == "gradual":
             model, _, _ = load_checkpoint(baseline_path)
-            recover_cfg.gradual_final_sparsity = setting.sparsity
-            recover_cfg.gradual_scope = setting.scope
         else:  # prune-at-load: the dense baseline is never held in this phase
             model, _, _ = load_checkpoint(baseline_path, sparsity=setting.sparsity, format=setting.format,
                                           scope=setting.scope)
-    pruned = model_report(model)
-    phase, _ = train_and_evaluate(cfg, setting.name, model, tokenizer, mapping, examples, recover_cfg, out, prep,
-                                  beam, label_qrels, resume, progress)
-    phase["pruned"] = pruned
-    phase["setting"] = asdict(setting)
-    del model
-    gc.collect()
+        pruned = model_report(model)
+        phase, _ = self.train_and_evaluate(setting.name, model, recover_cfg, out)
+        phase["pruned"] = pruned
+        phase["setting"] = asdict(setting)
+        del model
+        gc.collect()
+        return phase
+
+    def train_and_evaluate(self, name: str, model, train_cfg: TrainConfig, out_dir: str) -> tuple[dict, str]:
+        """One phase: train (resuming from out_dir/last if asked), save, and evaluate on the test split.
+        Returns the phase's report and the path of its last checkpoint."""
+        cfg, prep, beam = self.cfg, self.prep, train_cfg.eval_beam
+        trainer = Trainer(model, self.tokenizer, self.mapping, self.examples, train_cfg, out_dir,
+                          validation_fn(self.tokenizer, self.mapping, prep, cfg, train_cfg), log=log.info,
+                          progress=self.progress)
+        if self.resume and os.path.isdir(os.path.join(out_dir, "last")):
+            trainer.resume(os.path.join(out_dir, "last"))
+        t0 = time.perf_counter()
+        phase = trainer.train()
+        phase["seconds"] = time.perf_counter() - t0
+        path = trainer.save("last")
+        phase["model"] = model_report(model, path)
+        with gathered(model):  # a sharded (FSDP2) model: every rank decodes, its blocks gathering their shards
+            phase["test"] = evaluate_model(model, self.tokenizer, self.mapping, prep.data, prep.splits["test"],
+                                           prep.bm25_run, beam, cfg.rescore_k, self.label_qrels,
+                                           os.path.join(cfg.out_dir, "runs", f"{name}.trec"))
+        log.info("%s test: %s", name, {k: round(v, 4) for k, v in phase["test"].items() if isinstance(v, float)})
+        return phase, path
+
+
+def recover(cfg: RunConfig, checkpoint: str) -> dict:
+    """`sparse-t5 dsi recover`: fine-tune a pruned checkpoint with cfg.recover (validating as a run's
+    recovery does), save it to out_dir/recover/last, and evaluate it on the test split."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prep = prepare(cfg)
+    model, tokenizer, mapping = load_checkpoint(checkpoint)
+    phases = Phases(cfg, prep, tokenizer, mapping, training_examples(cfg, prep, tokenizer, cfg.recover))
+    phase, _ = phases.train_and_evaluate("recover", model, cfg.recover, os.path.join(cfg.out_dir, "recover"))
     return phase
 
 
-def train_and_evaluate(cfg: RunConfig, name: str, model, tokenizer, mapping, examples, train_cfg: TrainConfig,
-                       out_dir: str, prep, beam, label_qrels, resume, progress) -> tuple[dict, str]:
-    """One phase: train (resuming from out_dir/last if asked), save, and evaluate on the test split.
-    Returns the phase's report and the path of its last checkpoint."""
-    trainer = Trainer(model, tokenizer, mapping, examples, train_cfg, out_dir,
-                      validation_fn(tokenizer, mapping, prep, cfg, beam), log=log.info, progress=progress)
-    if resume and os.path.isdir(os.path.join(out_dir, "last")):
-        trainer.resume(os.path.join(out_dir, "last"))
-    t0 = time.perf_counter()
-    phase = trainer.train()
-    phase["seconds"] = time.perf_counter() - t0
-    path = trainer.save("last")
-    phase["model"] = model_report(model, path)
-    with gathered(model):  # a sharded (FSDP2) model: every rank decodes, its blocks gathering their shards
-        phase["test"] = evaluate_model(model, tokenizer, mapping, prep["data"], prep["splits"]["test"],
-                                       prep["bm25_run"], beam, cfg.rescore_k, label_qrels,
-                                       os.path.join(cfg.out_dir, "runs", f"{name}.trec"))
-    log.info("%s test: %s", name, {k: round(v, 4) for k, v in phase["test"].items() if isinstance(v, float)})
-    return phase, path
+def evaluate_checkpoint(cfg: RunConfig, checkpoint: str, device) -> dict:
+    """`sparse-t5 dsi evaluate`: a checkpoint's metrics on the test split (beam and rescoring)."""
+    prep = prepare(cfg)
+    model, tokenizer, mapping = load_checkpoint(checkpoint)
+    model.to(device)
+    return evaluate_model(model, tokenizer, mapping, prep.data, prep.splits["test"], prep.bm25_run,
+                          cfg.train.eval_beam, cfg.rescore_k,
+                          run_path=os.path.join(cfg.out_dir, "runs", "evaluate.trec"))
 
 
 # ---- reports -------------------------------------------------------------------------------------------
