@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and tests sparse-t5 against each end of the supported torch range, as a new user would:
 # in a fresh virtual environment per torch version, install that torch, then a plain
-# `pip install -e .` (timed), then import sparse_t5 and run the CSR and 2:4 op tests, then the model and
+# `pip install -e .` (timed), then import sparse_t5 and run the op, format and layer tests (the CSR and
+# 2:4 ops, their fuzzing, formats.py, layers.py), then the model and
 # cached-generation tests under the transformers that install resolved and under the oldest supported.
 #
 #   scripts/check_torch_compat.sh                  the range's ends: 2.13.0 and 2.15.0
@@ -26,7 +27,7 @@ for v in "${VERSIONS[@]}"; do
   git ls-files -co --exclude-standard -z | tar --null -T - -cf - | tar -xf - -C "$src"
   "$PY" -m venv "$env_dir"
   t0=$(date +%s)
-  "$env_dir/bin/python" -m pip install --quiet "torch==$v" pytest 2>&1 | grep -v "^WARNING: Location" || true
+  "$env_dir/bin/python" -m pip install --quiet "torch==$v" pytest "$(grep '^hypothesis==' constraints.txt)" 2>&1 | grep -v "^WARNING: Location" || true
   t1=$(date +%s)
   if ! (cd "$src" && "$env_dir/bin/python" -m pip install --quiet -e . 2>&1 | grep -v "^WARNING: Location"; exit "${PIPESTATUS[0]}"); then
     summary+=("torch $v: pip install -e . FAILED"); status=1; continue
@@ -34,7 +35,8 @@ for v in "${VERSIONS[@]}"; do
   t2=$(date +%s)
   log="$WORK/pytest-$v.log"
   if (cd "$src" && "$env_dir/bin/python" -c "import sparse_t5, torch; print('import ok: torch', torch.__version__, sparse_t5.cpu_isa())" \
-      && "$env_dir/bin/python" -m pytest -q -p no:cacheprovider tests/test_csr_linear.py tests/test_semi24_linear.py) >"$log" 2>&1; then
+      && "$env_dir/bin/python" -m pytest -q -p no:cacheprovider tests/test_csr_linear.py tests/test_semi24_linear.py \
+           tests/test_formats.py tests/test_layers.py tests/test_ops_fuzz.py) >"$log" 2>&1; then
     result=$(grep -E "passed|failed" "$log" | tail -1)
   else
     result="FAILED: $(grep -E "passed|failed|rror" "$log" | tail -1)"; status=1; tail -30 "$log"

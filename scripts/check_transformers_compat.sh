@@ -19,6 +19,7 @@ if [ $# -gt 0 ]; then VERSIONS=("$@"); else
   mapfile -t VERSIONS < <("$PY" -c 'from sparse_t5.hf_compat import TESTED_TRANSFORMERS as t; print(*t, sep="\n")' 2>/dev/null)
 fi
 TESTS=(tests/test_modeling_t5.py tests/test_pruning.py tests/test_generation_cache.py tests/test_checkpoint.py
+       tests/test_hf_trainer.py
        tests/test_dsi.py::test_constrained_beam_search_returns_valid_distinct_docids
        tests/test_dsi.py::test_trie_never_returns_an_empty_allowed_set
        tests/test_dsi.py::test_rescoring_ranks_the_preferred_docid_first

@@ -529,6 +529,24 @@ def _init_linear(module, std):
         module.weight.normal_(0.0, std)
 
 
+def _tied_names_are_not_missing(model, incompatible_keys):
+    """A state dict stores a tied tensor once (transformers' save drops the duplicates, keeping
+    shared.weight), so load_state_dict reports the other names of it (the embeddings of both stacks,
+    a tied lm_head) as missing although loading its one stored name filled them: transformers'
+    Trainer then warns about missing keys on every resume. Drop a missing name when another name of
+    the same tensor was loaded; a tensor missing under every name stays reported."""
+    missing = set(incompatible_keys.missing_keys)
+    if not missing:
+        return
+    names_of = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(tensor), []).append(name)
+    loaded_elsewhere = {name for names in names_of.values() if any(n not in missing for n in names)
+                        for name in names if name in missing}
+    for name in loaded_elsewhere:
+        incompatible_keys.missing_keys.remove(name)
+
+
 class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, SparseT5PreTrainedModel, GenerationMixin):
     """T5 encoder-decoder LM whose attention / feed-forward Linears can be sparse.
 
@@ -567,6 +585,7 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
             sparsify.apply_layout(self, getattr(config, LAYOUT_KEY))
         # HF's: initialise (_init_weights), tie (tie_weights), and the legacy config.gradient_checkpointing.
         self.post_init()
+        self.register_load_state_dict_post_hook(_tied_names_are_not_missing)
 
     # ---- HF plumbing ------------------------------------------------------------------------
     def _tie_lm_head(self):
