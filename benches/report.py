@@ -71,12 +71,14 @@ def prune_at_load_table(path: str) -> str:
     """The headline: whole-process peaks when a run starts from a dense checkpoint on disk."""
     if not os.path.exists(path):
         return ""
-    rows = json.load(open(path))["results"]
+    data = json.load(open(path))
+    rows = data["results"]
     dense = next((r for r in rows if r["shape"] == "t5-base" and r["variant"] == "hf_dense"), None)
     mb = lambda b: f"{b / 2**20:.0f} MB"  # noqa: E731
     names = {"hf_dense": "HF dense training", "load_then_sparsify:csr:0.9": "load dense, sparsify(0.9), recover",
              "prune_at_load:csr:0.9": "prune-at-load 0.9, recover"}
-    lines = ["**Starting from a dense checkpoint** (`benches/test_bench_prune_at_load.py`): whole-process peak "
+    lines = [f"**Starting from a dense checkpoint** (`benches/test_bench_prune_at_load.py`; {on_machine(data)}): "
+             "whole-process peak "
              "RSS of a fresh process that loads the checkpoint from disk, prunes it and runs recovery steps "
              "(batch 8, source 32, target 8, AdamW), against dense t5-base training measured the same way:", "",
              "| shape | run | whole-process peak | vs dense t5-base training | peak while loading | load (dense: build) "
@@ -142,7 +144,8 @@ def fsdp_table(path: str) -> str:
     """Each rank's training state under FSDP2 against one process's, index replicated or sharded."""
     if not os.path.exists(path):
         return ""
-    r = json.load(open(path))["results"][0]
+    data = json.load(open(path))
+    r = data["results"][0]
 
     def cell(key):
         v = r.get(key)
@@ -150,7 +153,7 @@ def fsdp_table(path: str) -> str:
 
     return "\n".join([
         f"**FSDP2** (`python benches/fsdp_state.py`: {r['shape']} widths, {r['layers']} + {r['layers']} blocks, "
-        f"{r['world']} gloo ranks, one AdamW step): the largest rank's parameters, gradients, AdamW moments and "
+        f"{r['world']} gloo ranks, one AdamW step; {on_machine(data)}): the largest rank's parameters, gradients, AdamW moments and "
         "index against one process's, between steps (every unit is sharded then; during the step each unit's "
         "gathered parameters come on top); in brackets, the sparse layers' alone.", "",
         "| format | index replicated | index sharded (default) |", "|---|---|---|",
@@ -260,7 +263,8 @@ def recovery_table(data: dict) -> str:
     for shape in sorted({r["shape"] for r in rows}, key=lambda s: ("small" not in s, s)):
         rs = [r for r in rows if r["shape"] == shape]
         dense = next((r for r in rs if r["variant"] == "hf_dense"), None)
-        lines += [f"**{shape} shape** (batch 8, source 32, target 8, AdamW; peak RSS of the training steps, each "
+        lines += [f"**{shape} shape** ({on_machine(data)}; batch 8, source 32, target 8, AdamW; peak RSS of the "
+                  "training steps, each "
                   "variant in its own process; step time against HF dense run in alternate processes beside it, the median "
                   "of the pairs' ratios, their range in brackets; benches/test_bench_recovery.py):", "",
                   "| variant | peak RSS | vs dense | step time | HF dense beside it | step time vs dense | "
@@ -295,7 +299,8 @@ def kernel_table(path: str, title: str) -> str:
     if not os.path.exists(path):
         return ""
     data = json.load(open(path))
-    lines = [title, "", "| benchmark | ratios (time of baseline / time of provider) |", "|---|---|"]
+    lines = [f"{title.removesuffix('):')}; {on_machine(data)}):", "", "| benchmark | ratios (time of baseline / time of provider) |",
+             "|---|---|"]
     for r in data["results"]:
         ratios = ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x" for k, v in r.items() if "_vs_" in k)
         lines.append(f"| {r['group']} | {ratios} |")
@@ -365,8 +370,9 @@ def main():
     plot(data, os.path.join(RESULTS, "recovery.png"))
     m = data["machine"]
     text = "\n".join([
-        f"Measured by `python benches/report.py` on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-        f"CPU kernels {m['kernel_isa']}. Raw figures: `benches/results/*.json`.", "",
+        "Measured by `python benches/report.py`. The suites run in different sessions, on different hosts: each "
+        f"table names its own (the recovery suite's: CPU kernels {m['kernel_isa']}). Raw figures: "
+        "`benches/results/*.json`.", "",
         "![peak memory and step time against sparsity](benches/results/recovery.png)", "",
         recovery_table(data),
         scope_table(os.path.join(RESULTS, "scope.json")),
