@@ -53,9 +53,18 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   const at::Tensor xc = x.contiguous();
   const at::Tensor vc = values.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const auto& kernels = cpu::active_kernels();
+  if (tokens <= csr_few_tokens() && kernels.csr_forward_few != nullptr && dt != cpu::DType::kFloat64 &&
+      in_features < (int64_t{1} << 29)) {  // the gathers take 32-bit byte offsets
+    at::Tensor xbuf = dt == cpu::DType::kFloat32 ? at::Tensor() : at::empty({tokens * in_features}, at::kFloat);
+    kernels.csr_forward_few(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt, xc.data_ptr(), tokens,
+                            bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(),
+                            xbuf.defined() ? xbuf.data_ptr() : nullptr, cpu::aten_parallel());
+    return y;
+  }
   const int nv = vectors_per_tile(tokens, dt, 1);
   at::Tensor x_panels = panels(tokens, in_features, nv, dt);
-  cpu::active_kernels().csr_forward(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt,
+  kernels.csr_forward(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt,
                                     xc.data_ptr(), tokens, bc.defined() ? bc.data_ptr() : nullptr,
                                     y.data_ptr(), x_panels.data_ptr(), nv, cpu::aten_parallel());
   return y;

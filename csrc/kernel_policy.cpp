@@ -65,6 +65,24 @@ void set_kernel_policy(const std::string& policy) {
   g_policy.store(static_cast<int>(p));
 }
 
+namespace {
+// 1: on an AMD EPYC (AVX-512, 2 threads, t5-base FFN shapes) the gather path beat the tiled kernel
+// at 1 token (1.5-2.1x against 2.2-2.9x of dense F.linear at density 0.5; 0.39-0.46x against
+// 0.43-0.58x at 0.1) and lost from 2 tokens on (1.2-1.4x against 0.85-1.6x at 0.5), since each
+// further token costs one more gather per 16 nonzeros. `python benches/csr_few_tokens.py` measures
+// the crossover on another CPU; set_csr_few_tokens changes it.
+constexpr int64_t kDefaultCsrFewTokens = 1;
+std::atomic<int64_t> g_csr_few_tokens{kDefaultCsrFewTokens};
+}  // namespace
+
+void set_csr_few_tokens(int64_t tokens) {
+  TORCH_CHECK_VALUE(tokens >= 0 && tokens <= kMaxCsrFewTokens, "sparse_t5: the CSR few-token path takes 0 to ",
+                    kMaxCsrFewTokens, " tokens (0: off), got ", tokens);
+  g_csr_few_tokens.store(tokens);
+}
+
+int64_t csr_few_tokens() { return g_csr_few_tokens.load(); }
+
 std::string get_kernel_policy() {
   switch (static_cast<Policy>(g_policy.load())) {
     case Policy::kSparse: return "sparse";

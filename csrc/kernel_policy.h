@@ -36,6 +36,13 @@ std::string get_kernel_policy();
 // table: float64 [rows, 7] = (op code, dtype code = the ScalarType's integer value, tokens, out, in,
 // density, method 0 sparse | 1 dense). Replaces the device class's table.
 void set_method_table(const std::string& device_class, const at::Tensor& table);
+// The CPU CSR forward's few-token path (csrc/cpu/csr_kernels_impl.h, gathers across each row's
+// nonzeros) serves calls of 1 to csr_few_tokens() tokens; more go to the tiled kernel. 0 turns it
+// off. Process-wide, at most kMaxCsrFewTokens; the default is the crossover measured on CPUs of this
+// project's machines (README "Two exact methods per op").
+constexpr int64_t kMaxCsrFewTokens = 8;
+void set_csr_few_tokens(int64_t tokens);
+int64_t csr_few_tokens();
 // "sparse" or "dense" for one call under the current policy; op by schema name.
 std::string choose_method_op(const std::string& device_class, const std::string& op, at::ScalarType dtype,
                              int64_t tokens, int64_t out_features, int64_t in_features, double density);

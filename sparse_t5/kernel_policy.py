@@ -64,6 +64,17 @@ def kernel_policy(policy: str):
         set_kernel_policy(previous)
 
 
+def set_csr_few_tokens(tokens: int) -> None:
+    """Calls of 1 to `tokens` tokens (at most 8; 0: none) take the CPU CSR forward's gather path
+    (csrc/cpu/csr_kernels_impl.h) instead of the tiled kernel. The default is the crossover
+    measured with benches/csr_few_tokens.py (README "Two exact methods per op")."""
+    _ops.set_csr_few_tokens(int(tokens))
+
+
+def get_csr_few_tokens() -> int:
+    return _ops.get_csr_few_tokens()
+
+
 def choose_method(device_class: str, op: str, dtype: torch.dtype, tokens: int, out_features: int, in_features: int,
                   density: float) -> str:
     """"sparse" or "dense": what a call with these figures runs now (the C++ lookup itself)."""

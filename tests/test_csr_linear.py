@@ -272,6 +272,16 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), (dtype, T)
         gv = (torch.ones(T, o, dtype=torch.float64).t() @ x.detach().double())[m]
         assert (layer.values.grad.double() - gv).abs().max() <= tol * gv.abs().max(), (dtype, T)
+torch.ops.sparse_t5.set_csr_few_tokens(8)  # the few-token (gather) forward: its own code per variant
+for dtype in (torch.float32, torch.bfloat16):
+    for T in range(1, 9):
+        w = torch.randn(70, 100, generator=g).to(dtype); m = torch.rand(70, 100, generator=g) > 0.6
+        layer = SparseLinear.from_dense(w, m)
+        x = torch.randn(T, 100, generator=g).to(dtype)
+        ref = F.linear(x.double(), (w * m).double())
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        with torch.no_grad():
+            assert (layer(x).double() - ref).abs().max() <= tol * ref.abs().max(), ("few", dtype, T)
 print("ok")
 """
 
@@ -294,6 +304,46 @@ def test_every_kernel_variant(isa):
     out = subprocess.run([sys.executable, "-c", _VARIANT_CHECK.format(isa=isa)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.fixture
+def few_token_path():
+    """The CSR forward's few-token (gather) path for every call of 1-8 tokens, then the default."""
+    ops = torch.ops.sparse_t5
+    before = ops.get_csr_few_tokens()
+    ops.set_csr_few_tokens(8)
+    yield
+    ops.set_csr_few_tokens(before)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", range(1, 10))
+def test_few_token_forward_matches_dense(few_token_path, tokens, dtype, index_dtype):
+    """1-8 tokens take the gather path (9 the tiled kernel): ragged rows (chunks of 16 nonzeros with
+    a partial last one), empty rows, a full row, an empty layer, int16 and int32 column indices."""
+    ops = torch.ops.sparse_t5
+    g = torch.Generator().manual_seed(tokens)
+    for out_f, in_f, density in ((77, 123, 0.5), (40, 700, 0.03), (33, 50, 1.0), (16, 40, 0.0), (9, 1, 0.7)):
+        mask = torch.rand(out_f, in_f, generator=g) < density
+        mask[min(3, out_f - 1)] = False  # an empty row
+        w = (torch.randn(out_f, in_f, generator=g) * mask).to(dtype)
+        rows, cols = mask.nonzero(as_tuple=True)
+        row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
+        row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+        x = torch.randn(tokens, in_f, generator=g).to(dtype)
+        b = torch.randn(out_f, generator=g).to(dtype)
+        y = ops.csr_linear(x, w[rows, cols].contiguous(), row_ptr, cols.to(index_dtype).contiguous(), out_f, in_f, b)
+        ref = F.linear(x.double(), w.double(), b.double())
+        assert_close_rel(y, ref, dtype, f"{out_f}x{in_f} at {density}")
+
+
+def test_few_token_setting_is_checked():
+    ops = torch.ops.sparse_t5
+    for bad in (-1, 9):
+        with pytest.raises(ValueError, match="few-token path takes 0 to 8 tokens"):
+            ops.set_csr_few_tokens(bad)
+    assert 0 <= ops.get_csr_few_tokens() <= 8
 
 
 def test_default_variant_is_the_best_supported():

@@ -86,6 +86,148 @@ void csr_forward_t(const CsrView& w, const S* x, int64_t tokens, const S* bias, 
   parallel_run(par, ntiles * nrb, body);
 }
 
+// ---- forward for a few tokens (decoding steps) ---------------------------------------------------
+// With 1 <= T <= 8 tokens (the binding's csr_few_tokens setting) a token tile is mostly padding: the tiled kernel above spends one
+// 16-lane FMA (and a 64-byte panel load) per nonzero for 1 useful lane, and its per-row FMA chain
+// is latency-bound. This path vectorises across a row's nonzeros instead: 16 values and 16 column
+// indices are loaded once, and for each token one hardware gather fetches x[t, col[k..k+15]] from
+// the (L1-resident) input row, one FMA per token per 16 nonzeros. Values and indices are read once
+// per call, as a dense GEMV reads its weight once: 6 bytes per kept weight (int16 index) against
+// dense's 4 per weight. fold_lanes then sums 16 rows' accumulators at once. Built where a gather is
+// one instruction (AVX-512 vgatherdps, AVX2 two ymm gathers); elsewhere the tiled kernel runs.
+#if defined(SPARSE_T5_GATHER)
+
+typedef int16_t VS16 __attribute__((vector_size(32)));  // 16 int16 column indices
+
+// x[idx[l]] for lanes l < n, 0 elsewhere (the masked lanes read nothing).
+__attribute__((always_inline)) inline V16 gather16(const float* x, const VI16& idx, int n) {
+#if SPARSE_T5_GATHER == 512
+  const __mmask16 m = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u));
+  __m512i i;
+  __builtin_memcpy(&i, &idx, 64);
+  const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i, x, 4);
+  V16 r;
+  __builtin_memcpy(&r, &g, 64);
+  return r;
+#else
+  const VI16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const VI16 live = lane < (VI16{} + n);  // all ones where l < n
+  __m256i i0, i1, m0, m1;
+  __builtin_memcpy(&i0, &idx, 32);
+  __builtin_memcpy(&i1, reinterpret_cast<const char*>(&idx) + 32, 32);
+  __builtin_memcpy(&m0, &live, 32);
+  __builtin_memcpy(&m1, reinterpret_cast<const char*>(&live) + 32, 32);
+  const __m256 z = _mm256_setzero_ps();
+  const __m256 g0 = _mm256_mask_i32gather_ps(z, x, i0, _mm256_castsi256_ps(m0), 4);
+  const __m256 g1 = _mm256_mask_i32gather_ps(z, x, i1, _mm256_castsi256_ps(m1), 4);
+  V16 r;
+  __builtin_memcpy(&r, &g0, 32);
+  __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &g1, 32);
+  return r;
+#endif
+}
+
+template <typename S, typename I>
+__attribute__((always_inline)) inline void load16(const S* values, const I* col, int64_t k, int n, V16& v, VI16& c) {
+  if (n == 16) {
+    if constexpr (IsFloat<S>::value) {
+      v = vload<V16>(values + k);
+    } else {
+      float f[16];
+      for (int l = 0; l < 16; ++l) f[l] = load_scalar(values + k + l);
+      v = vload<V16>(f);
+    }
+    if constexpr (sizeof(I) == 2) {
+      c = __builtin_convertvector(vload<VS16>(col + k), VI16);
+    } else {
+      c = vload<VI16>(col + k);
+    }
+    return;
+  }
+  // The row's last, partial chunk: zero-padded copies (never a read past the row's arrays).
+  float f[16] = {0};
+  int32_t ci[16] = {0};
+  for (int l = 0; l < n; ++l) {
+    f[l] = load_scalar(values + k + l);
+    ci[l] = static_cast<int32_t>(col[k + l]);
+  }
+  v = vload<V16>(f);
+  c = vload<VI16>(ci);
+}
+
+template <typename S, typename I, int T>
+void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, const Parallel& par) {
+  const int64_t in = w.in_features, out = w.out_features;
+  const S* values = static_cast<const S*>(w.values);
+  const I* col = static_cast<const I*>(w.col_idx);
+  const int32_t* row_ptr = w.row_ptr;
+  const int64_t nrb = (out + 15) / 16;
+  auto body = [&](int64_t b, int64_t e) {
+    V16 p[T][16];
+    for (int64_t rb = b; rb < e; ++rb) {
+      const int64_t r0 = rb * 16, nrows = min_i64(16, out - r0);
+      for (int64_t i = 0; i < 16; ++i) {
+        // Two accumulators per token (even and odd chunks, unrolled so that both stay in
+        // registers) hide the FMA latency at T = 1.
+        V16 acc0[T], acc1[T];
+        for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = V16{};
+        if (i < nrows) {
+          const int64_t k_end = row_ptr[r0 + i + 1];
+          int64_t k = row_ptr[r0 + i];
+          for (; k + 32 <= k_end; k += 32) {
+            V16 v0, v1;
+            VI16 c0, c1;
+            load16<S, I>(values, col, k, 16, v0, c0);
+            load16<S, I>(values, col, k + 16, 16, v1, c1);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; ++t) {
+              acc0[t] += v0 * gather16(x + t * in, c0, 16);
+              acc1[t] += v1 * gather16(x + t * in, c1, 16);
+            }
+          }
+          for (; k < k_end; k += 16) {
+            const int n = static_cast<int>(min_i64(16, k_end - k));
+            V16 v;
+            VI16 c;
+            load16<S, I>(values, col, k, n, v, c);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; ++t) acc0[t] += v * gather16(x + t * in, c, n);
+          }
+        }
+        for (int t = 0; t < T; ++t) p[t][i] = acc0[t] + acc1[t];
+      }
+      for (int t = 0; t < T; ++t) {
+        fold_lanes(p[t]);
+        for (int64_t i = 0; i < nrows; ++i) {
+          const float b_i = bias ? load_scalar(bias + r0 + i) : 0.f;
+          store_scalar(y + t * out + r0 + i, p[t][0][i] + b_i);
+        }
+      }
+    }
+  };
+  parallel_run(par, nrb, body);
+}
+
+// x as fp32 rows: the input itself, or converted into `xbuf` (tokens * in floats) from bf16.
+template <typename S, typename I>
+void csr_forward_few(const CsrView& w, const S* x, int64_t tokens, const S* bias, S* y, float* xbuf,
+                     const Parallel& par) {
+  const float* xf;
+  if constexpr (IsFloat<S>::value) {
+    xf = x;
+  } else {
+    for (int64_t k = 0; k < tokens * w.in_features; ++k) xbuf[k] = load_scalar(x + k);
+    xf = xbuf;
+  }
+  switch (tokens) {
+#define SPARSE_T5_FEW_CASE(T_) case T_: csr_forward_few_t<S, I, T_>(w, xf, bias, y, par); break;
+    SPARSE_T5_FEW_CASE(1) SPARSE_T5_FEW_CASE(2) SPARSE_T5_FEW_CASE(3) SPARSE_T5_FEW_CASE(4)
+    SPARSE_T5_FEW_CASE(5) SPARSE_T5_FEW_CASE(6) SPARSE_T5_FEW_CASE(7) SPARSE_T5_FEW_CASE(8)
+#undef SPARSE_T5_FEW_CASE
+  }
+}
+#endif
+
 // ---- backward input: dx = dy W ----------------------------------------------------------------
 template <typename S, typename I, int NV>
 void csr_backward_input_t(const CsrView& w, const S* dy, int64_t tokens, S* dx,
@@ -222,6 +364,25 @@ void csr_sddmm(const CsrView& w, DType dt, const void* dy, const void* x, int64_
       static_cast<typename ComputeOf<S>::type*>(x_panels),
       static_cast<typename ComputeOf<S>::type*>(dvalues_acc), par)))
 }
+
+#if defined(SPARSE_T5_GATHER)
+void csr_forward_few_entry(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias, void* y,
+                           void* xbuf, const Parallel& par) {
+#define SPARSE_T5_FEW_IDX(S_)                                                                          \
+  if (w.col_idx_is_int16)                                                                              \
+    csr_forward_few<S_, int16_t>(w, static_cast<const S_*>(x), tokens, static_cast<const S_*>(bias),    \
+                                 static_cast<S_*>(y), static_cast<float*>(xbuf), par);                 \
+  else                                                                                                 \
+    csr_forward_few<S_, int32_t>(w, static_cast<const S_*>(x), tokens, static_cast<const S_*>(bias),    \
+                                 static_cast<S_*>(y), static_cast<float*>(xbuf), par);
+  if (dt == DType::kFloat32) {
+    SPARSE_T5_FEW_IDX(float)
+  } else if (dt == DType::kBFloat16) {
+    SPARSE_T5_FEW_IDX(BF16)
+  }
+#undef SPARSE_T5_FEW_IDX
+}
+#endif
 
 #undef SPARSE_T5_DISPATCH
 #undef SPARSE_T5_DISPATCH_IDX

@@ -139,6 +139,13 @@ void check_case(const KernelTable& k, const Case& c, bool idx16, std::mt19937& r
     EXPECT(rel_err(dx, dx_ref) <= tol, "backward_input %s: rel err %g", what.c_str(), rel_err(dx, dx_ref));
     EXPECT(rel_err(dv, dv_ref) <= tol, "sddmm %s: rel err %g", what.c_str(), rel_err(dv, dv_ref));
   }
+  // The few-token (gather) forward, where the variant has one: fp32 (and bf16, not tested here) only.
+  if (k.csr_forward_few != nullptr && sizeof(T) == 4 && c.tokens >= 1 && c.tokens <= 8) {
+    std::vector<T> y(c.tokens * c.out, T(-7));
+    k.csr_forward_few(view, dt, x.data(), c.tokens, bias.data(), y.data(), nullptr, par);
+    EXPECT(rel_err(y, y_ref) <= tol, "forward_few %s %s T=%lld: rel err %g", k.name, idx16 ? "i16" : "i32",
+           static_cast<long long>(c.tokens), rel_err(y, y_ref));
+  }
 }
 
 // 2:4: pack a random 2-of-4 pattern, run the forward, dx and dvalues kernels at every tile width,
@@ -226,7 +233,8 @@ int main() {
   const Case cases[] = {
       {5, 123, 77, 0.5, false},  {1, 64, 16, 0.3, false},  {33, 17, 35, 0.1, true},
       {130, 48, 40, 1.0, false}, {70, 80, 64, 0.0, false}, {64, 256, 32, 0.05, true},
-      {17, 1, 9, 0.7, false},    {0, 8, 8, 0.5, false},
+      {17, 1, 9, 0.7, false},    {0, 8, 8, 0.5, false},   {3, 200, 40, 0.4, true},
+      {8, 37, 70, 0.9, true},
   };
   std::vector<const KernelTable*> tables = {&baseline_kernels()};
 #if defined(__x86_64__)
