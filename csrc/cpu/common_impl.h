@@ -158,6 +158,20 @@ template <typename F> void parallel_run(const Parallel& par, int64_t n, F& body)
   par.run(n, &body, [](void* ctx, int64_t b, int64_t e) { (*static_cast<F*>(ctx))(b, e); });
 }
 
+// ---- fp32 rows ------------------------------------------------------------------------------
+// n elements as fp32 rows for the few-token paths: the input itself, or converted into `buf`
+// (n floats) from bf16.
+template <typename S> const float* as_fp32_rows(const S* x, int64_t n, float* buf) {
+  if constexpr (IsFloat<S>::value) {
+    (void)n;
+    (void)buf;
+    return x;
+  } else {
+    for (int64_t k = 0; k < n; ++k) buf[k] = load_scalar(x + k);
+    return buf;
+  }
+}
+
 // ---- panels -------------------------------------------------------------------------------
 // Token tile `item` of src [T, F] row-major (storage S) -> panel [F][TILE] (compute C), zero past T.
 template <typename S, typename C>

@@ -208,17 +208,10 @@ void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, co
   parallel_run(par, nrb, body);
 }
 
-// x as fp32 rows: the input itself, or converted into `xbuf` (tokens * in floats) from bf16.
 template <typename S, typename I>
 void csr_forward_few(const CsrView& w, const S* x, int64_t tokens, const S* bias, S* y, float* xbuf,
                      const Parallel& par) {
-  const float* xf;
-  if constexpr (IsFloat<S>::value) {
-    xf = x;
-  } else {
-    for (int64_t k = 0; k < tokens * w.in_features; ++k) xbuf[k] = load_scalar(x + k);
-    xf = xbuf;
-  }
+  const float* xf = as_fp32_rows(x, tokens * w.in_features, xbuf);
   switch (tokens) {
 #define SPARSE_T5_FEW_CASE(T_) case T_: csr_forward_few_t<S, I, T_>(w, xf, bias, y, par); break;
     SPARSE_T5_FEW_CASE(1) SPARSE_T5_FEW_CASE(2) SPARSE_T5_FEW_CASE(3) SPARSE_T5_FEW_CASE(4)

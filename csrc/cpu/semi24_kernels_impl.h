@@ -277,17 +277,11 @@ void semi24_forward_few_t(const Semi24View& w, const float* x, const S* bias, S*
   parallel_run(par, nrb, body);
 }
 
-// x as fp32 rows: the input itself, or converted into `xbuf` (tokens * in floats) from bf16.
+// x as fp32 rows (as_fp32_rows), then the kernel instantiated for this token count.
 template <typename S>
 void semi24_forward_few(const Semi24View& w, const S* x, int64_t tokens, const S* bias, S* y, float* xbuf,
                         const Parallel& par) {
-  const float* xf;
-  if constexpr (IsFloat<S>::value) {
-    xf = x;
-  } else {
-    for (int64_t k = 0; k < tokens * w.in_features; ++k) xbuf[k] = load_scalar(x + k);
-    xf = xbuf;
-  }
+  const float* xf = as_fp32_rows(x, tokens * w.in_features, xbuf);
   switch (tokens) {
 #define SPARSE_T5_FEW_CASE(T_) case T_: semi24_forward_few_t<S, T_>(w, xf, bias, y, par); break;
     SPARSE_T5_FEW_CASE(1) SPARSE_T5_FEW_CASE(2) SPARSE_T5_FEW_CASE(3) SPARSE_T5_FEW_CASE(4)
