@@ -67,7 +67,7 @@ def kernel_policy(policy: str):
 def set_csr_few_tokens(tokens: int) -> None:
     """Calls of 1 to `tokens` tokens (at most 8; 0: none) take the CPU CSR forward's gather path
     (csrc/cpu/csr_kernels_impl.h) instead of the tiled kernel. The default is the crossover
-    measured with benches/csr_few_tokens.py (README "Two exact methods per op")."""
+    measured with benches/csr_few_tokens.py (README "How the CSR kernels work")."""
     _ops.set_csr_few_tokens(int(tokens))
 
 
