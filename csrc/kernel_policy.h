@@ -39,7 +39,7 @@ void set_method_table(const std::string& device_class, const at::Tensor& table);
 // The CPU CSR forward's few-token path (csrc/cpu/csr_kernels_impl.h, gathers across each row's
 // nonzeros) serves calls of 1 to csr_few_tokens() tokens; more go to the tiled kernel. 0 turns it
 // off. Process-wide, at most kMaxCsrFewTokens; the default is the crossover measured on CPUs of this
-// project's machines (README "Two exact methods per op").
+// project's machines (README "How the CSR kernels work").
 constexpr int64_t kMaxCsrFewTokens = 8;
 void set_csr_few_tokens(int64_t tokens);
 int64_t csr_few_tokens();
