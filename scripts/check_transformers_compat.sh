@@ -7,7 +7,7 @@
 # scripts/setup.sh against this torch). Then HF's own T5 suite for that version (scripts/peer_suite.py),
 # where an archive of its tree exists in ../shared/peer (or $SPARSE_T5_PEER_DIR); the summary says when none does.
 #
-#   scripts/check_transformers_compat.sh                 the range's ends: 4.49.0 and 5.24.0
+#   scripts/check_transformers_compat.sh                 the range's ends: 4.49.0 and 5.25.0
 #   scripts/check_transformers_compat.sh 5.4.0 ...       other versions
 #   PEER=0 scripts/check_transformers_compat.sh ...      without the peer suite
 set -euo pipefail

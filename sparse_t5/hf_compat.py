@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import Seq2SeqLMOutput
 
 # Oldest and newest transformers the whole test suite and HF's own T5 suite (peer run) passed with.
-TESTED_TRANSFORMERS = ("4.49.0", "5.24.0")
+TESTED_TRANSFORMERS = ("4.49.0", "5.25.0")
 
 # transformers 5.24 renamed the cache keyword of forward / generate and the cache field of the
 # model outputs from `past_key_values` to `cache` (the old name is deprecated until 5.40).
