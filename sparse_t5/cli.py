@@ -1,4 +1,4 @@
-"""sparse-t5 command line: `sparse-t5 dsi {run,train,prune,recover,evaluate,bm25} --help`."""
+"""sparse-t5 command line: `sparse-t5 dsi {run,train,prune,recover,evaluate,bm25} --help` and `sparse-t5 tune --help`."""
 from __future__ import annotations
 
 import argparse
@@ -224,7 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_and_train(cmds)
     _add_prune(cmds)
     _add_recover_evaluate_bm25(cmds)
+    _add_tune(sub)
     return parser
+
+
+def _add_tune(sub):
+    from .tune import CSR_DENSITIES, SHAPES, TUNE_TOKENS
+
+    tune = sub.add_parser("tune", help="measure the sparse ops' methods on this machine for the auto kernel policy",
+                          description="Measure the sparse kernels against transient dense for a model's layer "
+                                      "shapes on this CPU, and write the table the auto kernel policy uses here "
+                                      "(the user cache, keyed by CPU, ISA, threads and torch).")
+    what = tune.add_mutually_exclusive_group()
+    what.add_argument("--model", help="a T5 checkpoint directory or hub name: its config's layer shapes")
+    what.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="named T5 shapes (default: t5-base)")
+    tune.add_argument("--tokens", nargs="+", type=int, default=list(TUNE_TOKENS), help="token counts per call")
+    tune.add_argument("--densities", nargs="+", type=float, default=list(CSR_DENSITIES),
+                      help="CSR densities (2:4 is measured beside them)")
+    tune.add_argument("--rounds", type=int, default=3, help="timed rounds per method")
+    tune.add_argument("--out", help="write the table here instead of the user cache (not used automatically)")
+    tune.add_argument("--show", action="store_true", help="only say which table the auto policy uses now")
 
 
 # The fields add_train_args sets per phase; every other option is shared by the phases.
@@ -266,8 +285,34 @@ def _run_config(args):
     return _config(RunConfig, args, train=train, recover=recover, prune=prune)
 
 
+def _tune(args) -> int:
+    from . import tune
+    from .kernel_policy import table_info
+
+    if args.show:
+        print(tune.summary(table_info("cpu")))
+        return 0
+    try:
+        if args.model:
+            from transformers import T5Config
+
+            shapes = tune.model_shapes(T5Config.from_pretrained(args.model))
+        else:
+            shapes = [s for name in (args.shapes or ["t5-base"]) for s in tune.SHAPES[name]]
+        print(f"measuring {len(shapes)} shapes x {len(args.densities) + 1} formats x {len(args.tokens)} token counts "
+              "x 3 ops", file=sys.stderr)
+        info = tune.tune(shapes, args.tokens, args.densities, rounds=args.rounds, path=args.out)
+    except (ValueError, OSError) as err:
+        print(f"sparse-t5: error: {err}", file=sys.stderr)
+        return 2
+    print(tune.summary(info))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.group == "tune":
+        return _tune(args)
     from .dsi import pipeline
 
     try:

@@ -15,9 +15,17 @@ exact methods (issue 15):
 The policy, process-wide like ``torch.backends`` flags:
 
 - ``"auto"`` (default): each call takes the method measured fastest for its (device class, op,
-  dtype, tokens, out x in, density), the nearest row of the device class's committed table
-  ``sparse_t5/kernel_tables/<class>.json`` (written by ``python benches/kernel_methods.py``);
+  dtype, tokens, out x in, density), the nearest row of the device class's table;
 - ``"sparse"`` / ``"dense"``: force one method for every call.
+
+Which table (``table_info()`` says, and the ``sparse_t5`` logger once at import): on CPU, the table
+``sparse-t5 tune`` measured on this machine, when the user cache holds one for this machine's key
+(CPU model, kernel ISA, torch's thread count, torch version); otherwise the committed table
+``sparse_t5/kernel_tables/<class>.json`` (written by ``python benches/kernel_methods.py`` on the
+machine it names). A tuned table that lacks an op and dtype takes the committed rows for them. A
+tuned table that cannot be read, or that names another machine, is refused with a warning naming
+the file, and the committed table is used: a bad cache never stops an import. After
+``torch.set_num_threads``, call ``select_table()`` to pick the table for the new thread count.
 
     with sparse_t5.kernel_policy("dense"):
         loss = model(**batch).loss
@@ -28,12 +36,19 @@ result to the dtype's tolerance (tests/test_kernel_policy.py).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
+import platform
+import warnings
 
 import torch
 
 from ._extension import _C  # noqa: F401  (the schemas)
+from .user_cache import cache_dir
+
+log = logging.getLogger("sparse_t5")
 
 POLICIES = ("auto", "sparse", "dense")
 TABLE_DIR = os.path.join(os.path.dirname(__file__), "kernel_tables")
@@ -98,20 +113,123 @@ def _scalar_type_code(dtype: torch.dtype) -> int:
     return {torch.float16: 5, torch.float32: 6, torch.float64: 7, torch.bfloat16: 15}[dtype]
 
 
-def load_table(device_class: str, path: str | None = None) -> bool:
-    """Install the measured table of `device_class` ("cpu", "cuda"); False if none is committed."""
-    path = path or os.path.join(TABLE_DIR, f"{device_class}.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        table = json.load(f)
+class KernelTableError(ValueError):
+    """A method table file that cannot be used: unreadable, malformed, or measured on another machine."""
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's "model name"; platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> dict:
+    """What a CPU table's timings depend on, and so what a tuned table is keyed by."""
+    from .ops import cpu_isa
+
+    return {"cpu": cpu_model(), "kernel_isa": cpu_isa(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def tuned_table_path(key: dict | None = None) -> str:
+    """Where `sparse-t5 tune` keeps the CPU table of the machine `key` (default: this one)."""
+    key = key or machine_key()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), "kernel_tables", f"cpu-{digest}.json")
+
+
+def read_table(path: str, key: dict | None = None) -> dict:
+    """A table file, checked: its rows (as the C++ lookup takes them) must parse, and when `key` is
+    given the table must have been tuned on that machine. Raises KernelTableError naming the file."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        if not isinstance(table, dict) or not isinstance(table.get("rows"), list) or not table["rows"]:
+            raise ValueError("no rows")
+        table_rows(table)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise KernelTableError(f"kernel method table {path} is not a table sparse-t5 wrote ({err}); delete it "
+                               "and run `sparse-t5 tune` again") from err
+    if key is not None and table.get("key") != key:
+        raise KernelTableError(f"kernel method table {path} was tuned on another machine ({table.get('key')}), "
+                               f"not this one ({key}); run `sparse-t5 tune` here")
+    return table
+
+
+_TABLE_INFO: dict[str, dict] = {}
+
+
+def select_table(device_class: str = "cpu", committed: str | None = None) -> dict:
+    """Install the table calls on `device_class` use (see the module docstring for which), and
+    return what table_info() says about it."""
+    committed = committed or os.path.join(TABLE_DIR, f"{device_class}.json")
+    base = read_table(committed) if os.path.isfile(committed) else None
+    info = {"device_class": device_class, "source": "none", "path": None, "measured_on": None, "rows": 0,
+            "completed_from_committed": []}
+    tuned = None
+    if device_class == "cpu":
+        key = machine_key()
+        path = tuned_table_path(key)
+        info["key"] = key
+        if os.path.isfile(path):
+            try:
+                tuned = read_table(path, key)
+            except KernelTableError as err:
+                warnings.warn(f"{err}; using the committed table", UserWarning, stacklevel=2)
+                info["refused"] = str(err)
+    if tuned is not None:
+        covered = {(r["op"], r["dtype"]) for r in tuned["rows"]}
+        extra = [r for r in (base or {"rows": []})["rows"] if (r["op"], r["dtype"]) not in covered]
+        rows = tuned["rows"] + extra
+        info.update(source="tuned", path=path, measured_on=tuned.get("machine"),
+                    completed_from_committed=sorted({f"{r['op']}/{r['dtype']}" for r in extra}))
+    elif base is not None:
+        rows = base["rows"]
+        info.update(source="committed", path=committed, measured_on=base.get("machine"))
+    else:
+        rows = []
+    info["rows"] = len(rows)
+    _ops.set_method_table(device_class, table_rows({"rows": rows}))
+    _TABLE_INFO[device_class] = info
+    if device_class == "cpu" or info["source"] != "none":
+        where = {"tuned": "tuned on this machine", "committed": "committed, measured on "
+                 f"{(info['measured_on'] or {}).get('cpu', 'another machine')}", "none": "none: every call runs sparse"}
+        log.info("sparse_t5 kernel policy: %s method table %s (%s, %d rows)%s", device_class, where[info["source"]],
+                 info["path"], info["rows"], "" if info["source"] == "tuned" else "; `sparse-t5 tune` measures one here")
+    return info
+
+
+def table_info(device_class: str = "cpu") -> dict:
+    """Which method table `device_class`'s calls use: source ("tuned", "committed" or "none"), its
+    path, the machine it was measured on, its row count, and the op/dtype pairs a tuned table took
+    from the committed one."""
+    return dict(_TABLE_INFO.get(device_class) or select_table(device_class))
+
+
+def load_table(device_class: str, path: str) -> dict:
+    """Install the table file at `path` for `device_class`, whatever machine it names (a benchmark
+    or a test pinning one table; select_table() goes back to the automatic choice). Returns what
+    table_info() then says. Raises KernelTableError if the file is not a table."""
+    table = read_table(path)
     _ops.set_method_table(device_class, table_rows(table))
-    return True
+    _TABLE_INFO[device_class] = {"device_class": device_class, "source": "file", "path": path,
+                                 "measured_on": table.get("machine"), "rows": len(table["rows"]),
+                                 "completed_from_committed": []}
+    return dict(_TABLE_INFO[device_class])
 
 
 def _init() -> None:
     for device_class in ("cpu", "cuda"):
-        load_table(device_class)
+        try:
+            select_table(device_class)
+        except KernelTableError as err:  # a broken committed table: say so, run with the built-in fallback
+            warnings.warn(str(err), UserWarning, stacklevel=2)
     policy = os.environ.get("SPARSE_T5_KERNEL_POLICY")
     if policy:
         if policy not in POLICIES:

@@ -16,11 +16,9 @@ import importlib.util
 import os
 import zipfile
 
+from ..user_cache import cache_dir
+
 MINILM = "all-MiniLM-L6-v2"
-
-
-def _cache_dir() -> str:
-    return os.environ.get("SPARSE_T5_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparse-t5")
 
 
 def installed_minilm() -> str | None:
@@ -32,7 +30,7 @@ def installed_minilm() -> str | None:
     archive = os.path.join(list(spec.submodule_search_locations)[0], "model.zip")
     if not os.path.isfile(archive):
         return None
-    target = os.path.join(_cache_dir(), MINILM)
+    target = os.path.join(cache_dir(), MINILM)
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     tmp = f"{target}.tmp{os.getpid()}"
