@@ -10,6 +10,7 @@ import pytest
 from bench_utils import machine_info, time_interleaved
 
 _RESULTS = defaultdict(dict)  # group -> provider -> median seconds
+_LIMITS = {}  # group -> (kind, the speed-up over dense that kind of limit allows)
 
 
 @pytest.fixture
@@ -21,6 +22,18 @@ def record(benchmark):
         benchmark.extra_info["provider"] = provider
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
         _RESULTS[group][provider] = benchmark.stats.stats.median
+
+    return _record
+
+
+@pytest.fixture
+def record_limit():
+    """record_limit(group, kind, speedup): the most a sparse method can gain over dense in this group
+    ("bytes": the weight traffic at few tokens, "FLOPs" at many), printed and reported beside the
+    measured ratios so each one reads against its ceiling."""
+
+    def _record(group, kind, speedup):
+        _LIMITS[group] = (kind, speedup)
 
     return _record
 
@@ -56,8 +69,12 @@ def pytest_terminal_summary(terminalreporter):
         if "torch_sparse" in times:
             line.update({f"{p}_vs_torch_sparse": times["torch_sparse"] / t
                          for p, t in times.items() if p not in ("dense", "torch_sparse")})
+        if group in _LIMITS:
+            line["limit"], line["limit_vs_dense"] = _LIMITS[group]
         rows.append(line)
-        ratios = "  ".join(f"{k}={v:.2f}x" for k, v in line.items() if "_vs_" in k)
+        ratios = "  ".join(f"{k}={v:.2f}x" for k, v in line.items() if "_vs_" in k and k != "limit_vs_dense")
+        if group in _LIMITS:
+            ratios += f"  ({line['limit']} limit {line['limit_vs_dense']:.2f}x)"
         tr.write_line(f"{group:<48} {ratios}")
     out = os.environ.get("SPARSE_T5_BENCH_JSON", os.path.join(os.path.dirname(__file__), "results", "latest.json"))
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -301,9 +302,17 @@ def kernel_table(path: str, title: str) -> str:
     data = json.load(open(path))
     lines = [f"{title.removesuffix('):')}; {on_machine(data)}):", "", "| benchmark | ratios (time of baseline / time of provider) |",
              "|---|---|"]
-    for r in data["results"]:
-        ratios = ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x" for k, v in r.items() if "_vs_" in k)
-        lines.append(f"| {r['group']} | {ratios} |")
+    limits = any("limit" in r for r in data["results"])
+    if limits:
+        lines[2:4] = ["| benchmark | ratios (time of baseline / time of provider) | limit (dense time / the bound's) |",
+                      "|---|---|---|"]
+    natural = lambda r: [float(t) if t.replace(".", "", 1).isdigit() else t  # noqa: E731  "8 tok" before "32 tok"
+                         for t in re.split(r"(\d+(?:\.\d+)?)", r["group"])]
+    for r in sorted(data["results"], key=natural):
+        ratios = ", ".join(f"{k.replace('_vs_', ' vs ')} {v:.2f}x" for k, v in r.items()
+                           if "_vs_" in k and k != "limit_vs_dense")
+        limit = f" {r['limit']} {r['limit_vs_dense']:.2f}x |" if "limit" in r else (" - |" if limits else "")
+        lines.append(f"| {r['group']} | {ratios} |{limit}")
     return "\n".join(lines) + "\n"
 
 
@@ -379,7 +388,8 @@ def main():
         prune_at_load_table(os.path.join(RESULTS, "prune_at_load.json")),
         big_models_table(os.path.join(RESULTS, "big_models.json")),
         fsdp_table(os.path.join(RESULTS, "fsdp_state.json")),
-        kernel_table(os.path.join(RESULTS, "csr_linear.json"), "**CSR kernels** (512 tokens, fp32):"),
+        kernel_table(os.path.join(RESULTS, "csr_linear.json"), "**CSR kernels** (fp32; the limit column: the bytes "
+                     "limit at up to 32 tokens, the FLOPs limit from 256, as a speed-up over dense):"),
         kernel_table(os.path.join(RESULTS, "semi24_linear.json"), "**2:4 kernels** (fp32; 512 tokens unless a group names its token count):"),
     ])
     update_readme(text)

@@ -8,6 +8,7 @@
 #include "ops.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include "cpu/kernel_api.h"
@@ -24,6 +25,37 @@ double density(int64_t nnz, int64_t out, int64_t in) {
 
 bool use_dense(PolicyOp op, at::ScalarType dtype, int64_t tokens, int64_t nnz, int64_t out, int64_t in) {
   return choose_method("cpu", op, dtype, tokens, out, in, density(nnz, out, in)) == Method::kDense;
+}
+
+// The "mkl" method of the forward: torch's sparse CSR x dense product (MKL's CSR GEMM on x86 builds)
+// on a CSR tensor viewing our values. Its indices must be one integer type, int32 here (a T5 layer
+// has far fewer than 2^31 nonzeros): int16 columns and int64 row pointers are converted per call,
+// 4 bytes per nonzero, which the tables' timings include. The structure was validated once
+// (structure_checks.h), so the unchecked constructor is safe. y = (W xᵀ)ᵀ: torch returns [out, tokens].
+at::Tensor csr_linear_mkl_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                              const at::Tensor& col_idx, int64_t tokens, int64_t out_features, int64_t in_features,
+                              const at::Tensor& bias, at::Tensor& y) {
+  const auto i32 = [](const at::Tensor& t) { return t.scalar_type() == at::kInt ? t : t.to(at::kInt); };
+  // The CSR tensor is internal to this call: torch's once-per-process "Sparse CSR tensor support is
+  // in beta state" notice, raised when one is made, would tell the user about an API they never called.
+  const at::Tensor w = [&] {
+    struct Quiet : c10::WarningHandler {
+      void process(const c10::Warning&) override {}
+    } quiet;
+    c10::WarningUtils::WarningHandlerGuard guard(&quiet);
+    return at::_sparse_csr_tensor_unsafe(i32(row_ptr), i32(col_idx), values, {out_features, in_features},
+                                         values.options().layout(at::kSparseCsr));
+  }();
+  const at::Tensor wx = at::mm(w, x.reshape({tokens, in_features}).t());  // [out, tokens]
+  at::Tensor y2 = y.view({tokens, out_features});
+  y2.copy_(wx.t());
+  if (bias.defined()) y2.add_(bias);
+  return y;
+}
+
+// MKL's sparse BLAS takes fp32 and fp64; torch runs other dtypes through a slow generic loop.
+bool mkl_applies(at::ScalarType dtype, int64_t nnz) {
+  return (dtype == at::kFloat || dtype == at::kDouble) && nnz < (int64_t{1} << 31);
 }
 
 }  // namespace
@@ -47,12 +79,16 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   if (tokens == 0 || out_features == 0) return y;
   // No inputs: y is the bias (the kernels' panels would be empty, with null data).
   if (in_features == 0) return bias.has_value() ? y.copy_(*bias) : y.zero_();
-  if (use_dense(PolicyOp::kCsrForward, x.scalar_type(), tokens, values.size(0), out_features, in_features))
+  const Method method = choose_method("cpu", PolicyOp::kCsrForward, x.scalar_type(), tokens, out_features,
+                                      in_features, density(values.size(0), out_features, in_features));
+  if (method == Method::kDense)
     return csr_linear_dense_cpu(x, values, row_ptr, col_idx, out_features, in_features, bias);
 
   const at::Tensor xc = x.contiguous();
   const at::Tensor vc = values.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (method == Method::kMkl && mkl_applies(x.scalar_type(), values.size(0)))
+    return csr_linear_mkl_cpu(xc, vc, row_ptr, col_idx, tokens, out_features, in_features, bc, y);
   const auto& kernels = cpu::active_kernels();
   if (tokens <= csr_few_tokens() && kernels.csr_forward_few != nullptr && dt != cpu::DType::kFloat64 &&
       in_features < (int64_t{1} << 29)) {  // the gathers take 32-bit byte offsets

@@ -18,7 +18,7 @@
 namespace sparse_t5 {
 namespace {
 
-enum class Policy { kAuto = 0, kSparse = 1, kDense = 2 };
+enum class Policy { kAuto = 0, kSparse = 1, kDense = 2, kMkl = 3 };
 
 struct Row {
   int64_t op, dtype;
@@ -59,8 +59,11 @@ void set_kernel_policy(const std::string& policy) {
     p = Policy::kSparse;
   } else if (policy == "dense") {
     p = Policy::kDense;
+  } else if (policy == "mkl") {
+    p = Policy::kMkl;
   } else {
-    TORCH_CHECK_VALUE(false, "sparse_t5: kernel policy must be 'auto', 'sparse' or 'dense', got '", policy, "'");
+    TORCH_CHECK_VALUE(false, "sparse_t5: kernel policy must be 'auto', 'sparse', 'dense' or 'mkl', got '", policy,
+                      "'");
   }
   g_policy.store(static_cast<int>(p));
 }
@@ -87,11 +90,12 @@ std::string get_kernel_policy() {
   switch (static_cast<Policy>(g_policy.load())) {
     case Policy::kSparse: return "sparse";
     case Policy::kDense: return "dense";
+    case Policy::kMkl: return "mkl";
     default: return "auto";
   }
 }
 
-// table: float64 [rows, 7] = (op, dtype code, tokens, out, in, density, method 0|1); the dtype code
+// table: float64 [rows, 7] = (op, dtype code, tokens, out, in, density, method 0|1|2); the dtype code
 // is the ScalarType's integer value (torch.float32 -> 6). Replaces the device class's table.
 void set_method_table(const std::string& device_class, const at::Tensor& table) {
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == 7, "sparse_t5: a method table must be [rows, 7], got ",
@@ -100,11 +104,13 @@ void set_method_table(const std::string& device_class, const at::Tensor& table) 
   const double* d = t.data_ptr<double>();
   std::vector<Row> rows;
   for (int64_t i = 0; i < t.size(0); ++i, d += 7) {
-    TORCH_CHECK_VALUE(d[0] >= 0 && d[0] <= 5 && (d[6] == 0 || d[6] == 1) && d[2] >= 1 && d[3] >= 1 && d[4] >= 1 &&
-                          d[5] > 0 && d[5] <= 1,
+    // MKL is a method of the CPU CSR forward only (op 0).
+    const bool method_ok = d[6] == 0 || d[6] == 1 || (d[6] == 2 && d[0] == 0 && device_class == "cpu");
+    TORCH_CHECK_VALUE(d[0] >= 0 && d[0] <= 5 && method_ok && d[2] >= 1 && d[3] >= 1 && d[4] >= 1 && d[5] > 0 &&
+                          d[5] <= 1,
                       "sparse_t5: malformed method table row ", i);
     rows.push_back({static_cast<int64_t>(d[0]), static_cast<int64_t>(d[1]), safe_log2(d[2]), safe_log2(d[3] * d[4]),
-                    safe_log2(d[5]), d[6] == 1 ? Method::kDense : Method::kSparse});
+                    safe_log2(d[5]), static_cast<Method>(static_cast<int>(d[6]))});
   }
   std::lock_guard<std::mutex> lock(g_tables_mutex);
   tables()[device_class] = std::move(rows);
@@ -112,10 +118,11 @@ void set_method_table(const std::string& device_class, const at::Tensor& table) 
 
 std::string choose_method_op(const std::string& device_class, const std::string& op, at::ScalarType dtype,
                              int64_t tokens, int64_t out_features, int64_t in_features, double density) {
-  return choose_method(device_class, parse_op(op), dtype, tokens, out_features, in_features, density) ==
-                 Method::kDense
-             ? "dense"
-             : "sparse";
+  switch (choose_method(device_class, parse_op(op), dtype, tokens, out_features, in_features, density)) {
+    case Method::kDense: return "dense";
+    case Method::kMkl: return "mkl";
+    default: return "sparse";
+  }
 }
 
 Method choose_method(const std::string& device_class, PolicyOp op, at::ScalarType dtype, int64_t tokens,
@@ -123,6 +130,8 @@ Method choose_method(const std::string& device_class, PolicyOp op, at::ScalarTyp
   const Policy policy = static_cast<Policy>(g_policy.load(std::memory_order_relaxed));
   if (policy == Policy::kSparse) return Method::kSparse;
   if (policy == Policy::kDense) return Method::kDense;
+  if (policy == Policy::kMkl)
+    return op == PolicyOp::kCsrForward && device_class == "cpu" ? Method::kMkl : Method::kSparse;
   const Method fallback = device_class == "cpu" ? Method::kSparse : Method::kDense;
   const double lt = safe_log2(static_cast<double>(tokens)),
                ls = safe_log2(static_cast<double>(out_features) * static_cast<double>(in_features)),

@@ -1,5 +1,7 @@
 // Which exact method runs a sparse op call: the sparse kernels, or "transient dense" (the weight
-// decompressed for this call only, then the vendor GEMM; csrc/transient_dense.cpp).
+// decompressed for this call only, then the vendor GEMM; csrc/transient_dense.cpp), or for the CPU
+// CSR forward in fp32/fp64 a third, "mkl": torch's sparse CSR matrix product (MKL's CSR GEMM on
+// x86 builds) on a CSR tensor that views our values (csrc/csr_linear.cpp).
 //
 // The policy is process-wide, like torch.backends flags: "auto" (the default) looks the call up in
 // the measured table of this device class (sparse_t5/kernel_tables/<class>.json, installed by
@@ -14,7 +16,7 @@
 
 namespace sparse_t5 {
 
-enum class Method { kSparse = 0, kDense = 1 };
+enum class Method { kSparse = 0, kDense = 1, kMkl = 2 };
 
 // Op codes of the table (and of `choose_method`'s op argument, by name).
 enum class PolicyOp {
@@ -31,10 +33,13 @@ Method choose_method(const std::string& device_class, PolicyOp op, at::ScalarTyp
                      int64_t out_features, int64_t in_features, double density);
 
 // The ops behind sparse_t5.kernel_policy (schemas in registration.cpp).
-void set_kernel_policy(const std::string& policy);  // "auto" | "sparse" | "dense"
+// "auto" | "sparse" | "dense" | "mkl" ("mkl": the CPU CSR forward by MKL where it applies, every
+// other call sparse).
+void set_kernel_policy(const std::string& policy);
 std::string get_kernel_policy();
 // table: float64 [rows, 7] = (op code, dtype code = the ScalarType's integer value, tokens, out, in,
-// density, method 0 sparse | 1 dense). Replaces the device class's table.
+// density, method 0 sparse | 1 dense | 2 mkl, the last for the CPU CSR forward only). Replaces the
+// device class's table.
 void set_method_table(const std::string& device_class, const at::Tensor& table);
 // The CPU CSR forward's few-token path (csrc/cpu/csr_kernels_impl.h, gathers across each row's
 // nonzeros) serves calls of 1 to csr_few_tokens() tokens; more go to the tiled kernel. 0 turns it
@@ -43,7 +48,7 @@ void set_method_table(const std::string& device_class, const at::Tensor& table);
 constexpr int64_t kMaxCsrFewTokens = 8;
 void set_csr_few_tokens(int64_t tokens);
 int64_t csr_few_tokens();
-// "sparse" or "dense" for one call under the current policy; op by schema name.
+// "sparse", "dense" or "mkl" for one call under the current policy; op by schema name.
 std::string choose_method_op(const std::string& device_class, const std::string& op, at::ScalarType dtype,
                              int64_t tokens, int64_t out_features, int64_t in_features, double density);
 

@@ -241,7 +241,7 @@ def _add_tune(sub):
     tune.add_argument("--tokens", nargs="+", type=int, default=list(TUNE_TOKENS), help="token counts per call")
     tune.add_argument("--densities", nargs="+", type=float, default=list(CSR_DENSITIES),
                       help="CSR densities (2:4 is measured beside them)")
-    tune.add_argument("--rounds", type=int, default=3, help="timed rounds per method")
+    tune.add_argument("--rounds", type=int, default=5, help="timed rounds per method")
     tune.add_argument("--out", help="write the table here instead of the user cache (not used automatically)")
     tune.add_argument("--show", action="store_true", help="only say which table the auto policy uses now")
 

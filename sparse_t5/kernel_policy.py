@@ -1,4 +1,4 @@
-"""Which exact method runs each sparse op call: the sparse kernels or transient dense.
+"""Which exact method runs each sparse op call: the sparse kernels, transient dense, or MKL.
 
 Every op (`csr_linear`, `csr_linear_backward_input`, `csr_sddmm` and the three 2:4 ops) has two
 exact methods (issue 15):
@@ -10,13 +10,17 @@ exact methods (issue 15):
   memory held across a step stays values-only, and the transient peak of one call is at most two
   dense copies of the layer: on CPU one ~1 MiB panel per worker thread, and for dX the partial sums
   of the extra threads, at most one dense copy together (csrc/transient_dense.cpp),
-  on GPU one dense copy (triton_kernels/transient_dense.py).
+  on GPU one dense copy (triton_kernels/transient_dense.py);
+- ``mkl``, a third method of the CPU CSR forward in fp32/fp64 only: torch's sparse CSR product
+  (MKL's CSR GEMM) on a CSR tensor viewing the values (csrc/csr_linear.cpp). It measured fastest at
+  a few tokens on some shapes (README "Kernel methods on your machine").
 
 The policy, process-wide like ``torch.backends`` flags:
 
 - ``"auto"`` (default): each call takes the method measured fastest for its (device class, op,
   dtype, tokens, out x in, density), the nearest row of the device class's table;
-- ``"sparse"`` / ``"dense"``: force one method for every call.
+- ``"sparse"`` / ``"dense"``: force one method for every call;
+- ``"mkl"``: MKL for every CPU CSR forward in fp32/fp64, sparse for every other call.
 
 Which table (``table_info()`` says, and the ``sparse_t5`` logger once at import): on CPU, the table
 ``sparse-t5 tune`` measured on this machine, when the user cache holds one for this machine's key
@@ -30,7 +34,7 @@ the file, and the committed table is used: a bad cache never stops an import. Af
     with sparse_t5.kernel_policy("dense"):
         loss = model(**batch).loss
 
-``SPARSE_T5_KERNEL_POLICY=auto|sparse|dense`` sets it for a process. Every method gives the same
+``SPARSE_T5_KERNEL_POLICY=auto|sparse|dense|mkl`` sets it for a process. Every method gives the same
 result to the dtype's tolerance (tests/test_kernel_policy.py).
 """
 from __future__ import annotations
@@ -50,7 +54,8 @@ from .user_cache import cache_dir
 
 log = logging.getLogger("sparse_t5")
 
-POLICIES = ("auto", "sparse", "dense")
+POLICIES = ("auto", "sparse", "dense", "mkl")
+METHODS = ("sparse", "dense", "mkl")  # a table row's method; "mkl" for the CPU CSR forward only
 TABLE_DIR = os.path.join(os.path.dirname(__file__), "kernel_tables")
 OPS = ("csr_linear", "csr_linear_backward_input", "csr_sddmm", "semi24_linear", "semi24_linear_backward_input",
        "semi24_sddmm")
@@ -101,10 +106,11 @@ def table_rows(table: dict) -> torch.Tensor:
     """A table file's rows as the [rows, 7] float64 tensor the C++ lookup takes."""
     rows = []
     for r in table["rows"]:
-        if r["op"] not in OPS or r["dtype"] not in DTYPES or r["method"] not in ("sparse", "dense"):
+        if (r["op"] not in OPS or r["dtype"] not in DTYPES or r["method"] not in METHODS
+                or (r["method"] == "mkl" and r["op"] != "csr_linear")):
             raise ValueError(f"malformed kernel table row: {r}")
         rows.append([OPS.index(r["op"]), _scalar_type_code(DTYPES[r["dtype"]]), r["tokens"], r["out"], r["in"], r["density"],
-                     1.0 if r["method"] == "dense" else 0.0])
+                     float(METHODS.index(r["method"]))])
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, 7)
 
 

@@ -4,17 +4,17 @@
     sparse-t5 tune --model path/or/name    # that model's own layer shapes (its config only)
     sparse-t5 tune --show                  # which table the auto policy uses now, and why
 
-For each (op, dtype, tokens, out x in, density) the two methods of sparse_t5.kernel_policy (the
-sparse kernels and transient dense) run alternately on the same inputs (time_interleaved) and the
-faster becomes the table's row; each row keeps the medians, so the table says by how much each
+For each (op, dtype, tokens, out x in, density) the methods of sparse_t5.kernel_policy (the
+sparse kernels, transient dense, and for the CPU CSR forward in fp32/fp64 MKL) run alternately on
+the same inputs (time_interleaved) and the fastest becomes the table's row; each row keeps the medians, so the table says by how much each
 method won. `tune()` writes the CPU table to the user cache under this machine's key (CPU model,
 kernel ISA, torch threads, torch version: kernel_policy.machine_key) and installs it, so the auto
 policy uses it from then on, in this process and the next ones on this machine.
 benches/kernel_methods.py writes the committed fallback table (sparse_t5/kernel_tables/) with the
 same measure(), plus the reference columns (dense F.linear, torch.sparse).
 
-The cost is bounded by the grid: t5-base's 3 shapes x 5 densities (4 CSR + 2:4) x 5 token counts x
-3 ops, 3 timed rounds, takes about a minute on 2 cores (README "Kernel methods on your machine").
+The cost is bounded by the grid: t5-base's 3 shapes x 5 formats (4 CSR densities + 2:4) x 10 token
+counts x 3 ops, 5 timed rounds each, took 20 s on 2 cores (README "Kernel methods on your machine").
 """
 from __future__ import annotations
 
@@ -40,8 +40,10 @@ SHAPES = {
     "t5-xl": [(5120, 2048), (2048, 5120), (2048, 2048)],
 }
 CSR_DENSITIES = (0.1, 0.2, 0.5, 0.8)
-# Decode (1), small batches and the few-token path's range (8, 32), training batches (256, 512).
-TUNE_TOKENS = (1, 8, 32, 256, 512)
+# Decode (1), small batches and the few-token path's range, training batches (256, 512): every
+# power of two, since the nearest-row rule picked the slower method between 32 and 256 tokens
+# when the grid skipped 64 and 128 (benches/auto_policy.py).
+TUNE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
@@ -145,13 +147,15 @@ def measure(device: str, dtypes, shapes, tokens_list, densities, rounds: int, re
                     dy = torch.randn(tokens, out, device=device, dtype=dtype)
                     with torch.no_grad():
                         for op, fn in calls(fmt, sl, x, dy).items():
-                            fns = {"sparse": _forced("sparse", fn, sync), "dense": _forced("dense", fn, sync)}
+                            methods = ["sparse", "dense"]
+                            if op == "csr_linear" and device == "cpu" and dtype in (torch.float32, torch.float64):
+                                methods.append("mkl")
+                            fns = {m: _forced(m, fn, sync) for m in methods}
                             if references and op.endswith("_linear"):
                                 fns.update(_references(fmt, sl, lin, x, dtype, device, sync))
                             t = time_interleaved(fns, rounds)
                             row = {"op": op, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "out": out,
-                                   "in": in_, "density": round(density, 4),
-                                   "method": "dense" if t["dense"] < t["sparse"] else "sparse",
+                                   "in": in_, "density": round(density, 4), "method": min(methods, key=t.get),
                                    "ms": {k: round(v * 1e3, 4) for k, v in t.items()}}
                             rows.append(row)
                             if log:
@@ -168,7 +172,7 @@ def write_table(path: str, table: dict) -> None:
     atomic_write(path, write)
 
 
-def tune(shapes=None, tokens=TUNE_TOKENS, densities=CSR_DENSITIES, dtypes=(torch.float32,), rounds: int = 3,
+def tune(shapes=None, tokens=TUNE_TOKENS, densities=CSR_DENSITIES, dtypes=(torch.float32,), rounds: int = 5,
          path: str | None = None, log=None) -> dict:
     """Measure the CPU methods for `shapes` ((out, in) pairs; default t5-base's, or model_shapes(config)
     for a model's own) at `tokens` and `densities` on this machine, write the table (default: the

@@ -27,10 +27,18 @@ def pytest_sessionfinish(session, exitstatus):
             print(f"\nTriton launches: {dict(CALLS)}")
 
 
-@pytest.fixture(params=["sparse", "dense"])
+def pytest_generate_tests(metafunc):
+    # kernel_method's values: the module's KERNEL_METHODS, default the two every op has; the CSR
+    # suites add "mkl", the third method of the CPU CSR forward.
+    if "kernel_method" in metafunc.fixturenames:
+        metafunc.parametrize("kernel_method", getattr(metafunc.module, "KERNEL_METHODS", ("sparse", "dense")),
+                             indirect=True)
+
+
+@pytest.fixture
 def kernel_method(request):
     """Runs a test under each exact method of the ops (sparse_t5.kernel_policy): the op-level
-    suites use it for every test, so both methods meet the same reference."""
+    suites use it for every test, so every method meets the same reference."""
     from sparse_t5 import kernel_policy
 
     with kernel_policy(request.param):

@@ -15,8 +15,10 @@ from sparse_t5 import CSRWeight, SparseLinear
 from test_formats import valid_triple
 from sparse_t5.ops import cpu_isa, csr_linear
 
-# Every test here runs under each exact method of the ops (conftest.py kernel_method).
+# Every test here runs under each exact method of the ops (conftest.py kernel_method), MKL's CSR
+# forward included (a 2:4 call under "mkl" runs sparse).
 pytestmark = pytest.mark.usefixtures("kernel_method")
+KERNEL_METHODS = ("sparse", "dense", "mkl")
 
 # Relative tolerance per dtype, against a reference computed in fp64 from the same (rounded) inputs.
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}

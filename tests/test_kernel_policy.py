@@ -41,11 +41,11 @@ def run_all_ops(fmt, dtype, seed=0, lead=(3, 37), out=70, in_=96):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_every_policy_gives_the_same_result(fmt, dtype):
     results = {}
-    for policy in ("sparse", "dense", "auto"):
+    for policy in ("sparse", "dense", "mkl", "auto"):
         with kernel_policy(policy):
             results[policy] = run_all_ops(fmt, dtype)
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
-    for policy in ("dense", "auto"):
+    for policy in ("dense", "mkl", "auto"):
         for name, a, b in zip(("y", "dx", "dvalues", "dbias"), results["sparse"], results[policy]):
             scale = b.double().abs().max().item()
             err = (a.double() - b.double()).abs().max().item()
@@ -87,13 +87,47 @@ def test_the_dense_method_is_the_one_that_runs():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for policy, expect_mm in (("dense", True), ("sparse", False)):
+        for policy, expect_mm, expect_csr in (("dense", True, False), ("sparse", False, False), ("mkl", True, True)):
             with kernel_policy(policy), torch.profiler.profile() as prof:
                 layer(x)
             names = {e.name for e in prof.events()}
             assert ("aten::mm" in names) == expect_mm, (policy, sorted(names))
+            assert ("aten::_sparse_csr_tensor_unsafe" in names) == expect_csr, (policy, sorted(names))
+        # bf16 has no MKL kernel: "mkl" runs such a call sparse
+        with kernel_policy("mkl"), torch.profiler.profile() as prof:
+            SparseLinear.from_dense(torch.randn(64, 96), torch.rand(64, 96) < 0.5).to(torch.bfloat16)(
+                x.to(torch.bfloat16))
+        assert "aten::mm" not in {e.name for e in prof.events()}
     finally:
         torch.set_num_threads(threads)
+
+
+def test_auto_takes_mkl_where_its_table_row_says(tmp_path):
+    row = dict(op="csr_linear", dtype="float32", tokens=8, out=64, **{"in": 96}, density=0.5, method="mkl")
+    path = tmp_path / "mkl.json"
+    path.write_text(json.dumps({"rows": [row]}))
+    layer = SparseLinear.from_dense(torch.randn(64, 96), torch.rand(64, 96) < 0.5)
+    x = torch.randn(8, 96)
+    try:
+        load_table("cpu", str(path))
+        assert choose_method("cpu", "csr_linear", torch.float32, 8, 64, 96, 0.5) == "mkl"
+        assert choose_method("cpu", "csr_sddmm", torch.float32, 8, 64, 96, 0.5) == "sparse"  # no row: CPU fallback
+        with torch.profiler.profile() as prof:
+            y = layer(x)
+        assert "aten::_sparse_csr_tensor_unsafe" in {e.name for e in prof.events()}
+        with kernel_policy("sparse"):
+            torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-6)
+    finally:
+        select_table("cpu")
+    # MKL is a method of the CPU CSR forward only
+    for bad in (dict(row, op="csr_sddmm"), dict(row, op="semi24_linear")):
+        path.write_text(json.dumps({"rows": [bad]}))
+        with pytest.raises(ValueError, match="malformed kernel table row"):
+            load_table("cpu", str(path))
+    with pytest.raises(ValueError, match="malformed method table row"):
+        ops.set_method_table("cuda", torch.tensor([[0.0, 6, 8, 64, 96, 0.5, 2]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="malformed method table row"):
+        ops.set_method_table("cpu", torch.tensor([[2.0, 6, 8, 64, 96, 0.5, 2]], dtype=torch.float64))
 
 
 def test_policy_context_manager_restores_and_rejects_bad_names():
@@ -155,7 +189,7 @@ def test_committed_cpu_table_is_loaded_and_measured():
     table = json.load(open(path))
     assert table["device_class"] == "cpu" and table["rows"]
     for row in table["rows"]:
-        faster = min(("sparse", "dense"), key=lambda m: row["ms"][m])
+        faster = min(("sparse", "dense", "mkl"), key=lambda m: row["ms"].get(m, float("inf")))
         assert row["method"] == faster, row
     # the loaded table answers like its rows: each row's own figures pick its own method (pinned: a
     # table `sparse-t5 tune` wrote in this user's cache would otherwise come first, tests/test_tune.py)

@@ -7,8 +7,10 @@ import torch
 
 from sparse_t5 import SparseLinear
 
-# Every test here runs under each exact method of the ops (conftest.py kernel_method).
+# Every test here runs under each exact method of the ops (conftest.py kernel_method), MKL's CSR
+# forward included (a 2:4 call under "mkl" runs sparse).
 pytestmark = pytest.mark.usefixtures("kernel_method")
+KERNEL_METHODS = ("sparse", "dense", "mkl")
 
 
 # ---- CSR -------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def _write_stats():
 atexit.register(_write_stats)
 
 RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
-METHODS = ["auto", "sparse", "dense"]
+METHODS = ["auto", "sparse", "dense", "mkl"]
 
 
 def assert_close(actual, expected, dtype, what):

@@ -100,8 +100,9 @@ int main() {
                 "same leading dimensions", "sddmm tokens");
   expect_throws([&] { csr_linear_cpu(x, w.values, w.row_ptr, w.col_idx, -1, 16, {}); }, ">= 0", "negative out");
   // The structures that reached the kernels and corrupted the heap (issue 31): a row pointer raised
-  // but still monotone, and columns out of order within a row. Under every method of every op.
-  for (const char* policy : {"sparse", "dense"}) {
+  // but still monotone, and columns out of order within a row. Under every method of every op
+  // ("mkl": MKL's CSR forward, whose unchecked CSR tensor must never see an unvalidated structure).
+  for (const char* policy : {"sparse", "dense", "mkl"}) {
     sparse_t5::set_kernel_policy(policy);
     Csr big = make(64, 256, 0.5);  // several transient-dense panels on any thread count
     const int64_t big_nnz = big.values.size(0);

@@ -1,0 +1,107 @@
+"""How close the auto kernel policy comes to the best of its methods, with the table tuned on this
+machine and with the committed one (issue 32's target: within 10% at every measured shape).
+
+    python benches/auto_policy.py                 # t5-base's shapes, a grid off the tables' own points
+    python benches/auto_policy.py --json out.json
+
+First `sparse-t5 tune` runs with its defaults into a temporary cache (not the user's). Then, for
+each op, shape, density and token count, every forced method runs alternately on the same inputs
+(sparse_t5.tune.time_interleaved), and each table is asked which method auto would take there
+(kernel_policy.choose_method, the C++ lookup itself). A call's ratio is that method's median over
+the fastest method's: both tables are judged on the same timings, and no table swap is timed. The
+grid lies between the points the tables measure, so the nearest-row rule is tested where it has to
+interpolate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_utils import machine_info  # noqa: E402
+
+from sparse_t5.kernel_policy import (TABLE_DIR, choose_method, kernel_policy, load_table,  # noqa: E402
+                                     select_table)
+from sparse_t5.tune import SHAPES, calls, layer, time_interleaved, tune  # noqa: E402
+
+TOKENS = (3, 12, 48, 96, 384)
+DENSITIES = (0.15, 0.4, 0.7)
+
+
+def forced(policy, fn):
+    def call():
+        with kernel_policy(policy):
+            fn()
+    return call
+
+
+def measure(shapes, tokens, densities, rounds) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    for out, in_ in shapes:
+        for fmt, dens in [("csr", d) for d in densities] + [("2:4", 0.5)]:
+            sl, _ = layer(fmt, out, in_, dens, torch.float32, "cpu")
+            density = sl.nnz / (out * in_)
+            for t in tokens:
+                x, dy = torch.randn(t, in_), torch.randn(t, out)
+                with torch.no_grad():
+                    for op, fn in calls(fmt, sl, x, dy).items():
+                        methods = ("sparse", "dense", "mkl") if op == "csr_linear" else ("sparse", "dense")
+                        times = time_interleaved({m: forced(m, fn) for m in methods}, rounds)
+                        rows.append({"op": op, "out": out, "in": in_, "density": density, "tokens": t,
+                                     "ms": {k: round(v * 1e3, 4) for k, v in times.items()}})
+    return rows
+
+
+def judge(rows, name: str, path: str) -> None:
+    """Adds row[name] = (method auto takes under the table at `path`, its time / the best time)."""
+    load_table("cpu", path)
+    try:
+        for r in rows:
+            method = choose_method("cpu", r["op"], torch.float32, r["tokens"], r["out"], r["in"], r["density"])
+            r[name] = {"method": method, "vs_best": r["ms"][method] / min(r["ms"].values())}
+    finally:
+        select_table("cpu")
+
+
+def summarise(rows, names) -> dict:
+    out = {}
+    for name in names:
+        v = [r[name]["vs_best"] for r in rows]
+        out[name] = {"median": round(statistics.median(v), 3), "max": round(max(v), 3),
+                     "within_10pct": sum(x <= 1.10 for x in v), "calls": len(v)}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=["t5-base"], choices=sorted(SHAPES))
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--json", help="write rows and summary here")
+    a = p.parse_args(argv)
+    shapes = [s for n in a.shapes for s in SHAPES[n]]
+    with tempfile.TemporaryDirectory() as cache:
+        tuned_path = os.path.join(cache, "tuned.json")
+        tuned = tune(shapes, path=tuned_path)  # the defaults of `sparse-t5 tune`, not into the user's cache
+        rows = measure(shapes, TOKENS, DENSITIES, a.rounds)
+        judge(rows, "tuned", tuned_path)
+    judge(rows, "committed", os.path.join(TABLE_DIR, "cpu.json"))
+    for r in rows:
+        if max(r["tuned"]["vs_best"], r["committed"]["vs_best"]) > 1.10:
+            print(json.dumps(r))
+    result = {"machine": machine_info(), "tune_seconds": tuned["seconds"], "tune_rows": tuned["rows"],
+              "summary": summarise(rows, ("tuned", "committed")), "rows": rows}
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
