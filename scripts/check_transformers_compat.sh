@@ -33,7 +33,10 @@ for v in "${VERSIONS[@]}"; do
   env_dir="$WORK/venv-$v"
   "$PY" -m venv --system-site-packages "$env_dir"
   t0=$(date +%s)
-  "$env_dir/bin/python" -m pip install --quiet "transformers==$v" 2>&1 | grep -vE "^WARNING: Location|dependency conflicts|requires|incompatible" || true
+  # datasets with it: transformers' Trainer imports datasets when installed (pyserini pulls it in), and
+  # this environment's datasets 5.x needs huggingface-hub >= 1.31, which transformers 4.49 downgrades
+  # below 1.0 (its Trainer then fails to import); pip picks a datasets that fits the hub it installs.
+  "$env_dir/bin/python" -m pip install --quiet "transformers==$v" datasets 2>&1 | grep -vE "^WARNING: Location|dependency conflicts|requires|incompatible" || true
   t1=$(date +%s)
   log="$WORK/pytest-$v.log"
   if (PYTHONPATH="$ROOT" "$env_dir/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}") >"$log" 2>&1; then
