@@ -232,9 +232,9 @@ def _add_tune(sub):
     from .tune import CSR_DENSITIES, SHAPES, TUNE_TOKENS
 
     tune = sub.add_parser("tune", help="measure the sparse ops' methods on this machine for the auto kernel policy",
-                          description="Measure the sparse kernels against transient dense for a model's layer "
-                                      "shapes on this CPU, and write the table the auto kernel policy uses here "
-                                      "(the user cache, keyed by CPU, ISA, threads and torch).")
+                          description="Measure the sparse ops' methods (our kernels, transient dense, MKL) for a "
+                                      "model's layer shapes on this CPU, and write the table the auto kernel policy "
+                                      "uses here (the user cache, keyed by CPU, ISA, threads and torch).")
     what = tune.add_mutually_exclusive_group()
     what.add_argument("--model", help="a T5 checkpoint directory or hub name: its config's layer shapes")
     what.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="named T5 shapes (default: t5-base)")
@@ -296,7 +296,10 @@ def _tune(args) -> int:
         if args.model:
             from transformers import T5Config
 
-            shapes = tune.model_shapes(T5Config.from_pretrained(args.model))
+            path = os.path.expanduser(args.model)
+            if path.startswith((os.sep, ".", "~")) and not os.path.isdir(path):  # a path, not a hub name
+                raise ValueError(f"--model {args.model}: no such directory")
+            shapes = tune.model_shapes(T5Config.from_pretrained(path))
         else:
             shapes = [s for name in (args.shapes or ["t5-base"]) for s in tune.SHAPES[name]]
         print(f"measuring {len(shapes)} shapes x {len(args.densities) + 1} formats x {len(args.tokens)} token counts "

@@ -163,3 +163,5 @@ def test_tune_command(user_cache, tmp_path):
     assert out.returncode == 0 and "tuned (" in out.stdout
     out = run("--densities", "0")
     assert out.returncode == 2 and "densities must be in (0, 1]" in out.stderr
+    out = run("--model", str(tmp_path / "missing"))
+    assert out.returncode == 2 and "no such directory" in out.stderr, out.stderr
