@@ -4,9 +4,9 @@ machine and with the committed one (issue 32's target: within 10% at every measu
     python benches/auto_policy.py                 # t5-base's shapes, a grid off the tables' own points
     python benches/auto_policy.py --json out.json
 
-First `sparse-t5 tune` runs with its defaults into a temporary cache (not the user's). Then, for
-each op, shape, density and token count, every forced method runs alternately on the same inputs
-(sparse_t5.tune.time_interleaved), and each table is asked which method auto would take there
+First `sparse-t5 tune` runs with its defaults into a temporary file (not the user's cache). Then,
+for each op, shape, density and token count, every forced method runs alternately on the same
+inputs (sparse_t5.tune.measure, the loop tune itself times with), and each table is asked which method auto would take there
 (kernel_policy.choose_method, the C++ lookup itself). A call's ratio is that method's median over
 the fastest method's: both tables are judged on the same timings, and no table swap is timed. The
 grid lies between the points the tables measure, so the nearest-row rule is tested where it has to
@@ -26,37 +26,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import machine_info  # noqa: E402
 
-from sparse_t5.kernel_policy import (TABLE_DIR, choose_method, kernel_policy, load_table,  # noqa: E402
-                                     select_table)
-from sparse_t5.tune import SHAPES, calls, layer, time_interleaved, tune  # noqa: E402
+from sparse_t5.kernel_policy import TABLE_DIR, choose_method, load_table, select_table  # noqa: E402
+from sparse_t5.tune import SHAPES, measure, tune  # noqa: E402
 
 TOKENS = (3, 12, 48, 96, 384)
 DENSITIES = (0.15, 0.4, 0.7)
-
-
-def forced(policy, fn):
-    def call():
-        with kernel_policy(policy):
-            fn()
-    return call
-
-
-def measure(shapes, tokens, densities, rounds) -> list[dict]:
-    rows = []
-    torch.manual_seed(0)
-    for out, in_ in shapes:
-        for fmt, dens in [("csr", d) for d in densities] + [("2:4", 0.5)]:
-            sl, _ = layer(fmt, out, in_, dens, torch.float32, "cpu")
-            density = sl.nnz / (out * in_)
-            for t in tokens:
-                x, dy = torch.randn(t, in_), torch.randn(t, out)
-                with torch.no_grad():
-                    for op, fn in calls(fmt, sl, x, dy).items():
-                        methods = ("sparse", "dense", "mkl") if op == "csr_linear" else ("sparse", "dense")
-                        times = time_interleaved({m: forced(m, fn) for m in methods}, rounds)
-                        rows.append({"op": op, "out": out, "in": in_, "density": density, "tokens": t,
-                                     "ms": {k: round(v * 1e3, 4) for k, v in times.items()}})
-    return rows
 
 
 def judge(rows, name: str, path: str) -> None:
@@ -89,7 +63,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as cache:
         tuned_path = os.path.join(cache, "tuned.json")
         tuned = tune(shapes, path=tuned_path)  # the defaults of `sparse-t5 tune`, not into the user's cache
-        rows = measure(shapes, TOKENS, DENSITIES, a.rounds)
+        rows = measure("cpu", (torch.float32,), shapes, TOKENS, DENSITIES, a.rounds)  # tune's own timing loop
         judge(rows, "tuned", tuned_path)
     judge(rows, "committed", os.path.join(TABLE_DIR, "cpu.json"))
     for r in rows:

@@ -12,8 +12,9 @@ exact methods (issue 15):
   of the extra threads, at most one dense copy together (csrc/transient_dense.cpp),
   on GPU one dense copy (triton_kernels/transient_dense.py);
 - ``mkl``, a third method of the CPU CSR forward in fp32/fp64 only: torch's sparse CSR product
-  (MKL's CSR GEMM) on a CSR tensor viewing the values (csrc/csr_linear.cpp). It measured fastest at
-  a few tokens on some shapes (README "Kernel methods on your machine").
+  (MKL's CSR GEMM) on a CSR tensor viewing the values (csrc/csr_linear.cpp). Issue 32 measured it
+  ahead at 1 token on an Intel Xeon, before the gather path; on this project's AMD EPYC it never
+  won (README "Exact methods per op"), so only a table measured where it wins chooses it.
 
 The policy, process-wide like ``torch.backends`` flags:
 
