@@ -42,8 +42,11 @@ SHAPES = {
     # tensor by tensor (STREAMED), never as a whole model.
     "t5-3b": dict(d_model=1024, d_ff=16384, num_heads=32, d_kv=128, num_layers=24, vocab_size=32128),
     "t5-11b": dict(d_model=1024, d_ff=65536, num_heads=128, d_kv=128, num_layers=24, vocab_size=32128),
+    # google/flan-ul2's config (19.5B parameters): gated-gelu, untied lm_head, 32 + 32 layers.
+    "ul2": dict(d_model=4096, d_ff=16384, num_heads=16, d_kv=256, num_layers=32, vocab_size=32128,
+                feed_forward_proj="gated-gelu", tie_word_embeddings=False),
 }
-STREAMED = {"t5-3b", "t5-11b"}
+STREAMED = {"t5-3b", "t5-11b", "ul2"}
 BATCH, SRC, TGT = 8, 32, 8
 CACHE = os.environ.get("SPARSE_T5_BENCH_CACHE", os.path.join(tempfile.gettempdir(), "sparse_t5_bench_ckpt"))
 
@@ -81,21 +84,29 @@ def sparse_checkpoint(shape: str, variant: str, scope: str = "global") -> str:
                             f"m = SparseT5ForConditionalGeneration(config)\n{prune}\nm.save_pretrained(path)")
 
 
-def dense_checkpoint(shape: str) -> str:
+def dense_checkpoint(shape: str, dtype: str = "fp32") -> str:
     """Path of a dense HF checkpoint of `shape` (random init, safetensors, as transformers writes it).
     STREAMED shapes: HF's initialisation scale and sharded layout (model.safetensors.index.json, 2 GB
-    shards), fp32, written one module at a time (sparse_t5.modeling_t5.random_init_tensors into
-    sparse_t5.checkpoint.write_sharded), so the dense model is never held."""
-    path = os.path.join(CACHE, f"{shape}-dense")
+    shards), in `dtype` (fp32 or bf16: the UL2 shape is 39 GB in bf16, 78 in fp32), written one module
+    at a time (sparse_t5.modeling_t5.random_init_tensors into sparse_t5.checkpoint.write_sharded), so
+    the dense model is never held."""
+    path = os.path.join(CACHE, f"{shape}-dense" + ("" if dtype == "fp32" else f"-{dtype}"))
     if shape in STREAMED:
         return _checkpoint_once(path, shape, "from sparse_t5.checkpoint import write_sharded\n"
                                 "from sparse_t5.modeling_t5 import random_init_tensors\n"
                                 "config.save_pretrained(path)\n"
-                                "write_sharded(path, random_init_tensors(config))")
+                                f"write_sharded(path, random_init_tensors(config, {TORCH_DTYPES[dtype]}))")
+    if dtype != "fp32":
+        raise ValueError(f"--checkpoint-dtype {dtype} is for the streamed shapes ({', '.join(sorted(STREAMED))})")
     return _checkpoint_once(path, shape, "T5ForConditionalGeneration(config).save_pretrained(path)")
 
 
-def build(shape: str, variant: str, scope: str = "global"):
+TORCH_DTYPES = {"fp32": "torch.float32", "bf16": "torch.bfloat16"}
+
+
+def build(shape: str, variant: str, scope: str = "global", checkpoint_dtype: str = "fp32", dtype=None):
+    """The model of `variant`; ours load in `dtype` (None: the checkpoint's float32 default), so a bf16
+    run never holds an fp32 copy of a weight."""
     if variant in ("hf_dense", "hf_mask"):
         from transformers import T5ForConditionalGeneration
 
@@ -113,13 +124,14 @@ def build(shape: str, variant: str, scope: str = "global"):
 
     if variant.startswith(("prune_at_load:", "load_then_sparsify:")):
         how, _, sparsity = variant.split(":")
-        path = dense_checkpoint(shape)
+        path = dense_checkpoint(shape, checkpoint_dtype)
         if how == "prune_at_load":
-            return SparseT5ForConditionalGeneration.from_pretrained(path, sparsity=float(sparsity), scope=scope)
-        model = SparseT5ForConditionalGeneration.from_pretrained(path)
+            return SparseT5ForConditionalGeneration.from_pretrained(path, sparsity=float(sparsity), scope=scope,
+                                                                    dtype=dtype)
+        model = SparseT5ForConditionalGeneration.from_pretrained(path, dtype=dtype)
         model.sparsify(float(sparsity), scope=scope)
         return model
-    return SparseT5ForConditionalGeneration.from_pretrained(sparse_checkpoint(shape, variant, scope))
+    return SparseT5ForConditionalGeneration.from_pretrained(sparse_checkpoint(shape, variant, scope), dtype=dtype)
 
 
 def state_bytes(model, optimizer) -> dict:
@@ -132,8 +144,11 @@ def state_bytes(model, optimizer) -> dict:
             sparse_ids |= {id(t) for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
             nnz += m.nnz
             dense_size += m.in_features * m.out_features
+    from sparse_t5.optim import tensor_bytes
+
     out = {k: 0 for k in ("sparse_params", "sparse_grads", "sparse_optimizer", "sparse_index",
                           "other_params", "other_grads", "other_optimizer", "other_buffers")}
+    out["other_numel"] = 0
     seen = set()
     for p in model.parameters():
         if id(p) in seen:
@@ -141,11 +156,13 @@ def state_bytes(model, optimizer) -> dict:
         seen.add(id(p))
         side = "sparse" if id(p) in sparse_ids else "other"
         out[f"{side}_params"] += p.numel() * p.element_size()
+        if side == "other":
+            out["other_numel"] += p.numel()
         if p.grad is not None:
             out[f"{side}_grads"] += p.grad.numel() * p.grad.element_size()
-        for t in optimizer.state.get(p, {}).values():
-            if torch.is_tensor(t):
-                out[f"{side}_optimizer"] += t.numel() * t.element_size()
+        for key, t in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(t) and key != "step":  # quantized moments: their codes and scales
+                out[f"{side}_optimizer"] += tensor_bytes(t)
     for b in model.buffers():
         if id(b) in seen:
             continue
@@ -153,7 +170,11 @@ def state_bytes(model, optimizer) -> dict:
         key = "sparse_index" if id(b) in sparse_ids else "other_buffers"
         out[key] += b.numel() * b.element_size()
     sparse_total = sum(v for k, v in out.items() if k.startswith("sparse"))
-    out.update(sparse_total=sparse_total, other_total=sum(v for k, v in out.items() if k.startswith("other")),
+    other_total = sum(v for k, v in out.items() if k.startswith("other") and k != "other_numel")
+    out.update(sparse_total=sparse_total, other_total=other_total,
+               sparse_bytes_per_nnz_parts={k[len("sparse_"):]: out[k] / nnz for k in
+                                           ("sparse_params", "sparse_grads", "sparse_optimizer", "sparse_index")}
+               if nnz else None,
                sparse_nnz=nnz, sparse_dense_size=dense_size,
                sparse_bytes_per_nnz=(sparse_total / nnz) if nnz else None)
     return out
@@ -191,7 +212,17 @@ def main():
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--source", type=int, default=SRC)
     parser.add_argument("--target", type=int, default=TGT)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (on the device)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-mixed"],
+                        help="bf16: the model loads in bf16 (weights and gradients; loss and softmax fp32); "
+                        "bf16-mixed: fp32 weights under bf16 autocast")
+    parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16-mixed",
+                        help="the same as --precision bf16-mixed")
+    parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit", "adamw4bit"],
+                        help="sparse_t5.optim: torch's AdamW, or torchao's 8-/4-bit AdamW (with --precision bf16, "
+                        "stochastic rounding unless --master-weights)")
+    parser.add_argument("--master-weights", action="store_true", help="low-bit optimizer on bf16: an fp32 master copy")
+    parser.add_argument("--checkpoint-dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="dtype of the dense checkpoint written for the streamed shapes (prune_at_load variants)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="model.gradient_checkpointing_enable(): recompute each block's activations in backward")
     parser.add_argument("--adamw", default="default", choices=["default", "for-loop", "foreach", "fused"],
@@ -215,29 +246,38 @@ def main():
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if args.variant.startswith(("prune_at_load:", "load_then_sparsify:")):
-        dense_checkpoint(args.shape)  # written by a child before anything is measured here
+        dense_checkpoint(args.shape, args.checkpoint_dtype)  # written by a child before anything is measured
     baseline_rss = current_rss_bytes()
     reset_peak_rss()
     t_load = time.perf_counter()
-    model = build(args.shape, args.variant, args.scope)
+    model = build(args.shape, args.variant, args.scope, args.checkpoint_dtype,
+                  torch.bfloat16 if args.precision == "bf16" else None)
+    if args.precision == "bf16":
+        model.to(torch.bfloat16)  # the HF baselines, built in fp32 (ours loaded in bf16 already)
     load_s = time.perf_counter() - t_load
     load_peak = peak_rss_bytes()
     largest_tensor = max(t.numel() * t.element_size() for t in model.state_dict().values())
     if args.variant.startswith(("prune_at_load:", "load_then_sparsify:")):
         from sparse_t5.checkpoint import CheckpointReader
 
-        with CheckpointReader(dense_checkpoint(args.shape)) as reader:  # shapes from the header only
-            largest_tensor = max(largest_tensor, max(torch.Size(s).numel() * 4 for s in reader.shapes.values()))
+        with CheckpointReader(dense_checkpoint(args.shape, args.checkpoint_dtype)) as reader:  # the header only
+            itemsize = 2 if args.checkpoint_dtype == "bf16" else 4
+            largest_tensor = max(largest_tensor, max(torch.Size(s).numel() * itemsize for s in reader.shapes.values()))
     model.to(device).train()
     if args.gradient_checkpointing:  # transformers 5.x renamed it (the old name warns)
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    from sparse_t5.optim import make_optimizer
+
     impl = {"default": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), **impl[args.adamw])
+    low_bit_bf16 = args.optim != "adamw" and args.precision == "bf16"
+    optimizer = make_optimizer(model.parameters(), args.optim, lr=1e-4, betas=(0.9, 0.98),
+                               bf16_stochastic_round=low_bit_bf16 and not args.master_weights,
+                               master_weights=args.master_weights, **(impl[args.adamw] if args.optim == "adamw" else {}))
     g = torch.Generator().manual_seed(1)
     vocab = SHAPES[args.shape]["vocab_size"]
     ids = torch.randint(2, vocab, (args.batch, args.source), generator=g).to(device)
     labels = torch.randint(2, vocab, (args.batch, args.target), generator=g).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed")
     loaded_rss = current_rss_bytes()
     model_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in
                                                                list(model.parameters()) + list(model.buffers())}.values())
@@ -281,8 +321,10 @@ def main():
         "rss_after_import_bytes": baseline_rss, "rss_after_setup_bytes": loaded_rss,
         "step_time_median_s": statistics.median(times), "step_times_s": times, **load_info,
         "policy": args.policy or "auto", "device": str(device), "batch": args.batch, "source": args.source,
-        "target": args.target, "bf16": args.bf16, "gradient_checkpointing": args.gradient_checkpointing,
-        "adamw": args.adamw, "scope": args.scope, "losses": losses,
+        "target": args.target, "precision": args.precision, "bf16": args.precision == "bf16-mixed",
+        "optim": args.optim, "master_weights": args.master_weights, "checkpoint_dtype": args.checkpoint_dtype,
+        "gradient_checkpointing": args.gradient_checkpointing, "adamw": args.adamw, "scope": args.scope,
+        "losses": losses,
         "optimizer_step_median_s": statistics.median(optimizer_s[1:]),
     }
     if cuda:
@@ -293,6 +335,10 @@ def main():
     result.update(state_bytes(model, optimizer))
     result["density_by_kind"] = density_by_kind(model)
     if args.round_trip:
+        # Training is over: free its state first, or the reloaded copy comes on top of the gradients
+        # and moments (at the UL2 shape, 8 GB more than the machine has).
+        optimizer.state.clear()
+        model.zero_grad(set_to_none=True)
         result.update(round_trip(model, ids[:2], args.round_trip))
     json.dump(result, sys.stdout)
 
@@ -326,7 +372,8 @@ def round_trip(model, ids, directory) -> dict:
     save_s = time.perf_counter() - t0
     size = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
     t0 = time.perf_counter()
-    reloaded = SparseT5ForConditionalGeneration.from_pretrained(directory).to(ids.device)
+    dtype = next(model.parameters()).dtype  # a bf16 model reloads in bf16 (the default would be fp32)
+    reloaded = SparseT5ForConditionalGeneration.from_pretrained(directory, dtype=dtype).to(ids.device)
     load_s = time.perf_counter() - t0
     with torch.no_grad():
         same_logits = torch.equal(reloaded(input_ids=ids, decoder_input_ids=ids[:, :4]).logits, logits)

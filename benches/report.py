@@ -35,17 +35,24 @@ SCOPE_SUITE_ENV = {"SPARSE_T5_RECOVERY_SHAPES": "t5-base", "SPARSE_T5_RECOVERY_V
                    "SPARSE_T5_RECOVERY_SCOPES": "layer,global", "SPARSE_T5_RECOVERY_ROUNDS": "3"}
 
 
-def run_pytest_benchmark(suite: str, name: str, env: dict | None = None):
-    """Run one pytest-benchmark suite; keep each test's extra_info in benches/results/<name>.json."""
+def run_pytest_benchmark(suite: str, name: str, env: dict | None = None, merge_key=None, select: str | None = None):
+    """Run one pytest-benchmark suite; keep each test's extra_info in benches/results/<name>.json.
+    With merge_key (row -> key), rows of that file the run did not produce (`select`: pytest -k) stay."""
     raw = os.path.join(RESULTS, f"latest-{name}-benchmark.json")
     subprocess.run([sys.executable, "-m", "pytest", os.path.join(HERE, suite), "-q", "-p", "no:cacheprovider",
-                    f"--benchmark-json={raw}"], check=True, cwd=ROOT, env={**os.environ, **(env or {})})
+                    f"--benchmark-json={raw}", *(["-k", select] if select else [])],
+                   check=True, cwd=ROOT, env={**os.environ, **(env or {})})
     rows = [b["extra_info"] for b in json.load(open(raw))["benchmarks"]]
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+    path = os.path.join(RESULTS, f"{name}.json")
+    if merge_key and os.path.exists(path):  # rows not rerun (pytest -k) stay, in their order
+        new = {merge_key(r): r for r in rows}
+        old = json.load(open(path))["results"]
+        rows = [new.pop(merge_key(r), r) for r in old] + list(new.values())
+    with open(path, "w") as f:
         json.dump({"machine": machine_info(), "results": rows}, f, indent=1)
 
 
-def run_suites(suites=SUITES):
+def run_suites(suites=SUITES, select=None):
     os.makedirs(RESULTS, exist_ok=True)
     if "recovery" in suites:
         run_pytest_benchmark("test_bench_recovery.py", "recovery")
@@ -59,7 +66,9 @@ def run_suites(suites=SUITES):
         with open(os.path.join(RESULTS, "fsdp_state.json"), "w") as f:
             json.dump({"machine": machine_info(), "results": [json.loads(out)]}, f, indent=1)
     if "big_models" in suites:  # asking for the suite by name is the opt-in
-        run_pytest_benchmark("test_bench_big_models.py", "big_models", {"SPARSE_T5_BIG_MODELS": "1"})
+        # An hour or more per row: --select reruns some (pytest -k) and keeps the others' figures.
+        run_pytest_benchmark("test_bench_big_models.py", "big_models", {"SPARSE_T5_BIG_MODELS": "1"},
+                             merge_key=lambda r: r.get("row") or f"{r['shape']}-{r['variant']}", select=select)
     if "kernels" in suites:
         for suite, name in (("test_bench_csr_linear.py", "csr_linear"),
                             ("test_bench_semi24_linear.py", "semi24_linear")):
@@ -174,21 +183,38 @@ def big_models_table(path: str) -> str:
     ours = [r for r in rows if r["variant"] != "hf_dense"]
     lines = [f"**Models dense training cannot fit** (`benches/test_bench_big_models.py`, opt-in; {on_machine(data)}): "
              "each row a fresh "
-             "process that prunes a dense fp32 checkpoint as it loads it, then recovery steps "
-             "(AdamW, batch 8, source 32, target 8, the same batch each step), then saves the recovered model "
+             "process that prunes a dense checkpoint as it loads it (fp32 on disk; bf16 for the bf16 rows, which "
+             "load, train and save in bf16), then recovery steps "
+             "(batch 8, source 32, target 8, the same batch each step), then saves the recovered model "
              "compressed and reloads it (identical logits and greedy ids). Peaks are whole-process RSS, the load "
              "included; the load peak is over the process after imports, against its bound (compressed model + "
              "2 x the largest dense tensor).", "",
-             "| model | run | whole-process peak | load time | load peak (bound) | step time | loss, first → last step "
-             "| kept weights | B / kept weight | checkpoint: dense in, compressed out |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | run | precision, optimizer | whole-process peak | load time | load peak (bound) | step time "
+             "(optimizer) | loss, first → last step | kept weights | B / kept weight: values + gradient + moments + "
+             "index | checkpoint: dense in, compressed out |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def params(r):  # the shape's dense parameter count (fp32: 4 B each)
-        return r["other_params"] // 4 + (0 if r["variant"] == "hf_dense" else r["sparse_dense_size"])
+    def params(r):  # the shape's dense parameter count (rows before other_numel was recorded: fp32, 4 B each)
+        other = r.get("other_numel", r["other_params"] // 4)
+        return other + (0 if r["variant"] == "hf_dense" else r["sparse_dense_size"])
+
+    def how(r):
+        optim = {"adamw": "AdamW", "adamw8bit": "8-bit AdamW", "adamw4bit": "4-bit AdamW"}[r.get("optim", "adamw")]
+        rounding = (", fp32 master" if r.get("master_weights") else ", stochastic rounding") \
+            if r.get("precision") == "bf16" and r.get("optim", "adamw") != "adamw" else ""
+        return f"{r.get('precision', 'fp32')}, {optim}{rounding}"
+
+    def per_kept(r):
+        parts = r.get("sparse_bytes_per_nnz_parts")
+        if not parts:
+            return f"{r['sparse_bytes_per_nnz']:.1f}"
+        return (f"**{r['sparse_bytes_per_nnz']:.2f}** = {parts['params']:.2f} + {parts['grads']:.2f} + "
+                f"{parts['optimizer']:.2f} + {parts['index']:.2f}")
 
     if dense:
-        lines.append(f"| {dense['shape']} ({params(dense) / 1e9:.2f}B) | HF dense training (measured) | "
-                     f"{gb(dense['peak_rss_bytes'])} | - | - | {dense['step_time_median_s']:.1f} s | "
+        lines.append(f"| {dense['shape']} ({params(dense) / 1e9:.2f}B) | HF dense training (measured) | {how(dense)} | "
+                     f"{gb(dense['peak_rss_bytes'])} | - | - | {dense['step_time_median_s']:.1f} s "
+                     f"({dense['optimizer_step_median_s']:.1f} s) | "
                      f"{dense['losses'][0]:.2f} → {dense['losses'][-1]:.2f} | all | - | - |")
     for r in ours:
         flags = " + gradient checkpointing" if r.get("gradient_checkpointing") else ""
@@ -196,21 +222,24 @@ def big_models_table(path: str) -> str:
         load = r["load_peak_rss_bytes"] - r["rss_after_import_bytes"]
         bound = r["model_bytes"] + 2 * r["largest_tensor_bytes"]
         lines.append(f"| {r['shape']} ({params(r) / 1e9:.2f}B) | ours, CSR {sparsity}, {r['scope']} scope{flags} | "
-                     f"**{gb(r['peak_rss_bytes'])}** ({gb(r['peak_rss_after_round_trip_bytes'])} with the round "
-                     f"trip's second copy) | {r['load_seconds']:.0f} s | {gb(load)} ({gb(bound)}) | "
-                     f"{r['step_time_median_s']:.1f} s | {r['losses'][0]:.2f} → {r['losses'][-1]:.2f} | "
-                     f"{r['sparse_nnz'] / 1e6:.0f}M | {r['sparse_bytes_per_nnz']:.1f} | "
+                     f"{how(r)} | **{gb(r['peak_rss_bytes'])}** ({gb(r['peak_rss_after_round_trip_bytes'])} with the "
+                     f"round trip's second copy) | {r['load_seconds']:.0f} s | {gb(load)} ({gb(bound)}) | "
+                     f"{r['step_time_median_s']:.1f} s ({r['optimizer_step_median_s']:.1f} s) | "
+                     f"{r['losses'][0]:.2f} → {r['losses'][-1]:.2f} | "
+                     f"{r['sparse_nnz'] / 1e6:.0f}M | {per_kept(r)} | "
                      f"{gb(r.get('dense_checkpoint_bytes', 0))} → {gb(r['round_trip_checkpoint_bytes'])} |")
     if ours:
         lines += ["", "Kept fraction per kind of layer:", "",
                   "| model | sparsity | scope | " + " | ".join(KINDS) + " |", "|---|---|---|" + "---|" * len(KINDS)]
-        lines += [f"| {r['shape']} | {r['variant'].rsplit(':', 1)[1]} | {r['scope']} | {densities(r)} |" for r in ours]
+        lines += [f"| {r['shape']} | {r['variant'].rsplit(':', 1)[1]} | {r['scope']} | {densities(r)} |"
+                  for r in {(r["shape"], r["variant"], r["scope"]): r for r in ours}.values()]
     if dense and ours:
         per_param = (dense["peak_rss_bytes"] - dense["rss_after_import_bytes"]) / params(dense)
         lines += ["", f"HF dense training of the same shapes, **extrapolated** per parameter from the measured "
                       f"{dense['shape']} row ({per_param:.1f} B per parameter over the process after imports; "
                       "not run, it would exhaust the machine): " + "; ".join(
-                          f"{r['shape']} {gb(dense['rss_after_import_bytes'] + per_param * params(r))}" for r in ours)
+                          f"{r['shape']} {gb(dense['rss_after_import_bytes'] + per_param * params(r))}"
+                          for r in {r["shape"]: r for r in ours}.values())
                   + "."]
         proj = []
         for r in ours:
@@ -218,12 +247,12 @@ def big_models_table(path: str) -> str:
             grads_optim = r["sparse_grads"] + r["sparse_optimizer"] + r["other_grads"] + r["other_optimizer"]
             activations = max(0, r["peak_rss_bytes"] - r["rss_after_setup_bytes"] - grads_optim)
             total = state + activations
-            proj.append(f"{r['shape']} at {r['variant'].rsplit(':', 1)[1]}: {gb(state)} of training state "
+            proj.append(f"{r['shape']} at {r['variant'].rsplit(':', 1)[1]} ({how(r)}): {gb(state)} of training state "
                         f"({r['sparse_bytes_per_nnz']:.1f} B x {r['sparse_nnz'] / 1e6:.0f}M kept weights, plus the "
-                        f"dense embeddings and norms with their AdamW state) + {gb(activations)} of activations and "
+                        f"dense embeddings and norms with their optimizer state) + {gb(activations)} of activations and "
                         f"workspace as measured here = {gb(total)}, "
                         f"{'within' if total < 24e9 * 0.9 else 'beyond'} a 24 GB card")
-        lines += ["", "**Projection** for one 24 GB GPU (computed from the bytes measured above, fp32, before the "
+        lines += ["", "**Projection** for one 24 GB GPU (computed from the bytes measured above, before the "
                       "CUDA context and allocator fragmentation; not run on a GPU): " + "; ".join(proj) + "."]
     return "\n".join(lines) + "\n"
 
@@ -372,9 +401,12 @@ def main():
     parser.add_argument("--no-run", action="store_true", help="only regenerate from the committed JSON")
     parser.add_argument("--suites", nargs="+", choices=SUITES, default=list(DEFAULT_SUITES),
                         help="suites to rerun (default: all); the others come from their committed JSON")
+    parser.add_argument("--select", default=None,
+                        help="big_models only: the rows to rerun, as pytest -k (e.g. 'ul2 or adamw8bit'); the "
+                        "other rows keep their figures")
     args = parser.parse_args()
     if not args.no_run:
-        run_suites(args.suites)
+        run_suites(args.suites, args.select)
     data = json.load(open(os.path.join(RESULTS, "recovery.json")))
     plot(data, os.path.join(RESULTS, "recovery.png"))
     m = data["machine"]

@@ -529,7 +529,10 @@ def load_pretrained(cls, path_or_name, config, hub: dict, device: torch.device, 
         keep_fp32 = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
 
         def cast(tensor, like=None, key=""):
-            target = dtype if dtype not in (None, "auto") else (like.dtype if like is not None else tensor.dtype)
+            if dtype == "auto":  # as transformers: the dtype stored (a bf16 checkpoint loads in bf16)
+                target = tensor.dtype
+            else:
+                target = dtype if dtype is not None else (like.dtype if like is not None else tensor.dtype)
             if target == torch.float16 and keep_fp32 & set(key.split(".")):
                 target = torch.float32  # as transformers: T5's wo overflows in fp16
             return tensor.to(target) if tensor.is_floating_point() else tensor

@@ -61,7 +61,8 @@ def add_data_args(p):
 # optimisation options carry a prefix ("recover-" for `run`'s recovery phases); the rest are shared.
 def add_train_args(p, prefix="", config=None):
     """Optimisation options of one phase; defaults from `config` (TrainConfig() or RecoverConfig())."""
-    from .dsi.trainer import TrainConfig
+    from .dsi.trainer import PRECISIONS, TrainConfig
+    from .optim import OPTIMIZERS
 
     c = config or TrainConfig()
     d = prefix.replace("-", "_")
@@ -81,8 +82,16 @@ def add_train_args(p, prefix="", config=None):
     g.add_argument(f"--{prefix}warmup-ratio", dest=d + "warmup_ratio", type=float, default=c.warmup_ratio,
                    help="LR warm-up as a fraction of all steps; the longer of this and --warmup-steps applies "
                         f"(default {c.warmup_ratio:g})")
-    g.add_argument(f"--{prefix}precision", dest=d + "precision", choices=["fp32", "bf16"], default=c.precision,
-                   help="bf16 uses autocast")
+    g.add_argument(f"--{prefix}precision", dest=d + "precision", choices=list(PRECISIONS), default=c.precision,
+                   help="bf16: weights and gradients in bf16 (half the bytes; loss and softmax in fp32); "
+                        f"bf16-mixed: autocast over fp32 weights (default {c.precision})")
+    g.add_argument(f"--{prefix}optim", dest=d + "optim", choices=list(OPTIMIZERS), default=c.optim,
+                   help="adamw: torch's (8 B of moments per weight); adamw8bit / adamw4bit: torchao's, about "
+                        "2 / 1 B (pip install 'sparse-t5[lowbit]'); with --precision bf16 their updates are "
+                        f"rounded stochastically (default {c.optim})")
+    g.add_argument(f"--{prefix}master-weights", dest=d + "master_weights", action="store_true",
+                   help="with --precision bf16 and a low-bit optimizer: an fp32 master copy (4 B per weight) "
+                        "instead of stochastic rounding")
     g.add_argument(f"--{prefix}save-every", dest=d + "save_every", type=int, default=c.save_every,
                    help="checkpoint every N steps (and each epoch)")
     g.add_argument(f"--{prefix}patience", dest=d + "early_stopping_patience", type=int,
@@ -248,7 +257,7 @@ def _add_tune(sub):
 
 # The fields add_train_args sets per phase; every other option is shared by the phases.
 PHASE_OPTIONS = ("epochs", "lr", "batch_size", "grad_accum", "schedule", "warmup_steps", "warmup_ratio", "precision",
-                 "save_every", "early_stopping_patience", "eval_every")
+                 "optim", "master_weights", "save_every", "early_stopping_patience", "eval_every")
 
 
 def _config(cls, args, prefix="", phase_options=True, **fixed):

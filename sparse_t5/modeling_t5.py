@@ -691,7 +691,10 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         logits = self.lm_head(sequence_output)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.to(logits.device).view(-1),
+            # In fp32 whatever the weights' dtype: a bf16 log-softmax over 32k logits loses the loss's
+            # low bits, and training in bf16 (weights and gradients) needs them (HF's T5 keeps its
+            # attention softmax in fp32 for the same reason; ours does too).
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.to(logits.device).reshape(-1),
                                    ignore_index=-100)
         output = Seq2SeqLMOutput(
             loss=loss, logits=logits, **hf_compat.cache_output(getattr(decoder_outputs, hf_compat.CACHE_NAME)),

@@ -231,13 +231,22 @@ def shrink_sparse_linear_(layer: SparseLinear, keep: torch.Tensor) -> torch.Tens
 def remap_optimizer_state_(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Parameter,
                            kept: torch.Tensor) -> None:
     """After `old` was replaced by `new` = old.flatten()[kept], point the optimizer at `new` and
-    keep the per-element state (e.g. Adam's exp_avg, exp_avg_sq) of the surviving elements."""
+    keep the per-element state (e.g. Adam's exp_avg, exp_avg_sq) of the surviving elements. An
+    optimizer whose state is not one tensor per element (sparse_t5.optim's 8- and 4-bit AdamW: quantized
+    blocks) remaps it with its own `remap_state`."""
     for group in optimizer.param_groups:
         for i, p in enumerate(group["params"]):
             if p is old:
                 group["params"][i] = new
-    if old in optimizer.state:
+    if hasattr(optimizer, "remap_state"):
+        optimizer.remap_state(old, new, kept)
+    elif old in optimizer.state:
         state = optimizer.state.pop(old)
+        if any(torch.is_tensor(v) and type(v) is not torch.Tensor and not isinstance(v, nn.Parameter)
+               for v in state.values()):
+            raise TypeError(f"{type(optimizer).__name__} keeps its state in {sorted({type(v).__name__ for v in state.values()})}, "
+                            "which cannot be gathered at the kept weights: prune with sparse_t5.optim's optimizers "
+                            "(make_optimizer(..., 'adamw8bit')), which remap their quantized moments")
         optimizer.state[new] = {
             k: (v.reshape(-1)[kept].clone() if torch.is_tensor(v) and v.shape == old.shape else v)
             for k, v in state.items()

@@ -259,13 +259,22 @@ def _trainer(lee, tokenizer, out, seed=0, **kw):
     return Trainer(model, tok, mapping, examples, cfg, str(out), progress=False, log=lambda *_: None)
 
 
-def test_resume_after_a_kill_gives_the_same_parameters(lee, tokenizer, tmp_path):
-    full = _trainer(lee, tokenizer, tmp_path / "full", save_every=3)
+@pytest.mark.parametrize("precision,optim", [("fp32", "adamw"), ("bf16", "adamw8bit")])
+def test_resume_after_a_kill_gives_the_same_parameters(lee, tokenizer, tmp_path, precision, optim):
+    """Also in bf16 with 8-bit moments: the quantized state and the stochastic rounding's draws (the
+    restored RNG) resume exactly."""
+    if optim != "adamw":
+        pytest.importorskip("torchao.optim", reason="make test installs torchao (the lowbit extra)")
+    kw = dict(save_every=3, precision=precision, optim=optim)
+    full = _trainer(lee, tokenizer, tmp_path / "full", **kw)
     full.train()
-    killed = _trainer(lee, tokenizer, tmp_path / "killed", save_every=3)
+    if precision == "bf16":
+        assert {p.dtype for p in full.model.parameters()} == {torch.bfloat16}
+        assert any(type(s["exp_avg"]).__name__ == "OptimState8bit" for s in full.optimizer.state.values())
+    killed = _trainer(lee, tokenizer, tmp_path / "killed", **kw)
     assert killed.train(stop_after_steps=7) == {"stopped": True}  # mid-epoch; the last save was at step 6
     model, tok, mapping = load_checkpoint(str(tmp_path / "killed" / "last"))
-    resumed = _trainer(lee, tokenizer, tmp_path / "killed", save_every=3)
+    resumed = _trainer(lee, tokenizer, tmp_path / "killed", **kw)
     resumed.model.load_state_dict(model.state_dict())
     resumed.resume(str(tmp_path / "killed" / "last"))
     assert resumed.state["global_step"] == 6 and resumed.state["step_in_epoch"] == 6
@@ -504,6 +513,9 @@ def test_two_process_fsdp_matches_single_process_and_its_checkpoint_resumes_anyw
     (["dsi", "prune", "--checkpoint", ".", "--sparsity", "-0.1", "--output", "x"], r"sparsity must be in \[0, 1\)"),
     (["dsi", "run", "--corpus", "/nonexistent/corpus.jsonl"], "file not found"),
     (["dsi", "evaluate", "--checkpoint", "/nonexistent/ckpt"], "directory not found"),
+    (["dsi", "run", "--optim", "adam9bit"], "invalid choice: 'adam9bit'"),
+    (["dsi", "run", "--fsdp", "--recover-optim", "adamw8bit"], r"does not shard its quantized moments with FSDP2"),
+    (["dsi", "run", "--recover-master-weights"], r"master_weights .* needs precision='bf16'"),
 ])
 def test_bad_cli_input_gets_a_clear_error(capsys, argv, message):
     from sparse_t5.cli import main
@@ -568,3 +580,7 @@ def test_cli_options_reach_the_phase_they_name():
     assert (cfg.docid_scheme, cfg.out_dir, cfg.seed, cfg.train.seed, cfg.recover.seed) == ("naive", "x", 7, 7, 7)
     recover = _run_config(build_parser().parse_args(["dsi", "recover", "--checkpoint", ".", "--epochs", "4"]))
     assert recover.recover.epochs == 4
+    cfg = _run_config(build_parser().parse_args(
+        ["dsi", "run", "--recover-precision", "bf16", "--recover-optim", "adamw8bit", "--recover-master-weights"]))
+    assert (cfg.recover.precision, cfg.recover.optim, cfg.recover.master_weights) == ("bf16", "adamw8bit", True)
+    assert (cfg.train.precision, cfg.train.optim, cfg.train.master_weights) == ("fp32", "adamw", False)

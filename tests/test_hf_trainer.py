@@ -102,3 +102,53 @@ def test_load_state_dict_does_not_report_tied_weights_as_missing():
     del state["shared.weight"]  # now the embedding is missing under every name
     missing = model.load_state_dict(state, strict=False).missing_keys
     assert "shared.weight" in missing and "lm_head.weight" in missing
+
+
+def test_trainer_bf16_and_8bit_optimizers_train_our_model(tmp_path):
+    """transformers' `bf16=True` and `optim="adamw_torch_8bit"` (torchao's AdamW8bit) run on our model,
+    and so does ours, passed as `optimizers=`, which also quantizes the moments of values
+    whose length is not a multiple of 256 (torchao's keeps those in full precision: sparse_t5.optim).
+    The model is loaded in bf16, so weights and gradients are bf16; the saved model reloads in bf16
+    with identical logits."""
+    pytest.importorskip("torchao.optim", reason="make test installs torchao (the lowbit extra)")
+    from sparse_t5.optim import make_optimizer
+
+    config = T5Config(**{**CONFIG, "d_model": 64, "d_ff": 512, "d_kv": 16})  # wi/wo: 32768 weights, 3277 kept
+    torch.manual_seed(0)
+    runs = {}
+    for name, extra in (("hf", dict(optim="adamw_torch_8bit")),
+                        ("ours", dict(optim="adamw_torch"))):
+        torch.manual_seed(0)
+        model = SparseT5ForConditionalGeneration(config)
+        model.sparsify(0.9, format="csr", scope="layer")
+        model.to(torch.bfloat16)
+        args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / name), max_steps=8, save_strategy="no",
+                                        per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
+                                        report_to=[], use_cpu=True, seed=0, bf16=True, **extra)
+        kwargs = {}
+        if name == "ours":  # the Trainer builds its scheduler over it
+            kwargs["optimizers"] = (make_optimizer(model.parameters(), "adamw8bit", lr=3e-3,
+                                                   bf16_stochastic_round=True), None)
+        trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset(), **kwargs)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses))), losses
+        assert min(losses[-3:]) < losses[0], losses
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        wide = [m for m in model.modules() if isinstance(m, SparseLinear) and m.nnz >= 4096 + 256]
+        odd = [m for m in model.modules() if isinstance(m, SparseLinear) and m.nnz % 256 and m.nnz >= 256]
+        assert odd
+        quantized = {type(trainer.optimizer.state[m.values]["exp_avg"]).__name__ for m in odd}
+        runs[name] = (model, quantized, wide)
+    assert runs["hf"][1] == {"Tensor"}  # torchao alone: full-precision moments for every odd length
+    assert runs["ours"][1] == {"OptimState8bit"}
+
+    model = runs["ours"][0].eval()
+    model.save_pretrained(tmp_path / "final")
+    reloaded = SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "final", dtype="auto").eval()
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    batch = dataset(2)
+    ids = torch.stack([b["input_ids"] for b in batch])
+    labels = torch.stack([b["labels"] for b in batch])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, labels=labels).logits, reloaded(input_ids=ids, labels=labels).logits)

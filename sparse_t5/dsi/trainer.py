@@ -9,8 +9,9 @@ Determinism: the data order of epoch e is a permutation drawn from seed + e, so 
 resumed run see the same batches. Checkpoints (every `save_every` steps and at each epoch end)
 hold the model, the optimizer, the scheduler, the RNG states and the position in the epoch; each
 is written to a temporary directory and renamed, so a crash never leaves a partial checkpoint.
-Devices: `device` ("auto": CUDA when available) holds the model, every batch and decoding; bf16
-autocast runs on that device; on CUDA the phase report adds peak GPU memory
+Devices: `device` ("auto": CUDA when available) holds the model, every batch and decoding;
+precision "bf16" casts the model to bf16 there (weights and gradients; "bf16-mixed" is autocast over
+fp32 weights); `optim` picks AdamW or torchao's 8-/4-bit AdamW (sparse_t5.optim); on CUDA the phase report adds peak GPU memory
 (torch.cuda.max_memory_allocated) beside peak RSS. Checkpoints are device-free (tensors saved from
 the CPU), so a run saved on a GPU resumes on a CPU and the reverse.
 Distributed: under torchrun (`sparse_t5.distributed.init_distributed`) the model is wrapped in DistributedDataParallel
@@ -39,6 +40,7 @@ from ..checkpoint import atomic_dir, atomic_write, load_weights_only
 from ..devices import resolve_device
 from ..memory import peak_rss_bytes, reset_peak_rss
 from ..modeling_t5 import SparseT5ForConditionalGeneration
+from ..optim import OPTIMIZERS, make_optimizer
 from .docids import DocidMapping
 from .examples import Example
 
@@ -49,6 +51,9 @@ def check_gradual_parallel(gradual: bool, parallel: str) -> None:
         raise ValueError("gradual pruning cannot run with FSDP2 (--fsdp, parallel='fsdp'): it rebuilds the sparse "
                          "layers during recovery, which the sharded parameters cannot follow; prune one-shot "
                          "(prune-at-load) and recover")
+
+
+PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 
 
 @dataclass
@@ -76,7 +81,14 @@ class TrainConfig:
     # Warm-up as a fraction of all steps (HF's warmup_ratio); the longer of the two applies.
     warmup_ratio: float = 0.25
     grad_accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    # fp32; bf16: the weights (sparse values and dense parts) and their gradients in bf16, the index
+    # unchanged, the loss and softmax in fp32; bf16-mixed: fp32 weights under bf16 autocast.
+    precision: str = "fp32"
+    # adamw (torch) | adamw8bit | adamw4bit (torchao's, block-aligned for our values: sparse_t5.optim).
+    optim: str = "adamw"
+    # With bf16 weights and a low-bit optimizer, how an update smaller than half a bf16 ulp survives:
+    # stochastic rounding (False) or an fp32 master copy (True, 4 B per weight more). README, "Bigger models".
+    master_weights: bool = False
     index_ratio: float = 4.0  # indexing examples (windows, pseudo-queries) per retrieval example
     index_tokens: int = 64  # tokens per document window
     index_stride: int = 0  # tokens between window starts; 0: index_tokens (no overlap)
@@ -104,8 +116,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("constant", "linear"):
             raise ValueError(f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.optim not in OPTIMIZERS:
+            raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {self.optim!r}")
+        if self.master_weights and (self.optim == "adamw" or self.precision != "bf16"):
+            raise ValueError("master_weights keeps an fp32 copy of bf16 weights for a low-bit optimizer: it needs "
+                             f"precision='bf16' and optim adamw8bit or adamw4bit, got {self.precision!r} and {self.optim!r}")
+        if self.optim != "adamw" and self.parallel == "fsdp":
+            raise ValueError(f"optim={self.optim!r} does not shard its quantized moments with FSDP2 (parallel='fsdp'); "
+                             "use optim='adamw' with FSDP, or DDP with the low-bit optimizer")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 0:
             raise ValueError("batch_size and grad_accum must be >= 1 and epochs >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -149,6 +169,8 @@ class Trainer:
         self.rank, self.world = _rank_world()
         self.device = resolve_device(config.device)
         self.model.to(self.device)
+        if config.precision == "bf16":
+            self.model.to(torch.bfloat16)
         torch.manual_seed(config.seed)
         self.ddp = None
         self.fsdp = self.world > 1 and config.parallel == "fsdp"
@@ -182,7 +204,10 @@ class Trainer:
     def _make_optimizer(self):
         c = self.config
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
+        low_bit_bf16 = c.optim != "adamw" and c.precision == "bf16"
+        return make_optimizer(params, c.optim, lr=c.lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
+                              bf16_stochastic_round=low_bit_bf16 and not c.master_weights,
+                              master_weights=c.master_weights)
 
     @property
     def warmup_steps(self) -> int:
@@ -383,7 +408,7 @@ class Trainer:
             if not mine:
                 continue
             ids, mask, labels = self._batch([self.examples[i] for i in mine])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16"):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.precision == "bf16-mixed"):
                 loss = module(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
             (loss * len(mine) / max(1, len(chunk))).backward()
             step_loss += loss.item() * len(mine)
