@@ -52,6 +52,28 @@ def sparse_state_bytes_per_kept(model, optimizer) -> dict:
     return {**parts, "total": sum(parts.values())}
 
 
+def optimizer_step_times(n: int = 1 << 22, rounds: int = 7) -> dict:
+    """One optimizer step over a single 1-D parameter of n values (a pruned layer's values), per
+    variant, the variants interleaved round by round so that a busy machine slows them alike.
+    Returns the median ns per value of each."""
+    from sparse_t5.optim import make_optimizer
+
+    setups = {}
+    for name, (precision, optim, options) in VARIANTS.items():
+        p = torch.nn.Parameter(torch.randn(n).to(torch.bfloat16 if precision == "bf16" else torch.float32))
+        p.grad = torch.randn(n).to(p.dtype)
+        opt = make_optimizer([p], optim, lr=1e-4, **options)
+        opt.step()  # state, and the compile
+        setups[name] = opt
+    times = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name, opt in setups.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) / n * 1e9 for name, t in times.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="t5-small")
@@ -60,9 +82,14 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--optimizer-only", action="store_true",
+                   help="only time one optimizer step per variant on a 4M-value parameter (ns per value)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.optimizer_only:
+        print(json.dumps({"threads": torch.get_num_threads(), "ns_per_value": optimizer_step_times()}))
+        return
     from sparse_t5 import SparseT5ForConditionalGeneration
     from sparse_t5.optim import make_optimizer
 

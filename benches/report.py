@@ -28,8 +28,9 @@ RESULTS = os.path.join(HERE, "results")
 BEGIN, END = "<!-- results:begin (benches/report.py) -->", "<!-- results:end -->"
 
 
-SUITES = ("recovery", "scope", "kernels", "prune_at_load", "fsdp", "big_models")
-DEFAULT_SUITES = ("recovery", "scope", "kernels", "prune_at_load", "fsdp")  # big_models is opt-in: it writes ~60 GB
+SUITES = ("recovery", "scope", "kernels", "prune_at_load", "fsdp", "big_models", "lowbit")
+# big_models is opt-in: it writes ~60 GB; lowbit (benches/lowbit_recovery.py) too: 30 min of 200-step curves
+DEFAULT_SUITES = ("recovery", "scope", "kernels", "prune_at_load", "fsdp")
 # The scope suite: the recovery suite's t5-base CSR rows at both pruning scopes, 3 process pairs each.
 SCOPE_SUITE_ENV = {"SPARSE_T5_RECOVERY_SHAPES": "t5-base", "SPARSE_T5_RECOVERY_VARIANTS": "csr:0.2,csr:0.5,csr:0.9",
                    "SPARSE_T5_RECOVERY_SCOPES": "layer,global", "SPARSE_T5_RECOVERY_ROUNDS": "3"}
@@ -69,6 +70,12 @@ def run_suites(suites=SUITES, select=None):
         # An hour or more per row: --select reruns some (pytest -k) and keeps the others' figures.
         run_pytest_benchmark("test_bench_big_models.py", "big_models", {"SPARSE_T5_BIG_MODELS": "1"},
                              merge_key=lambda r: r.get("row") or f"{r['shape']}-{r['variant']}", select=select)
+    if "lowbit" in suites:
+        script = os.path.join(HERE, "lowbit_recovery.py")
+        run = lambda *a: json.loads(subprocess.run([sys.executable, script, *a], check=True, cwd=ROOT,  # noqa: E731
+                                                   capture_output=True, text=True).stdout)
+        with open(os.path.join(RESULTS, "lowbit_recovery.json"), "w") as f:
+            json.dump({"machine": machine_info(), "curves": run(), "optimizer_step": run("--optimizer-only")}, f)
     if "kernels" in suites:
         for suite, name in (("test_bench_csr_linear.py", "csr_linear"),
                             ("test_bench_semi24_linear.py", "semi24_linear")):
@@ -257,6 +264,34 @@ def big_models_table(path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lowbit_table(path: str) -> str:
+    """Recovery by precision and optimizer at t5-small (benches/lowbit_recovery.py)."""
+    if not os.path.exists(path):
+        return ""
+    data = json.load(open(path))
+    curves, step = data["curves"], data.get("optimizer_step") or {}
+    ns = step.get("ns_per_value", {})
+    lines = [f"**Precision and optimizer** (`benches/lowbit_recovery.py`, opt-in suite `lowbit`; {on_machine(data)}): "
+             f"{curves['shape']} at {curves['sparsity']} (layer scope), {curves['steps']} recovery steps on a "
+             "fixed pool of 64 sequences, the same batches for every row, no dropout. Gap: the largest difference "
+             "from fp32 AdamW's loss, both smoothed over 10 steps, absolute and relative. The optimizer's time "
+             "per kept value is one step over a 4M-value parameter, the rows interleaved in one process.", "",
+             "| precision, optimizer | B / kept weight: values + gradient + moments + index | loss at steps 1, "
+             "50, 100, 200 | gap to fp32 (relative) | optimizer step per value (x fp32 AdamW) |",
+             "|---|---|---|---|---|"]
+    for name, v in curves["variants"].items():
+        b = v["bytes_per_kept"]
+        losses = v["losses"]
+        at = [losses[i] for i in (0, 49, 99, len(losses) - 1)]
+        t = ns.get(name)
+        time_cell = f"{t:.1f} ns ({t / ns['fp32 adamw']:.1f}x)" if t and ns.get("fp32 adamw") else "-"
+        lines.append(f"| {name} | **{b['total']:.2f}** = {b['values']:.2f} + {b['gradient']:.2f} + "
+                     f"{b['optimizer']:.2f} + {b['index']:.2f} | {' → '.join(f'{x:.3g}' for x in at)} | "
+                     f"{v.get('max_smoothed_gap_to_fp32', 0):.3f} ({v.get('max_relative_smoothed_gap_to_fp32', 0):.1%}) "
+                     f"| {time_cell} |")
+    return "\n".join(lines) + "\n"
+
+
 def sparsity_of(variant: str) -> float | None:
     if variant.startswith("csr:"):
         return float(variant.split(":")[1])
@@ -419,6 +454,7 @@ def main():
         scope_table(os.path.join(RESULTS, "scope.json")),
         prune_at_load_table(os.path.join(RESULTS, "prune_at_load.json")),
         big_models_table(os.path.join(RESULTS, "big_models.json")),
+        lowbit_table(os.path.join(RESULTS, "lowbit_recovery.json")),
         fsdp_table(os.path.join(RESULTS, "fsdp_state.json")),
         kernel_table(os.path.join(RESULTS, "csr_linear.json"), "**CSR kernels** (fp32; the limit column: the bytes "
                      "limit at up to 32 tokens, the FLOPs limit from 256, as a speed-up over dense):"),
