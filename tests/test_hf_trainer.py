@@ -130,17 +130,24 @@ def test_trainer_bf16_and_8bit_optimizers_train_our_model(tmp_path):
             kwargs["optimizers"] = (make_optimizer(model.parameters(), "adamw8bit", lr=3e-3,
                                                    bf16_stochastic_round=True), None)
         trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=dataset(), **kwargs)
-        trainer.train()
+        try:
+            trainer.train()
+        except ModuleNotFoundError as err:
+            # transformers < 5 builds "adamw_torch_8bit" from torchao.prototype.low_bit_optim, which
+            # torchao 0.18 removed (the optimizers are torchao.optim now): HF's string cannot work
+            # there, ours (optimizers=) must, and does below.
+            assert name == "hf" and "low_bit_optim" in str(err), err
+            continue
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses))), losses
         assert min(losses[-3:]) < losses[0], losses
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-        wide = [m for m in model.modules() if isinstance(m, SparseLinear) and m.nnz >= 4096 + 256]
         odd = [m for m in model.modules() if isinstance(m, SparseLinear) and m.nnz % 256 and m.nnz >= 256]
         assert odd
         quantized = {type(trainer.optimizer.state[m.values]["exp_avg"]).__name__ for m in odd}
-        runs[name] = (model, quantized, wide)
-    assert runs["hf"][1] == {"Tensor"}  # torchao alone: full-precision moments for every odd length
+        runs[name] = (model, quantized)
+    if "hf" in runs:
+        assert runs["hf"][1] == {"Tensor"}  # torchao alone: full-precision moments for every odd length
     assert runs["ours"][1] == {"OptimState8bit"}
 
     model = runs["ours"][0].eval()
