@@ -82,7 +82,7 @@ def main(argv=None):
                             for k, fn in providers.items():
                                 times[k].append(timed(fn, a.calls))
                     med = {k: statistics.median(v) for k, v in times.items()}
-                    limit = 6 * layer.nnz / (4 * out_f * in_f) if layer.col_idx.dtype == torch.int16 else \
+                    limit = 6 * layer.nnz / (4 * out_f * in_f) if layer.col_idx.element_size() == 2 else \
                         8 * layer.nnz / (4 * out_f * in_f)
                     print(f"| {in_f}->{out_f} | {density:g} | {tokens} | {med['gather'] / med['dense']:.2f}x | "
                           f"{med['tiled'] / med['dense']:.2f}x | {med['mkl'] / med['dense']:.2f}x | {limit:.2f}x | "

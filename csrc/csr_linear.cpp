@@ -29,7 +29,7 @@ bool use_dense(PolicyOp op, at::ScalarType dtype, int64_t tokens, int64_t nnz, i
 
 // The "mkl" method of the forward: torch's sparse CSR x dense product (MKL's CSR GEMM on x86 builds)
 // on a CSR tensor viewing our values. Its indices must be one integer type, int32 here (a T5 layer
-// has far fewer than 2^31 nonzeros): int16 columns and int64 row pointers are converted per call,
+// has far fewer than 2^31 nonzeros): 16-bit columns and int64 row pointers are converted per call,
 // 4 bytes per nonzero, which the tables' timings include. The structure was validated once
 // (structure_checks.h), so the unchecked constructor is safe. y = (W xᵀ)ᵀ: torch returns [out, tokens].
 at::Tensor csr_linear_mkl_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,

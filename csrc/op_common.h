@@ -87,7 +87,8 @@ inline cpu::CsrView csr_view(const at::Tensor& values, const at::Tensor& row_ptr
   w.values = values.defined() ? values.data_ptr() : nullptr;
   w.row_ptr = row_ptr.data_ptr<int32_t>();
   w.col_idx = col_idx.data_ptr();
-  w.col_idx_is_int16 = col_idx.scalar_type() == at::kShort;
+  // uint16, or int16 (legacy checkpoints; valid ones are >= 0 and < 32768, so the bits read the same)
+  w.col_idx_is_16bit = col_idx.scalar_type() == at::kUInt16 || col_idx.scalar_type() == at::kShort;
   w.out_features = out_features;
   w.in_features = in_features;
   w.nnz = col_idx.size(0);

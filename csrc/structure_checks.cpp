@@ -160,6 +160,8 @@ void check_csr_contents(int64_t nnz, const at::Tensor& row_ptr, const at::Tensor
   }
   if (col_idx.scalar_type() == at::kShort) {
     check_csr_columns(rp, col_idx.data_ptr<int16_t>(), out, in);
+  } else if (col_idx.scalar_type() == at::kUInt16) {
+    check_csr_columns(rp, static_cast<const uint16_t*>(col_idx.data_ptr()), out, in);
   } else {
     check_csr_columns(rp, col_idx.data_ptr<int32_t>(), out, in);
   }
@@ -217,10 +219,13 @@ void check_csr_structure(int64_t nnz, const at::Tensor& row_ptr, const at::Tenso
   TORCH_CHECK_VALUE(row_ptr.dim() == 1 && row_ptr.size(0) == out_features + 1,
                     "sparse_t5: row_ptr must have shape [out_features + 1] = [", out_features + 1, "], got ",
                     row_ptr.sizes());
-  TORCH_CHECK_TYPE(col_idx.scalar_type() == at::kInt || col_idx.scalar_type() == at::kShort,
-                   "sparse_t5: col_idx must be int16 or int32, got ", col_idx.scalar_type());
-  TORCH_CHECK_VALUE(col_idx.scalar_type() == at::kInt || in_features <= 32768,
+  const auto index_type = col_idx.scalar_type();
+  TORCH_CHECK_TYPE(index_type == at::kInt || index_type == at::kUInt16 || index_type == at::kShort,
+                   "sparse_t5: col_idx must be uint16, int16 or int32, got ", index_type);
+  TORCH_CHECK_VALUE(index_type != at::kShort || in_features <= 32768,
                     "sparse_t5: int16 col_idx holds at most 32768 columns, in_features is ", in_features);
+  TORCH_CHECK_VALUE(index_type != at::kUInt16 || in_features <= 65536,
+                    "sparse_t5: uint16 col_idx holds at most 65536 columns, in_features is ", in_features);
   TORCH_CHECK_VALUE(col_idx.dim() == 1 && col_idx.size(0) == nnz, "sparse_t5: col_idx must have shape [nnz] = [",
                     nnz, "] like values, got ", col_idx.sizes());
   TORCH_CHECK_VALUE(row_ptr.is_contiguous() && col_idx.is_contiguous(),

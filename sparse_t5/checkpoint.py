@@ -47,7 +47,8 @@ HASH_KEY = "sparse_t5_sha256"  # safetensors metadata: sha256 of the tensors (se
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "U16": torch.uint16, "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 

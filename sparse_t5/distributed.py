@@ -81,8 +81,8 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     def whole(t):
         if not isinstance(t, DTensor):
             return t
-        if t.dtype == torch.int16:  # a sharded col_idx: neither gloo nor NCCL all-gathers int16
-            return t.to(torch.int32).full_tensor().to(torch.int16)
+        if t.dtype in (torch.int16, torch.uint16):  # a sharded col_idx: neither gloo nor NCCL all-gathers 16-bit ints
+            return t.to(torch.int32).full_tensor().to(t.dtype)
         return t.full_tensor()
 
     return {name: whole(t).detach() for name, t in model.state_dict().items()}

@@ -5,10 +5,12 @@ optimizer and checkpoints see nothing but ordinary tensors (torchao's block-spar
 
     values   [nnz]              fp32 / bf16 / fp16 / fp64, the kept weights in row-major order
     row_ptr  [out_features + 1] int32, row r's nonzeros are values[row_ptr[r]:row_ptr[r + 1]]
-    col_idx  [nnz]              int16 when in_features <= 32768, else int32; strictly increasing
-                                within a row
+    col_idx  [nnz]              uint16 when in_features <= 65536, else int32; strictly increasing
+                                within a row. int16 (what checkpoints before uint16 hold, up to
+                                32768 columns) is accepted too.
 
-Index overhead is 2 bytes per nonzero (int16) plus 4 bytes per row: there is deliberately no
+Index overhead is 2 bytes per nonzero (uint16: t5-11b's 65536-wide FFN output fits; int16 would have
+needed int32 there, 4 bytes) plus 4 bytes per row: there is deliberately no
 transposed copy of the index (README "How the CSR kernels work": it would cost 6-8 more bytes per
 nonzero); the dX kernel
 scatters by column instead.
@@ -22,11 +24,24 @@ import torch
 
 VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT16_MAX_COLUMNS = 32768  # column ids 0..32767 fit in int16
+UINT16_MAX_COLUMNS = 65536  # column ids 0..65535 fit in uint16
+INDEX_DTYPES = (torch.uint16, torch.int16, torch.int32)
+_MAX_COLUMNS = {torch.uint16: UINT16_MAX_COLUMNS, torch.int16: INT16_MAX_COLUMNS}
 
 
 def index_dtype_for(in_features: int) -> torch.dtype:
-    """The narrowest column-index dtype that addresses `in_features` columns."""
-    return torch.int16 if in_features <= INT16_MAX_COLUMNS else torch.int32
+    """The narrowest column-index dtype that addresses `in_features` columns.
+
+    torch implements few operations for uint16 beyond copies, indexing and concatenation: code that
+    computes with column ids converts them first (`col_idx.to(torch.int64)`)."""
+    return torch.uint16 if in_features <= UINT16_MAX_COLUMNS else torch.int32
+
+
+def _check_index_width(index_dtype: torch.dtype, in_features: int, prefix: str = "") -> None:
+    limit = _MAX_COLUMNS.get(index_dtype)
+    if limit is not None and in_features > limit:
+        name = str(index_dtype).replace("torch.", "")
+        raise ValueError(f"{prefix}{name} col_idx addresses at most {limit} columns, in_features is {in_features}")
 
 
 class _CompressedWeight:
@@ -81,8 +96,9 @@ class CSRWeight(_CompressedWeight):
         mask = mask.to(device=weight.device, dtype=torch.bool)
         out_features, in_features = weight.shape
         index_dtype = index_dtype or index_dtype_for(in_features)
-        if index_dtype == torch.int16 and in_features > INT16_MAX_COLUMNS:
-            raise ValueError(f"int16 col_idx addresses at most {INT16_MAX_COLUMNS} columns, in_features is {in_features}")
+        if index_dtype not in INDEX_DTYPES:
+            raise TypeError(f"index_dtype must be one of {INDEX_DTYPES}, got {index_dtype}")
+        _check_index_width(index_dtype, in_features)
         # One flat index of the kept positions (8 B per kept weight) gives the values, the columns and
         # the row pointers. Nothing here is the size of the weight in int64: mask.sum(dim=1,
         # dtype=int64) converts the whole mask first (measured: +537 MB for one 1024 x 65536 t5-11b
@@ -128,12 +144,9 @@ def validate_csr(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Ten
         raise TypeError(f"invalid CSR: values dtype must be one of {VALUE_DTYPES}, got {values.dtype}")
     if row_ptr.dtype != torch.int32:
         raise TypeError(f"invalid CSR: row_ptr must be int32, got {row_ptr.dtype}")
-    if col_idx.dtype not in (torch.int16, torch.int32):
-        raise TypeError(f"invalid CSR: col_idx must be int16 or int32, got {col_idx.dtype}")
-    if col_idx.dtype == torch.int16 and in_features > INT16_MAX_COLUMNS:
-        raise ValueError(
-            f"invalid CSR: int16 col_idx addresses at most {INT16_MAX_COLUMNS} columns, in_features is {in_features}"
-        )
+    if col_idx.dtype not in INDEX_DTYPES:
+        raise TypeError(f"invalid CSR: col_idx must be uint16, int16 or int32, got {col_idx.dtype}")
+    _check_index_width(col_idx.dtype, in_features, "invalid CSR: ")
     if values.dim() != 1 or col_idx.dim() != 1 or row_ptr.dim() != 1:
         raise ValueError(
             "invalid CSR: values, row_ptr and col_idx must be 1-D, got shapes "

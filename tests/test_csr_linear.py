@@ -126,15 +126,31 @@ def test_int32_column_index_path():
     torch.testing.assert_close(layer(x), F.linear(x, weight * mask), rtol=1e-5, atol=1e-5)
 
 
-def test_wide_layer_uses_int32_columns():
-    in_features = 40000  # beyond int16's 32768 columns
+@pytest.mark.parametrize("in_features,index_dtype", [
+    (40000, torch.uint16),  # beyond int16's 32768 columns
+    (65536, torch.uint16),  # t5-11b's wo: the widest a 2-byte index addresses
+    (65537, torch.int32),
+])
+def test_wide_layers_index_columns_past_int16(in_features, index_dtype):
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(3, in_features, generator=g)
     mask = torch.rand(3, in_features, generator=g) > 0.99
+    mask[:, -1] = True  # the last column: 65535 must not read as -1
     layer = SparseLinear.from_dense(weight, mask)
-    assert layer.col_idx.dtype == torch.int32
-    x = torch.randn(4, in_features, generator=g)
-    torch.testing.assert_close(layer(x), F.linear(x, weight * mask), rtol=1e-5, atol=1e-4)
+    assert layer.col_idx.dtype == index_dtype
+    for tokens in (1, 4, 40):  # the few-token gather path and the tiled kernels
+        x = torch.randn(tokens, in_features, generator=g, requires_grad=True)
+        y = layer(x)
+        ref_w = (weight * mask).requires_grad_()
+        x_ref = x.detach().clone().requires_grad_()
+        y_ref = F.linear(x_ref, ref_w)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_ref.backward(dy)
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(layer.values.grad, ref_w.grad[mask], rtol=1e-5, atol=1e-4)
+        layer.values.grad = None
 
 
 def test_non_contiguous_inputs_are_handled():
@@ -208,7 +224,9 @@ def test_torch_compile_fullgraph():
     ("row_ptr_last", ValueError, "must equal nnz"),
     ("col_len", ValueError, "col_idx must have shape"),
     ("bias_shape", ValueError, "bias must have shape"),
-    ("int16_too_wide", ValueError, "int16 col_idx holds at most"),
+    ("int16_too_wide", ValueError, "int16 col_idx holds at most 32768"),
+    ("uint16_too_wide", ValueError, "uint16 col_idx holds at most 65536"),
+    ("int64_col_idx", TypeError, "col_idx must be uint16, int16 or int32"),
     ("int64_row_ptr", TypeError, "row_ptr must be int32"),
 ])
 def test_cpp_op_checks(case, exc, message):
@@ -236,7 +254,11 @@ def test_cpp_op_checks(case, exc, message):
     elif case == "bias_shape":
         bias = torch.zeros(out_f + 1)
     elif case == "int16_too_wide":
-        in_f, x = 40000, torch.randn(2, 40000)
+        in_f, x, col_idx = 40000, torch.randn(2, 40000), col_idx.to(torch.int16)
+    elif case == "uint16_too_wide":
+        in_f, x = 65537, torch.randn(2, 65537)
+    elif case == "int64_col_idx":
+        col_idx = col_idx.long()
     elif case == "int64_row_ptr":
         row_ptr = row_ptr.long()
     with pytest.raises(exc, match=message):
@@ -318,7 +340,7 @@ def few_token_path():
     ops.set_csr_few_tokens(before)
 
 
-@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32])
+@pytest.mark.parametrize("index_dtype", [torch.uint16, torch.int16, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", range(1, 10))
 def test_few_token_forward_matches_dense(few_token_path, tokens, dtype, index_dtype):

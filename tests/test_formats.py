@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparse_t5 import CSRWeight, Semi24Weight, SparseLinear
-from sparse_t5.formats import semi24_magnitude_mask, validate_csr, validate_semi24
+from sparse_t5.formats import index_dtype_for, semi24_magnitude_mask, validate_csr, validate_semi24
 
 
 # ---- CSR -------------------------------------------------------------------------------------------
@@ -31,20 +31,43 @@ def corrupt(field, fn):
     ("row_ptr", lambda t: torch.tensor([0, 3, 2, 6, 7], dtype=torch.int32), ValueError, "not monotone"),
     ("row_ptr", lambda t: t + 1, ValueError, r"row_ptr\[0\] must be 0"),
     ("row_ptr", lambda t: torch.tensor([0, 3, 3, 6, 6], dtype=torch.int32), ValueError, "must equal nnz"),
-    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 1, 7, t).to(t.dtype), ValueError, "outside"),
-    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 0, -1, t).to(t.dtype), ValueError, "outside"),
+    # (edited in int32: torch has no where() for uint16; -1 stored in uint16 wraps to 65535)
+    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 1, 7, t.int()).to(t.dtype), ValueError, "outside"),
+    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 0, -1, t.int()).to(t.dtype), ValueError, "outside"),
+    ("col_idx", lambda t: torch.where(torch.arange(len(t)) == 0, -1, t.int()).to(torch.int16), ValueError, "outside"),
     ("col_idx", lambda t: t[[1, 0, 2, 3, 4, 5, 6]], ValueError, "unsorted"),
     ("col_idx", lambda t: t[[0, 0, 2, 3, 4, 5, 6]], ValueError, "duplicated"),
     ("col_idx", lambda t: t[:-1], ValueError, "col_idx has 6 entries"),
     ("values", lambda t: t[:-1], ValueError, "col_idx has 7 entries but values has 6"),
     ("values", lambda t: t.to(torch.int32), TypeError, "values dtype"),
     ("row_ptr", lambda t: t.to(torch.int64), TypeError, "row_ptr must be int32"),
-    ("col_idx", lambda t: t.to(torch.int64), TypeError, "col_idx must be int16 or int32"),
+    ("col_idx", lambda t: t.to(torch.int64), TypeError, "col_idx must be uint16, int16 or int32"),
 ])
 def test_format_validation_names_the_fault(field, fn, exc, message):
     validate_csr(*valid_triple())  # the unmodified triple is valid
     with pytest.raises(exc, match=message):
         validate_csr(*corrupt(field, fn))
+
+
+@pytest.mark.parametrize("in_features,expected", [(6, torch.uint16), (65536, torch.uint16), (65537, torch.int32)])
+def test_index_dtype_is_the_narrowest_that_addresses_the_columns(in_features, expected):
+    assert index_dtype_for(in_features) == expected
+
+
+def test_index_width_is_checked_for_each_index_dtype():
+    values, row_ptr, col_idx, _ = valid_triple()
+    assert col_idx.dtype == torch.uint16
+    validate_csr(values, row_ptr, col_idx.to(torch.int16), (4, 6))  # legacy int16 checkpoints stay valid
+    validate_csr(values, row_ptr, col_idx.to(torch.int32), (4, 65537))
+    validate_csr(values, row_ptr, col_idx, (4, 65536))
+    with pytest.raises(ValueError, match="uint16 col_idx addresses at most 65536 columns"):
+        validate_csr(values, row_ptr, col_idx, (4, 65537))
+    with pytest.raises(ValueError, match="int16 col_idx addresses at most 32768 columns"):
+        validate_csr(values, row_ptr, col_idx.to(torch.int16), (4, 32769))
+    with pytest.raises(ValueError, match="uint16 col_idx addresses at most 65536"):
+        CSRWeight.from_dense(torch.randn(2, 65537), index_dtype=torch.uint16)
+    with pytest.raises(TypeError, match="index_dtype must be one of"):
+        CSRWeight.from_dense(torch.randn(2, 6), index_dtype=torch.int64)
 
 
 def test_from_dense_rejects_bad_input():

@@ -280,6 +280,31 @@ def test_sparse_round_trip_is_bit_identical_and_smaller(pair, tmp_path):
     assert hf.config.architectures == ["T5ForConditionalGeneration"]
 
 
+def test_a_checkpoint_with_int16_columns_still_loads(tmp_path):
+    """Checkpoints written before the uint16 index hold int16 col_idx (and say so in their layout):
+    they load and compute the same logits."""
+    from sparse_t5.checkpoint import HASH_KEY, content_hash
+
+    ours = load_ours(make_hf("v11_gated_untied"), tmp_path)
+    ours.sparsify(0.8)
+    ours.save_pretrained(tmp_path / "new")
+    path = tmp_path / "new" / "model.safetensors"
+    tensors = load_file(path)
+    assert {t.dtype for k, t in tensors.items() if k.endswith("col_idx")} == {torch.uint16}
+    old = {k: t.to(torch.int32).to(torch.int16) if k.endswith("col_idx") else t for k, t in tensors.items()}
+    save_file(old, path, metadata={"format": "pt", HASH_KEY: content_hash(old)})
+    config = json.loads((tmp_path / "new" / "config.json").read_text())
+    for spec in config["sparse_t5"]["layers"].values():
+        spec["index_dtype"] = "int16"
+    (tmp_path / "new" / "config.json").write_text(json.dumps(config))
+    loaded = SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "new")
+    ids, mask, labels = batch(8)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask, labels=labels).logits,
+                               ours.eval()(input_ids=ids, attention_mask=mask, labels=labels).logits,
+                               rtol=0, atol=0)
+    assert all(m.col_idx.dtype in (torch.int16, torch.uint16) for m in loaded.sparse_layers().values())
+
+
 def test_loading_a_sparse_checkpoint_never_materialises_dense_weights(tmp_path):
     ours = load_ours(make_hf("v11_gated_untied"), tmp_path)
     ours.sparsify(0.8)
@@ -355,7 +380,7 @@ def test_corrupt_checkpoints_raise_clear_errors(tmp_path):
     # a corrupt CSR structure (with a consistent hash) is caught by the format validation
     tensors = load_file(good / "model.safetensors")
     name = next(k for k in tensors if k.endswith("col_idx"))
-    tensors[name] = tensors[name].flip(0).contiguous()
+    tensors[name] = tensors[name].to(torch.int32).flip(0).to(tensors[name].dtype)  # (torch: no uint16 flip)
     save_file(tensors, extra / "model.safetensors")
     with pytest.raises(ValueError, match="corrupt sparse weight"):
         SparseT5ForConditionalGeneration.from_pretrained(extra)

@@ -115,7 +115,7 @@ def problem(draw, semi24: bool):
         s = Semi24Weight.from_dense(w)
         return s, x, dy, bias
     mask = torch.rand(out_f, in_f, generator=g) < density
-    index_dtype = draw(st.sampled_from([torch.int16, torch.int32]))
+    index_dtype = draw(st.sampled_from([torch.uint16, torch.int16, torch.int32]))
     return CSRWeight.from_dense(w, mask, index_dtype=index_dtype), x, dy, bias
 
 
@@ -164,6 +164,9 @@ def test_csr_ops_match_dense_on_well_formed_input(p, method):
 def mutate_csr_structure(data, c):
     """(kind, values, row_ptr, col_idx): one structural corruption of c."""
     values, rp, ci = c.values.clone(), c.row_ptr.clone(), c.col_idx.clone()
+    # Edited in int32 and stored back in the index's own dtype (torch has no flip or negative fill in
+    # uint16; a negative column stored in uint16 wraps to >= 65536 - 40, still outside the layer).
+    index_dtype, ci = ci.dtype, ci.to(torch.int32)
     out_f, in_f = c.shape
     nnz = values.numel()
     kinds = ["row_ptr_first", "row_ptr_last", "row_ptr_random", "col_idx_random", "col_idx_int64", "row_ptr_int64"]
@@ -186,7 +189,7 @@ def mutate_csr_structure(data, c):
                                     label="row_ptr"), dtype=torch.int32)
     elif kind == "col_idx_random":
         ci = torch.tensor(data.draw(st.lists(st.integers(-3, in_f + 3), min_size=nnz, max_size=nnz),
-                                    label="col_idx"), dtype=torch.int32).to(ci.dtype)
+                                    label="col_idx"), dtype=torch.int32)
     elif kind == "col_idx_int64":
         ci = ci.to(torch.int64)
     elif kind == "row_ptr_int64":
@@ -201,10 +204,12 @@ def mutate_csr_structure(data, c):
             ci[k] = ci[k - 1]
     elif kind == "column_too_large":
         k = data.draw(st.integers(0, nnz - 1), label="k")
-        ci[k] = min(in_f + data.draw(st.integers(0, 40), label="by"), torch.iinfo(ci.dtype).max)
+        ci[k] = min(in_f + data.draw(st.integers(0, 40), label="by"), torch.iinfo(index_dtype).max)
     elif kind == "column_negative":
         k = data.draw(st.integers(0, nnz - 1), label="k")
         ci[k] = -data.draw(st.integers(1, 40), label="by")
+    if kind != "col_idx_int64":
+        ci = ci.to(index_dtype)
     return kind, values, rp, ci
 
 

@@ -92,12 +92,12 @@ void csr_forward_t(const CsrView& w, const S* x, int64_t tokens, const S* bias, 
 // is latency-bound. This path vectorises across a row's nonzeros instead: 16 values and 16 column
 // indices are loaded once, and for each token one hardware gather fetches x[t, col[k..k+15]] from
 // the (L1-resident) input row, one FMA per token per 16 nonzeros. Values and indices are read once
-// per call, as a dense GEMV reads its weight once: 6 bytes per kept weight (int16 index) against
+// per call, as a dense GEMV reads its weight once: 6 bytes per kept weight (16-bit index) against
 // dense's 4 per weight. fold_lanes then sums 16 rows' accumulators at once. Built where a gather is
 // one instruction (AVX-512 vgatherdps, AVX2 two ymm gathers); elsewhere the tiled kernel runs.
 #if defined(SPARSE_T5_GATHER)
 
-typedef int16_t VS16 __attribute__((vector_size(32)));  // 16 int16 column indices
+typedef uint16_t VS16 __attribute__((vector_size(32)));  // 16 uint16 column indices (zero-extended below)
 
 // x[idx[l]] for lanes l < n, 0 elsewhere (the masked lanes read nothing).
 __attribute__((always_inline)) inline V16 gather16(const float* x, const VI16& idx, int n) {
@@ -321,8 +321,8 @@ void csr_sddmm_t(const CsrView& w, const S* dy, const S* x, int64_t tokens, S* d
     default: { constexpr int NV = 4; CALL; } break; \
   }
 #define SPARSE_T5_DISPATCH_IDX(S_, CALL)                                  \
-  if (w.col_idx_is_int16) {                                              \
-    typedef S_ S; typedef int16_t I; SPARSE_T5_DISPATCH_NV(S, I, CALL)   \
+  if (w.col_idx_is_16bit) {                                              \
+    typedef S_ S; typedef uint16_t I; SPARSE_T5_DISPATCH_NV(S, I, CALL)  \
   } else {                                                               \
     typedef S_ S; typedef int32_t I; SPARSE_T5_DISPATCH_NV(S, I, CALL)   \
   }
@@ -362,8 +362,8 @@ void csr_sddmm(const CsrView& w, DType dt, const void* dy, const void* x, int64_
 void csr_forward_few_entry(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias, void* y,
                            void* xbuf, const Parallel& par) {
 #define SPARSE_T5_FEW_IDX(S_)                                                                          \
-  if (w.col_idx_is_int16)                                                                              \
-    csr_forward_few<S_, int16_t>(w, static_cast<const S_*>(x), tokens, static_cast<const S_*>(bias),    \
+  if (w.col_idx_is_16bit)                                                                              \
+    csr_forward_few<S_, uint16_t>(w, static_cast<const S_*>(x), tokens, static_cast<const S_*>(bias),    \
                                  static_cast<S_*>(y), static_cast<float*>(xbuf), par);                 \
   else                                                                                                 \
     csr_forward_few<S_, int32_t>(w, static_cast<const S_*>(x), tokens, static_cast<const S_*>(bias),    \

@@ -19,8 +19,8 @@ enum class DType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2 };
 struct CsrView {
   const void* values;      // [nnz], dtype `dtype`
   const int32_t* row_ptr;  // [out_features + 1]
-  const void* col_idx;     // [nnz], int16 when col_idx_is_int16 else int32
-  bool col_idx_is_int16;
+  const void* col_idx;     // [nnz], read as uint16 when col_idx_is_16bit, else int32
+  bool col_idx_is_16bit;
   int64_t out_features;
   int64_t in_features;
   int64_t nnz;

@@ -36,14 +36,14 @@ struct Csr {
   at::Tensor values, row_ptr, col_idx, dense;
 };
 
-Csr make(int64_t out, int64_t in, double density) {
+Csr make(int64_t out, int64_t in, double density, at::ScalarType index = at::kUInt16) {
   at::Tensor mask = at::rand({out, in}) < density;
   at::Tensor dense = at::randn({out, in}) * mask;
   at::Tensor counts = mask.sum(1);
   at::Tensor row_ptr = at::zeros({out + 1}, at::kLong);
   row_ptr.narrow(0, 1, out).copy_(counts.cumsum(0));
   at::Tensor nz = mask.nonzero();
-  return {dense.index({mask}), row_ptr.to(at::kInt), nz.select(1, 1).to(at::kShort).contiguous(), dense};
+  return {dense.index({mask}), row_ptr.to(at::kInt), nz.select(1, 1).to(index).contiguous(), dense};
 }
 
 }  // namespace
@@ -68,6 +68,31 @@ int main() {
            "sddmm d=" + std::to_string(density));
   }
 
+  // The index types: uint16 (the default up to 65536 columns; t5-11b's 65536-wide FFN output reads
+  // columns past 32767, which must not sign-extend), int16 (legacy checkpoints) and int32.
+  for (const auto& [in, index] : {std::pair{int64_t{65536}, at::kUInt16}, std::pair{int64_t{40000}, at::kInt},
+                                  std::pair{int64_t{300}, at::kShort}}) {
+    Csr w = make(6, in, 0.01, index);
+    at::Tensor x = at::randn({2, in}), dy = at::randn({2, 6});
+    const std::string what = std::string(c10::toString(index)) + " in=" + std::to_string(in);
+    expect(at::allclose(csr_linear_cpu(x, w.values, w.row_ptr, w.col_idx, 6, in, {}), at::linear(x, w.dense), 1e-4,
+                        1e-4), "forward " + what);
+    expect(at::allclose(csr_linear_backward_input_cpu(dy, w.values, w.row_ptr, w.col_idx, 6, in),
+                        at::matmul(dy, w.dense), 1e-4, 1e-4), "backward_input " + what);
+    expect(at::allclose(csr_sddmm_cpu(dy, x, w.row_ptr, w.col_idx, 6, in),
+                        at::matmul(dy.t(), x).index({w.dense != 0}), 1e-4, 1e-4), "sddmm " + what);
+  }
+  {
+    Csr wide = make(4, 40000, 0.001, at::kInt);
+    at::Tensor x = at::randn({2, 40000});
+    expect_throws([&] { csr_linear_cpu(x, wide.values, wide.row_ptr, wide.col_idx.to(at::kShort), 4, 40000, {}); },
+                  "int16 col_idx holds at most 32768", "int16 too narrow");
+    Csr wider = make(2, 65537, 0.001, at::kInt);
+    expect_throws([&] { csr_linear_cpu(at::randn({2, 65537}), wider.values, wider.row_ptr,
+                                       wider.col_idx.to(at::kUInt16), 2, 65537, {}); },
+                  "uint16 col_idx holds at most 65536", "uint16 too narrow");
+  }
+
   // Malformed input raises.
   Csr w = make(8, 16, 0.5);
   const int64_t nnz = w.values.size(0);
@@ -78,11 +103,14 @@ int main() {
                 "does not match values dtype", "x dtype");
   expect_throws([&] { csr_linear_cpu(x.to(at::kHalf), w.values.to(at::kHalf), w.row_ptr, w.col_idx, 8, 16, {}); },
                 "float32, float64 or bfloat16", "half on CPU");
-  at::Tensor bad_col = w.col_idx.clone();
+  // (Edited in int32: torch implements few ops for uint16 beyond copies and indexing.)
+  at::Tensor bad_col = w.col_idx.to(at::kInt);
   if (nnz > 0) bad_col[nnz - 1] = 16;
-  expect_throws([&] { csr_linear_cpu(x, w.values, w.row_ptr, bad_col, 8, 16, {}); }, "outside", "col >= in");
+  expect_throws([&] { csr_linear_cpu(x, w.values, w.row_ptr, bad_col.to(at::kUInt16), 8, 16, {}); }, "outside",
+                "col >= in");
   if (nnz > 0) bad_col[0] = -1;
-  expect_throws([&] { csr_sddmm_cpu(at::randn({4, 8}), x, w.row_ptr, bad_col, 8, 16); }, "outside", "col < 0");
+  expect_throws([&] { csr_sddmm_cpu(at::randn({4, 8}), x, w.row_ptr, bad_col.to(at::kShort), 8, 16); }, "outside",
+                "col < 0");
   at::Tensor bad_rp = w.row_ptr.clone();
   bad_rp[3] = nnz + 5;
   expect_throws([&] { csr_linear_cpu(x, w.values, bad_rp, w.col_idx, 8, 16, {}); }, "decreases", "row_ptr");
@@ -107,11 +135,12 @@ int main() {
     Csr big = make(64, 256, 0.5);  // several transient-dense panels on any thread count
     const int64_t big_nnz = big.values.size(0);
     at::Tensor xb = at::randn({5, 256}), dyb = at::randn({5, 64});
-    at::Tensor reversed = big.col_idx.flip(0).contiguous();
+    at::Tensor reversed = big.col_idx.to(at::kInt).flip(0).to(at::kUInt16).contiguous();
     at::Tensor raised = big.row_ptr.clone();
     raised[10] = raised[10].item<int32_t>() + 3;  // moves 3 of row 10's entries into row 9: unsorted there
-    at::Tensor dup = big.col_idx.clone();
+    at::Tensor dup = big.col_idx.to(at::kInt);
     dup[big.row_ptr[5].item<int32_t>() + 1] = dup[big.row_ptr[5].item<int32_t>()];
+    dup = dup.to(at::kUInt16);
     for (const auto& [rp, ci, needle] : {std::tuple{big.row_ptr, reversed, "unsorted"},
                                           std::tuple{raised, big.col_idx, "unsorted within row 9"},
                                           std::tuple{big.row_ptr, dup, "duplicated within row 5"}}) {
