@@ -179,7 +179,8 @@ class SparseLinear(nn.Module):
 
 
 class CSRLinear(SparseLinear, weight_type=CSRWeight):
-    """Unstructured sparsity in CSR form: values [nnz], row_ptr [out+1] int32, col_idx [nnz] int16/32."""
+    """Unstructured sparsity in CSR form: values [nnz], row_ptr [out+1] int32, col_idx [nnz] uint16
+    (int32 past 65536 inputs)."""
 
     format = "csr"
 
