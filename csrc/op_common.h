@@ -79,6 +79,12 @@ inline at::Tensor panels(int64_t tokens, int64_t features, int nv, cpu::DType dt
                    at::TensorOptions().dtype(compute_dtype(dt)));
 }
 
+// Whether the kernels read col_idx as uint16_t (else int32): uint16, or int16 (what checkpoints
+// before uint16 hold; valid ones are >= 0 and < 32768, so the bits read the same).
+inline bool is_16bit_index(const at::Tensor& col_idx) {
+  return col_idx.scalar_type() == at::kUInt16 || col_idx.scalar_type() == at::kShort;
+}
+
 // The kernels' view of a CSR weight (csr_linear.cpp); values may be undefined (the sddmm reads
 // only the structure).
 inline cpu::CsrView csr_view(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -87,8 +93,7 @@ inline cpu::CsrView csr_view(const at::Tensor& values, const at::Tensor& row_ptr
   w.values = values.defined() ? values.data_ptr() : nullptr;
   w.row_ptr = row_ptr.data_ptr<int32_t>();
   w.col_idx = col_idx.data_ptr();
-  // uint16, or int16 (legacy checkpoints; valid ones are >= 0 and < 32768, so the bits read the same)
-  w.col_idx_is_16bit = col_idx.scalar_type() == at::kUInt16 || col_idx.scalar_type() == at::kShort;
+  w.col_idx_is_16bit = is_16bit_index(col_idx);
   w.out_features = out_features;
   w.in_features = in_features;
   w.nnz = col_idx.size(0);

@@ -236,8 +236,8 @@ using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 #define SPARSE_T5_CSR_DISPATCH(values_dtype, col_idx, ...)                                   \
   SPARSE_T5_DENSE_DISPATCH(values_dtype, [&] {                                             \
-    if (col_idx.scalar_type() == at::kUInt16 || col_idx.scalar_type() == at::kShort) {     \
-      using index_t = uint16_t; /* int16 is valid only >= 0: same bits */                  \
+    if (is_16bit_index(col_idx)) {                                                         \
+      using index_t = uint16_t;                                                            \
       __VA_ARGS__();                                                                       \
     } else {                                                                               \
       using index_t = int32_t;                                                             \

@@ -10,9 +10,8 @@ optimizer and checkpoints see nothing but ordinary tensors (torchao's block-spar
                                 32768 columns) is accepted too.
 
 Index overhead is 2 bytes per nonzero (uint16: t5-11b's 65536-wide FFN output fits; int16 would have
-needed int32 there, 4 bytes) plus 4 bytes per row: there is deliberately no
-transposed copy of the index (README "How the CSR kernels work": it would cost 6-8 more bytes per
-nonzero); the dX kernel
+needed int32 there, 4 bytes) plus 4 bytes per row: there is deliberately no transposed copy of the
+index (README "How the CSR kernels work": it would cost 6-8 more bytes per nonzero); the dX kernel
 scatters by column instead.
 """
 from __future__ import annotations
