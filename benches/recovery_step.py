@@ -220,6 +220,10 @@ def main():
     parser.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit", "adamw4bit"],
                         help="sparse_t5.optim: torch's AdamW, or torchao's 8-/4-bit AdamW (with --precision bf16, "
                         "stochastic rounding unless --master-weights)")
+    parser.add_argument("--step-in-backward", action="store_true",
+                        help="sparse_t5.optim.step_in_backward: update each parameter as its gradient completes "
+                        "and free it, so no step holds all the gradients (the optimizer's time is then inside "
+                        "backward: optimizer_step_median_s is not reported)")
     parser.add_argument("--master-weights", action="store_true", help="low-bit optimizer on bf16: an fp32 master copy")
     parser.add_argument("--checkpoint-dtype", default="fp32", choices=["fp32", "bf16"],
                         help="dtype of the dense checkpoint written for the streamed shapes (prune_at_load variants)")
@@ -273,6 +277,11 @@ def main():
     optimizer = make_optimizer(model.parameters(), args.optim, lr=1e-4, betas=(0.9, 0.98),
                                bf16_stochastic_round=low_bit_bf16 and not args.master_weights,
                                master_weights=args.master_weights, **(impl[args.adamw] if args.optim == "adamw" else {}))
+    in_backward = None
+    if args.step_in_backward:
+        from sparse_t5.optim import step_in_backward
+
+        in_backward = step_in_backward(optimizer)
     g = torch.Generator().manual_seed(1)
     vocab = SHAPES[args.shape]["vocab_size"]
     ids = torch.randint(2, vocab, (args.batch, args.source), generator=g).to(device)
@@ -325,7 +334,9 @@ def main():
         "optim": args.optim, "master_weights": args.master_weights, "checkpoint_dtype": args.checkpoint_dtype,
         "gradient_checkpointing": args.gradient_checkpointing, "adamw": args.adamw, "scope": args.scope,
         "losses": losses,
-        "optimizer_step_median_s": statistics.median(optimizer_s[1:]),
+        "optimizer_step_median_s": None if in_backward else statistics.median(optimizer_s[1:]),
+        "step_in_backward": bool(in_backward),
+        "largest_grad_bytes": in_backward.largest_grad_bytes if in_backward else None,
     }
     if cuda:
         result.update(gpu=torch.cuda.get_device_name(device),

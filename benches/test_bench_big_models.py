@@ -43,11 +43,15 @@ ROWS = [  # shape, variant, extra flags
     ("t5-11b", "prune_at_load:csr:0.95", LOW_BIT),
     ("t5-11b", "prune_at_load:csr:0.9", LOW_BIT),
     ("ul2", "prune_at_load:csr:0.9", LOW_BIT),
+    # the same, each parameter updated inside backward and its gradient freed (no step holds them all)
+    ("t5-11b", "prune_at_load:csr:0.95", [*LOW_BIT, "--step-in-backward"]),
+    ("t5-11b", "prune_at_load:csr:0.9", [*LOW_BIT, "--step-in-backward"]),
 ]
 
 
 def row_id(shape, variant, flags):
-    return f"{shape}-{variant}" + ("-bf16-adamw8bit" if "adamw8bit" in flags else "")
+    return (f"{shape}-{variant}" + ("-bf16-adamw8bit" if "adamw8bit" in flags else "")
+            + ("-in-backward" if "--step-in-backward" in flags else ""))
 
 pytestmark = pytest.mark.skipif(not os.environ.get("SPARSE_T5_BIG_MODELS"),
                                 reason="opt-in: writes ~60 GB of checkpoints; set SPARSE_T5_BIG_MODELS=1")

@@ -23,6 +23,12 @@ torchao's `_fp32_to_bf16_sr`), or an update smaller than half a bf16 ulp is lost
 keeps an fp32 copy instead (4 B per weight more). The DSI trainer's choice and its measurement: README,
 "Bigger models".
 
+Updating in backward: `step_in_backward(optimizer)` steps each parameter as soon as its gradient is
+complete (torch's post-accumulate-grad hook, as in PyTorch's "optimizer step in backward" recipe) and
+frees that gradient, so the model never holds all its gradients at once: 2 B per kept weight less in
+bf16, 4 in fp32. The update is the same as step() after backward; what needs every gradient at once
+(clipping by the global norm, accumulation over micro-batches, DDP's all-reduce) cannot be used with it.
+
 Compilation: torchao compiles the update per parameter shape (`dynamic=False`); a new length costs
 ~0.2 s once (measured here), so a model pruned per layer compiles a handful of shapes and one pruned
 globally one per layer, on its first step.
@@ -133,7 +139,7 @@ def low_bit_adamw(name: str) -> type:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            update = torch.compile(single_param_adam, fullgraph=True, dynamic=False)
+            update = _compiled(single_param_adam)  # built once: step_in_backward calls step() per parameter
             # One compiled update per parameter length (see the module's docstring), so no cache limit.
             with torch._dynamo.utils.disable_cache_limit():
                 for group in self.param_groups:
@@ -199,6 +205,11 @@ def low_bit_adamw(name: str) -> type:
     return BlockAlignedAdamW
 
 
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
 def _is_quantized(t: torch.Tensor) -> bool:
     return type(t) is not torch.Tensor and hasattr(t, "dequantize")
 
@@ -241,3 +252,51 @@ def tensor_bytes(t: torch.Tensor) -> int:
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
+
+
+class StepInBackward:
+    """The handle step_in_backward() returns: `remove()` puts the optimizer back to stepping after
+    backward. `largest_grad_bytes` is the largest gradient it held at once (one parameter's)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.largest_grad_bytes = 0
+        self._handles = []
+        seen = set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) in seen or not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._step_one))
+
+    def _step_one(self, p: torch.Tensor) -> None:
+        if p.grad is None:
+            return
+        self.largest_grad_bytes = max(self.largest_grad_bytes, p.grad.numel() * p.grad.element_size())
+        group = next((g for g in self.optimizer.param_groups if any(q is p for q in g["params"])), None)
+        if group is None:
+            raise RuntimeError(f"a parameter of shape {tuple(p.shape)} got a gradient but is no longer in the "
+                               "optimizer (a layer replaced by sparsify?): call step_in_backward again after "
+                               "changing the parameters")
+        # The optimizer's own step() over this one parameter: the same update, whatever the optimizer.
+        groups = self.optimizer.param_groups
+        self.optimizer.param_groups = [{**group, "params": [p]}]
+        try:
+            self.optimizer.step()
+        finally:
+            self.optimizer.param_groups = groups
+        p.grad = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer) -> StepInBackward:
+    """Update each of `optimizer`'s parameters inside backward, as soon as its gradient is complete, and
+    free the gradient (the module's docstring). After it, a training step is `loss.backward()` alone:
+    optimizer.step() finds no gradients and does nothing; schedulers set the rate as before. Call it
+    once the parameters are final (after sparsify), and not with gradient clipping, accumulation or DDP."""
+    return StepInBackward(optimizer)

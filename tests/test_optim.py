@@ -276,3 +276,63 @@ def test_a_bf16_sparse_model_trains_saves_and_reloads_in_bf16(tmp_path):
             reloaded = SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "ckpt", dtype=dtype)
             assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
             assert torch.equal(reloaded(input_ids=ids, decoder_input_ids=ids[:, :3]).logits, logits)
+
+
+def two_block_model(checkpointing: bool):
+    config = T5Config(vocab_size=64, d_model=64, d_kv=16, num_heads=4, d_ff=256, num_layers=2, dropout_rate=0.1,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = SparseT5ForConditionalGeneration(config)
+    model.sparsify(0.5, scope="layer")
+    if checkpointing:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    return model.train()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+def test_step_in_backward_is_the_same_update_and_holds_no_gradients(name, checkpointing):
+    from sparse_t5.optim import step_in_backward
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 64, (4, 10), generator=g)
+    labels = torch.randint(2, 64, (4, 5), generator=g)
+    runs = []
+    for in_backward in (False, True):
+        model = two_block_model(checkpointing)
+        opt = make_optimizer(model.parameters(), name, lr=1e-2, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        handle = step_in_backward(opt) if in_backward else None
+        losses = []
+        for step in range(3):
+            torch.manual_seed(10 + step)  # the same dropout masks in both runs
+            opt.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            if in_backward:  # updated and freed during backward: nothing left to step
+                assert all(p.grad is None for p in model.parameters())
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], handle))
+    (losses_after, params_after, _), (losses_in, params_in, handle) = runs
+    assert losses_in == losses_after and losses_in[-1] < losses_in[0]
+    for a, b in zip(params_after, params_in):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)  # bit for bit: the same update, the same order of math
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    assert 0 < handle.largest_grad_bytes <= largest
+    handle.remove()
+    torch.manual_seed(10)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # back to step() after backward
+
+
+def test_step_in_backward_names_a_parameter_the_optimizer_lost():
+    from sparse_t5.optim import step_in_backward
+
+    kept, dropped = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([kept, dropped], lr=0.1)
+    step_in_backward(opt)
+    opt.param_groups[0]["params"] = [kept]  # as when a layer is replaced after the hooks were set
+    with pytest.raises(RuntimeError, match="no longer in the optimizer"):
+        (kept.sum() + dropped.sum()).backward()
