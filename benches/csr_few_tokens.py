@@ -1,10 +1,10 @@
-"""The CSR forward at few tokens (decoding): the gather path against the tiled kernel, dense F.linear
+"""The CSR forward at few tokens (decoding): the few-token path against the tiled kernel, dense F.linear
 and MKL's CSR (torch.sparse.mm), on the t5-base FFN shapes, in inference mode.
 
     python benches/csr_few_tokens.py [--tokens 1 2 4 8] [--rounds 7]
 
 Each round times every provider once, in the same order, on the same inputs (ours with
-set_csr_few_tokens(8) for the gather path and 0 for the tiled kernel); the table gives each
+set_csr_few_tokens(8) for the few-token path and 0 for the tiled kernel); the table gives each
 provider's median over the rounds as a ratio of dense's median. The bytes limit is what reading the
 weight costs against dense (4 B per weight): 6 B per kept weight with an int16 index, so
 1.5 x density. The crossover it shows is what csrc/kernel_policy.cpp's kDefaultCsrFewTokens is set
@@ -54,7 +54,7 @@ def main(argv=None):
     before = ops.get_csr_few_tokens()
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, kernels {ops.cpu_isa()}; "
           f"median of {a.rounds} rounds; time against dense F.linear\n")
-    print("| shape | density | tokens | gather path | tiled kernel | MKL CSR | bytes limit | dense |")
+    print("| shape | density | tokens | few-token path | tiled kernel | MKL CSR | bytes limit | dense |")
     print("|---|---|---|---|---|---|---|---|")
     try:
         for in_f, out_f in SHAPES:
@@ -71,20 +71,20 @@ def main(argv=None):
                         ops.set_csr_few_tokens(few)
                         return ops.csr_linear(x, layer.values, layer.row_ptr, layer.col_idx, out_f, in_f, None)
 
-                    providers = {"gather": lambda: ours(min(8, tokens)), "tiled": lambda: ours(0),
+                    providers = {"few": lambda: ours(min(8, tokens)), "tiled": lambda: ours(0),
                                  "mkl": lambda: torch.sparse.mm(csr, x.t()), "dense": lambda: F.linear(x, w)}
                     times = {k: [] for k in providers}
                     with torch.inference_mode(), kernel_policy("sparse"):
                         for fn in providers.values():  # warm-up, and the results agree
                             fn()
-                        torch.testing.assert_close(providers["gather"](), providers["dense"](), rtol=1e-4, atol=1e-3)
+                        torch.testing.assert_close(providers["few"](), providers["dense"](), rtol=1e-4, atol=1e-3)
                         for _ in range(a.rounds):
                             for k, fn in providers.items():
                                 times[k].append(timed(fn, a.calls))
                     med = {k: statistics.median(v) for k, v in times.items()}
                     limit = 6 * layer.nnz / (4 * out_f * in_f) if layer.col_idx.element_size() == 2 else \
                         8 * layer.nnz / (4 * out_f * in_f)
-                    print(f"| {in_f}->{out_f} | {density:g} | {tokens} | {med['gather'] / med['dense']:.2f}x | "
+                    print(f"| {in_f}->{out_f} | {density:g} | {tokens} | {med['few'] / med['dense']:.2f}x | "
                           f"{med['tiled'] / med['dense']:.2f}x | {med['mkl'] / med['dense']:.2f}x | {limit:.2f}x | "
                           f"{med['dense'] * 1e6:.0f} us |", flush=True)
     finally:

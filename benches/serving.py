@@ -63,14 +63,14 @@ def main(argv=None):
     p.add_argument("--source", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--csr-few-tokens", type=int, default=None,
-                   help="calls of up to this many tokens take the CSR gather path (default: the built-in; 0: off)")
+                   help="calls of up to this many tokens take the CSR few-token path (default: the built-in; 0: off)")
     a = p.parse_args(argv)
     if a.csr_few_tokens is not None:
         torch.ops.sparse_t5.set_csr_few_tokens(a.csr_few_tokens)
     models = build(a.shape, a.variants)
     print(f"{a.shape}, random weights, source {a.source}, {a.new_tokens} new tokens, inference mode, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, kernels {torch.ops.sparse_t5.cpu_isa()}, "
-          f"CSR gather path up to {torch.ops.sparse_t5.get_csr_few_tokens()} tokens; "
+          f"CSR few-token path up to {torch.ops.sparse_t5.get_csr_few_tokens()} tokens; "
           f"median of {a.rounds} rounds; time against HF dense\n")
     print("| batch | run | HF dense | " + " | ".join(a.variants) + " |")
     print("|---|---|---|" + "---|" * len(a.variants))

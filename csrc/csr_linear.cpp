@@ -90,8 +90,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   if (method == Method::kMkl && mkl_applies(x.scalar_type(), values.size(0)))
     return csr_linear_mkl_cpu(xc, vc, row_ptr, col_idx, tokens, out_features, in_features, bc, y);
   const auto& kernels = cpu::active_kernels();
-  if (tokens <= csr_few_tokens() && kernels.csr_forward_few != nullptr && dt != cpu::DType::kFloat64 &&
-      in_features < (int64_t{1} << 29)) {  // the gathers take 32-bit byte offsets
+  if (tokens <= csr_few_tokens() && dt != cpu::DType::kFloat64) {
     at::Tensor xbuf = dt == cpu::DType::kFloat32 ? at::Tensor() : at::empty({tokens * in_features}, at::kFloat);
     kernels.csr_forward_few(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt, xc.data_ptr(), tokens,
                             bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(),

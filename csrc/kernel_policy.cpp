@@ -69,12 +69,13 @@ void set_kernel_policy(const std::string& policy) {
 }
 
 namespace {
-// 1: on an AMD EPYC (AVX-512, 2 threads, t5-base FFN shapes) the gather path beat the tiled kernel
-// at 1 token (1.5-2.1x against 2.2-2.9x of dense F.linear at density 0.5; 0.39-0.46x against
-// 0.43-0.58x at 0.1) and lost from 2 tokens on (1.2-1.4x against 0.85-1.6x at 0.5), since each
-// further token costs one more gather per 16 nonzeros. `python benches/csr_few_tokens.py` measures
-// the crossover on another CPU; set_csr_few_tokens changes it.
-constexpr int64_t kDefaultCsrFewTokens = 1;
+// 3: on an AMD EPYC (AVX-512, 2 threads, t5-base FFN shapes, `benches/csr_few_tokens.py`) the
+// few-token path beat the tiled kernel at 1 and 2 tokens in all four cases (0.91-0.96x against
+// 1.56-2.09x of dense F.linear at density 0.5 and 1 token; 0.27-0.29x against 0.43-1.02x at 0.1),
+// tied or won at 3 (0.63-0.72x against 0.62-0.88x at 0.5) and lost from 4-6 on, where its 2 + T
+// scalar loads per nonzero cost more than the tiled kernel's vectors. The script measures the
+// crossover on another CPU; set_csr_few_tokens changes it.
+constexpr int64_t kDefaultCsrFewTokens = 3;
 std::atomic<int64_t> g_csr_few_tokens{kDefaultCsrFewTokens};
 }  // namespace
 

@@ -44,7 +44,7 @@ TORCH_LIBRARY(sparse_t5, m) {
   m.def("set_kernel_policy(str policy) -> ()", &sparse_t5::set_kernel_policy);
   m.def("get_kernel_policy() -> str", &sparse_t5::get_kernel_policy);
   m.def("set_method_table(str device_class, Tensor table) -> ()", &sparse_t5::set_method_table);
-  // Token counts up to which the CPU CSR forward takes its few-token (gather) path; 0: off.
+  // Token counts up to which the CPU CSR forward takes its few-token path; 0: off.
   m.def("set_csr_few_tokens(int tokens) -> ()", &sparse_t5::set_csr_few_tokens);
   m.def("get_csr_few_tokens() -> int", &sparse_t5::csr_few_tokens);
   m.def("choose_method(str device_class, str op, ScalarType dtype, int tokens, int out_features, "

@@ -13,7 +13,7 @@ exact methods (issue 15):
   on GPU one dense copy (triton_kernels/transient_dense.py);
 - ``mkl``, a third method of the CPU CSR forward in fp32/fp64 only: torch's sparse CSR product
   (MKL's CSR GEMM) on a CSR tensor viewing the values (csrc/csr_linear.cpp). Issue 32 measured it
-  ahead at 1 token on an Intel Xeon, before the gather path; on this project's AMD EPYC it never
+  ahead at 1 token on an Intel Xeon, before the few-token path; on this project's AMD EPYC it never
   won (README "Exact methods per op"), so only a table measured where it wins chooses it.
 
 The policy, process-wide like ``torch.backends`` flags:
@@ -86,7 +86,7 @@ def kernel_policy(policy: str):
 
 
 def set_csr_few_tokens(tokens: int) -> None:
-    """Calls of 1 to `tokens` tokens (at most 8; 0: none) take the CPU CSR forward's gather path
+    """Calls of 1 to `tokens` tokens (at most 8; 0: none) take the CPU CSR forward's few-token path
     (csrc/cpu/csr_kernels_impl.h) instead of the tiled kernel. The default is the crossover
     measured with benches/csr_few_tokens.py (README "How the CSR kernels work")."""
     _ops.set_csr_few_tokens(int(tokens))

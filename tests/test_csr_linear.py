@@ -138,7 +138,7 @@ def test_wide_layers_index_columns_past_int16(in_features, index_dtype):
     mask[:, -1] = True  # the last column: 65535 must not read as -1
     layer = SparseLinear.from_dense(weight, mask)
     assert layer.col_idx.dtype == index_dtype
-    for tokens in (1, 4, 40):  # the few-token gather path and the tiled kernels
+    for tokens in (1, 4, 40):  # the few-token path and the tiled kernels
         x = torch.randn(tokens, in_features, generator=g, requires_grad=True)
         y = layer(x)
         ref_w = (weight * mask).requires_grad_()
@@ -296,7 +296,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), (dtype, T)
         gv = (torch.ones(T, o, dtype=torch.float64).t() @ x.detach().double())[m]
         assert (layer.values.grad.double() - gv).abs().max() <= tol * gv.abs().max(), (dtype, T)
-torch.ops.sparse_t5.set_csr_few_tokens(8)  # the few-token (gather) forward: its own code per variant
+torch.ops.sparse_t5.set_csr_few_tokens(8)  # the few-token forward: its own code per variant
 for dtype in (torch.float32, torch.bfloat16):
     for T in range(1, 9):
         w = torch.randn(70, 100, generator=g).to(dtype); m = torch.rand(70, 100, generator=g) > 0.6
@@ -332,7 +332,7 @@ def test_every_kernel_variant(isa):
 
 @pytest.fixture
 def few_token_path():
-    """The CSR forward's few-token (gather) path for every call of 1-8 tokens, then the default."""
+    """The CSR forward's few-token path for every call of 1-8 tokens, then the default."""
     ops = torch.ops.sparse_t5
     before = ops.get_csr_few_tokens()
     ops.set_csr_few_tokens(8)
@@ -344,8 +344,8 @@ def few_token_path():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", range(1, 10))
 def test_few_token_forward_matches_dense(few_token_path, tokens, dtype, index_dtype):
-    """1-8 tokens take the gather path (9 the tiled kernel): ragged rows (chunks of 16 nonzeros with
-    a partial last one), empty rows, a full row, an empty layer, int16 and int32 column indices."""
+    """1-8 tokens take the few-token path (9 the tiled kernel): ragged rows (unrolled by 4, with
+    a remainder), empty rows, a full row, an empty layer, uint16, int16 and int32 column indices."""
     ops = torch.ops.sparse_t5
     g = torch.Generator().manual_seed(tokens)
     for out_f, in_f, density in ((77, 123, 0.5), (40, 700, 0.03), (33, 50, 1.0), (16, 40, 0.0), (9, 1, 0.7)):

@@ -87,125 +87,47 @@ void csr_forward_t(const CsrView& w, const S* x, int64_t tokens, const S* bias, 
 }
 
 // ---- forward for a few tokens (decoding steps) ---------------------------------------------------
-// With 1 <= T <= 8 tokens (the binding's csr_few_tokens setting) a token tile is mostly padding: the tiled kernel above spends one
-// 16-lane FMA (and a 64-byte panel load) per nonzero for 1 useful lane, and its per-row FMA chain
-// is latency-bound. This path vectorises across a row's nonzeros instead: 16 values and 16 column
-// indices are loaded once, and for each token one hardware gather fetches x[t, col[k..k+15]] from
-// the (L1-resident) input row, one FMA per token per 16 nonzeros. Values and indices are read once
-// per call, as a dense GEMV reads its weight once: 6 bytes per kept weight (16-bit index) against
-// dense's 4 per weight. fold_lanes then sums 16 rows' accumulators at once. Built where a gather is
-// one instruction (AVX-512 vgatherdps, AVX2 two ymm gathers); elsewhere the tiled kernel runs.
-#if defined(SPARSE_T5_GATHER)
-
-typedef uint16_t VS16 __attribute__((vector_size(32)));  // 16 uint16 column indices (zero-extended below)
-
-// x[idx[l]] for lanes l < n, 0 elsewhere (the masked lanes read nothing).
-__attribute__((always_inline)) inline V16 gather16(const float* x, const VI16& idx, int n) {
-#if SPARSE_T5_GATHER == 512
-  const __mmask16 m = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : ((1u << n) - 1u));
-  __m512i i;
-  __builtin_memcpy(&i, &idx, 64);
-  const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, i, x, 4);
-  V16 r;
-  __builtin_memcpy(&r, &g, 64);
-  return r;
-#else
-  const VI16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const VI16 live = lane < (VI16{} + n);  // all ones where l < n
-  __m256i i0, i1, m0, m1;
-  __builtin_memcpy(&i0, &idx, 32);
-  __builtin_memcpy(&i1, reinterpret_cast<const char*>(&idx) + 32, 32);
-  __builtin_memcpy(&m0, &live, 32);
-  __builtin_memcpy(&m1, reinterpret_cast<const char*>(&live) + 32, 32);
-  const __m256 z = _mm256_setzero_ps();
-  const __m256 g0 = _mm256_mask_i32gather_ps(z, x, i0, _mm256_castsi256_ps(m0), 4);
-  const __m256 g1 = _mm256_mask_i32gather_ps(z, x, i1, _mm256_castsi256_ps(m1), 4);
-  V16 r;
-  __builtin_memcpy(&r, &g0, 32);
-  __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &g1, 32);
-  return r;
-#endif
-}
-
-template <typename S, typename I>
-__attribute__((always_inline)) inline void load16(const S* values, const I* col, int64_t k, int n, V16& v, VI16& c) {
-  if (n == 16) {
-    if constexpr (IsFloat<S>::value) {
-      v = vload<V16>(values + k);
-    } else {
-      float f[16];
-      for (int l = 0; l < 16; ++l) f[l] = load_scalar(values + k + l);
-      v = vload<V16>(f);
-    }
-    if constexpr (sizeof(I) == 2) {
-      c = __builtin_convertvector(vload<VS16>(col + k), VI16);
-    } else {
-      c = vload<VI16>(col + k);
-    }
-    return;
-  }
-  // The row's last, partial chunk: zero-padded copies (never a read past the row's arrays).
-  float f[16] = {0};
-  int32_t ci[16] = {0};
-  for (int l = 0; l < n; ++l) {
-    f[l] = load_scalar(values + k + l);
-    ci[l] = static_cast<int32_t>(col[k + l]);
-  }
-  v = vload<V16>(f);
-  c = vload<VI16>(ci);
-}
-
+// With 1 <= T <= 8 tokens (the binding's csr_few_tokens setting) a token tile is mostly padding: the
+// tiled kernel above spends one 16-lane FMA (and a 64-byte panel load) per nonzero for 1 useful lane.
+// This path walks each row's nonzeros with scalar loads: the value, its column, and for each token
+// x[t, col] from the (L1-resident) input rows, into four independent accumulators per token (one
+// FMA chain would be latency-bound). Values and indices are read once per call, as a dense GEMV
+// reads its weight once. Scalar loads, not hardware gathers: an earlier version loaded 16 columns
+// and fetched x with one vgatherdps per token per 16 nonzeros, and on an AMD EPYC (AVX-512) that
+// gather, not memory, bounded it; the scalar loop took 0.6-0.9x of its time at 1 token and 0.5-0.7x
+// at 2-4 (benches/csr_few_tokens.py; README "Serving a pruned model"). It needs no gather, so every
+// ISA variant has it. A row costs 2 + T loads per nonzero: past a few tokens the tiled kernel's
+// vectors win (the crossover: csrc/kernel_policy.cpp, kDefaultCsrFewTokens).
 template <typename S, typename I, int T>
 void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, const Parallel& par) {
   const int64_t in = w.in_features, out = w.out_features;
   const S* values = static_cast<const S*>(w.values);
   const I* col = static_cast<const I*>(w.col_idx);
   const int32_t* row_ptr = w.row_ptr;
-  const int64_t nrb = (out + 15) / 16;
   auto body = [&](int64_t b, int64_t e) {
-    V16 p[T][16];
-    for (int64_t rb = b; rb < e; ++rb) {
-      const int64_t r0 = rb * 16, nrows = min_i64(16, out - r0);
-      for (int64_t i = 0; i < 16; ++i) {
-        // Two accumulators per token (even and odd chunks, unrolled so that both stay in
-        // registers) hide the FMA latency at T = 1.
-        V16 acc0[T], acc1[T];
-        for (int t = 0; t < T; ++t) acc0[t] = acc1[t] = V16{};
-        if (i < nrows) {
-          const int64_t k_end = row_ptr[r0 + i + 1];
-          int64_t k = row_ptr[r0 + i];
-          for (; k + 32 <= k_end; k += 32) {
-            V16 v0, v1;
-            VI16 c0, c1;
-            load16<S, I>(values, col, k, 16, v0, c0);
-            load16<S, I>(values, col, k + 16, 16, v1, c1);
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t k_end = row_ptr[r + 1];
+      int64_t k = row_ptr[r];
+      float acc[T][4] = {};
+      for (; k + 4 <= k_end; k += 4) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const float v = load_scalar(values + k + u);
+          const int64_t c = static_cast<int64_t>(col[k + u]);  // uint16 zero-extends; int32 is >= 0
 #pragma GCC unroll 8
-            for (int t = 0; t < T; ++t) {
-              acc0[t] += v0 * gather16(x + t * in, c0, 16);
-              acc1[t] += v1 * gather16(x + t * in, c1, 16);
-            }
-          }
-          for (; k < k_end; k += 16) {
-            const int n = static_cast<int>(min_i64(16, k_end - k));
-            V16 v;
-            VI16 c;
-            load16<S, I>(values, col, k, n, v, c);
-#pragma GCC unroll 8
-            for (int t = 0; t < T; ++t) acc0[t] += v * gather16(x + t * in, c, n);
-          }
-        }
-        for (int t = 0; t < T; ++t) p[t][i] = acc0[t] + acc1[t];
-      }
-      for (int t = 0; t < T; ++t) {
-        fold_lanes(p[t]);
-        for (int64_t i = 0; i < nrows; ++i) {
-          const float b_i = bias ? load_scalar(bias + r0 + i) : 0.f;
-          store_scalar(y + t * out + r0 + i, p[t][0][i] + b_i);
+          for (int t = 0; t < T; ++t) acc[t][u] += v * x[t * in + c];
         }
       }
+      for (; k < k_end; ++k) {
+        const float v = load_scalar(values + k);
+        const int64_t c = static_cast<int64_t>(col[k]);
+        for (int t = 0; t < T; ++t) acc[t][0] += v * x[t * in + c];
+      }
+      const float b_r = bias ? load_scalar(bias + r) : 0.f;
+      for (int t = 0; t < T; ++t) store_scalar(y + t * out + r, (acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3]) + b_r);
     }
   };
-  parallel_run(par, nrb, body);
+  parallel_run(par, out, body);
 }
 
 template <typename S, typename I>
@@ -219,7 +141,6 @@ void csr_forward_few(const CsrView& w, const S* x, int64_t tokens, const S* bias
 #undef SPARSE_T5_FEW_CASE
   }
 }
-#endif
 
 // ---- backward input: dx = dy W ----------------------------------------------------------------
 template <typename S, typename I, int NV>
@@ -358,7 +279,6 @@ void csr_sddmm(const CsrView& w, DType dt, const void* dy, const void* x, int64_
       static_cast<typename ComputeOf<S>::type*>(dvalues_acc), par)))
 }
 
-#if defined(SPARSE_T5_GATHER)
 void csr_forward_few_entry(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias, void* y,
                            void* xbuf, const Parallel& par) {
 #define SPARSE_T5_FEW_IDX(S_)                                                                          \
@@ -375,7 +295,6 @@ void csr_forward_few_entry(const CsrView& w, DType dt, const void* x, int64_t to
   }
 #undef SPARSE_T5_FEW_IDX
 }
-#endif
 
 #undef SPARSE_T5_DISPATCH
 #undef SPARSE_T5_DISPATCH_IDX

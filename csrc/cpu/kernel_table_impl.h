@@ -11,12 +11,8 @@ namespace sparse_t5 {
 namespace cpu {
 
 const KernelTable& SPARSE_T5_TABLE_FN() {
-#if defined(SPARSE_T5_GATHER)
-  constexpr auto csr_forward_few = &SPARSE_T5_ISA_NS::csr_forward_few_entry;
-#else
-  constexpr decltype(KernelTable::csr_forward_few) csr_forward_few = nullptr;
-#endif
-  static const KernelTable table = {SPARSE_T5_ISA_NAME, &SPARSE_T5_ISA_NS::csr_forward, csr_forward_few,
+  static const KernelTable table = {SPARSE_T5_ISA_NAME, &SPARSE_T5_ISA_NS::csr_forward,
+                                    &SPARSE_T5_ISA_NS::csr_forward_few_entry,
                                     &SPARSE_T5_ISA_NS::csr_backward_input, &SPARSE_T5_ISA_NS::csr_sddmm,
                                     &SPARSE_T5_ISA_NS::semi24_forward, &SPARSE_T5_ISA_NS::semi24_backward_input,
                                     &SPARSE_T5_ISA_NS::semi24_sddmm};

@@ -12,8 +12,6 @@
 #define SPARSE_T5_ACC_SETS 1
 // 2:4 forward: output rows per register block (4 rows x 2 vectors of 2 ymm = 16 ymm, all of AVX2's registers; fewer rows reuse x less).
 #define SPARSE_T5_24_ROWS 4
-// CSR forward for a few tokens: hardware gathers (two ymm vgatherdps per 16 nonzeros).
-#define SPARSE_T5_GATHER 256
 #include <immintrin.h>
 #include "kernel_table_impl.h"
 #pragma GCC pop_options

@@ -14,8 +14,6 @@
 #define SPARSE_T5_24_ROWS 8
 // Two-source permutes are one instruction (vpermt2ps): enables the few-token 2:4 forward.
 #define SPARSE_T5_HAS_PERMUTE2 1
-// CSR forward for a few tokens: hardware gathers (one zmm vgatherdps per 16 nonzeros).
-#define SPARSE_T5_GATHER 512
 #include <immintrin.h>
 #include "kernel_table_impl.h"
 #pragma GCC pop_options
