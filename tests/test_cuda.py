@@ -136,3 +136,12 @@ def test_dsi_train_runs_on_cuda_and_reports_gpu_memory(tmp_path):
     # a checkpoint written on the GPU resumes on the CPU
     model = SparseT5ForConditionalGeneration.from_pretrained(os.path.join(out, "baseline", "last"), map_location="cpu")
     assert model.device.type == "cpu"
+
+
+def test_bf16_with_8bit_adamw_trains_saves_and_reloads_on_cuda(tmp_path):
+    """The bf16 + 8-bit AdamW (stochastic rounding) recovery path of #34 on a GPU: the same checks as
+    tests/test_optim.py runs on CPU (the loss falls, bf16 throughout, bf16 checkpoint, same logits)."""
+    pytest.importorskip("torchao.optim", reason="make test installs torchao (the lowbit extra)")
+    from test_optim import bf16_training_round_trip
+
+    bf16_training_round_trip(tmp_path, "cuda")

@@ -159,7 +159,7 @@ def loss_step(model, opt):
     ids = torch.randint(2, 64, (4, 10), generator=g)
     labels = torch.randint(2, 64, (4, 5), generator=g)
     opt.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=labels).loss
+    loss = model(input_ids=ids.to(model.device), labels=labels.to(model.device)).loss
     loss.backward()
     opt.step()
     return loss.item()
@@ -250,15 +250,20 @@ def test_schedulers_set_the_rate_in_place():
 
 
 def test_a_bf16_sparse_model_trains_saves_and_reloads_in_bf16(tmp_path):
+    bf16_training_round_trip(tmp_path, "cpu")
+
+
+def bf16_training_round_trip(tmp_path, device):
     """bf16 end to end on our model: values, gradients and the dense parts in bf16, the loss in fp32,
-    the checkpoint written in bf16 and loaded back in bf16 ("auto" or asked), to identical logits."""
-    model = sparse_model(torch.bfloat16).train()
+    the checkpoint written in bf16 and loaded back in bf16 ("auto" or asked), to identical logits.
+    tests/test_cuda.py runs the same on a GPU."""
+    model = sparse_model(torch.bfloat16).to(device).train()
     opt = make_optimizer(model.parameters(), "adamw8bit", lr=3e-3, betas=(0.9, 0.98), bf16_stochastic_round=True)
     losses = [loss_step(model, opt) for _ in range(8)]
     assert losses[-1] < losses[0] - 0.5, losses
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert all(p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.grad is not None)
-    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(2, 64, (2, 7), generator=torch.Generator().manual_seed(5)).to(device)
     out = model(input_ids=ids, labels=ids[:, :3])
     assert out.loss.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(
@@ -273,7 +278,7 @@ def test_a_bf16_sparse_model_trains_saves_and_reloads_in_bf16(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=ids, decoder_input_ids=ids[:, :3]).logits
         for dtype in ("auto", torch.bfloat16):
-            reloaded = SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "ckpt", dtype=dtype)
+            reloaded = SparseT5ForConditionalGeneration.from_pretrained(tmp_path / "ckpt", dtype=dtype).to(device)
             assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
             assert torch.equal(reloaded(input_ids=ids, decoder_input_ids=ids[:, :3]).logits, logits)
 
