@@ -96,9 +96,9 @@ void csr_forward_t(const CsrView& w, const S* x, int64_t tokens, const S* bias, 
 // and fetched x with one vgatherdps per token per 16 nonzeros, and on an AMD EPYC (AVX-512) that
 // gather, not memory, bounded it; the scalar loop took 0.73-0.91x of its time at 1 token (fp32;
 // bf16 0.74-1.05x) and 0.47-0.82x at 2-4 (old build against new in interleaved processes, t5-base
-// FFN shapes; README "Serving a pruned model"). It needs no gather, so every
-// ISA variant has it. A row costs 2 + T loads per nonzero: past a few tokens the tiled kernel's
-// vectors win (the crossover: csrc/kernel_policy.cpp, kDefaultCsrFewTokens).
+// FFN shapes; README "Serving a pruned model"). It needs no gather, so every ISA variant has it.
+// A row costs 2 + T loads per nonzero: past a few tokens the tiled kernel's vectors win (the
+// crossover: csrc/kernel_policy.cpp, kDefaultCsrFewTokens).
 template <typename S, typename I, int T>
 void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, const Parallel& par) {
   const int64_t in = w.in_features, out = w.out_features;
