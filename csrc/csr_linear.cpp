@@ -122,11 +122,39 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
 
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor vc = values.contiguous();
+  const cpu::CsrView w = csr_view(vc, row_ptr, col_idx, out_features, in_features);
+  const auto& kernels = cpu::active_kernels();
+  const int64_t from = csr_dx_transpose_tokens();
+  if (from > 0 && tokens >= from) {
+    // dx = dy W as the forward over a transient Wᵀ (csr_kernels_impl.h, csr_transpose_t says why).
+    const int64_t nnz = values.size(0), parts = at::get_num_threads();
+    const bool rows16 = out_features <= 65536;
+    at::Tensor t_values = at::empty({nnz}, values.options());
+    at::Tensor t_ptr = at::empty({in_features + 1}, at::kInt);
+    at::Tensor t_rows = at::empty({nnz}, rows16 ? at::kShort : at::kInt);
+    at::Tensor counts = at::empty({parts * in_features}, at::kInt);
+    kernels.csr_transpose(w, dt, t_values.data_ptr(), t_ptr.data_ptr<int32_t>(), t_rows.data_ptr(),
+                          counts.data_ptr<int32_t>(), parts, cpu::aten_parallel());
+    counts.reset();
+    cpu::CsrView wt;
+    wt.values = t_values.data_ptr();
+    wt.row_ptr = t_ptr.data_ptr<int32_t>();
+    wt.col_idx = t_rows.data_ptr();
+    wt.col_idx_is_16bit = rows16;
+    wt.out_features = in_features;
+    wt.in_features = out_features;
+    wt.nnz = nnz;
+    const int nv = vectors_per_tile(tokens, dt, 1);
+    at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
+    kernels.csr_forward(wt, dt, gc.data_ptr(), tokens, nullptr, dx.data_ptr(), dy_panels.data_ptr(), nv,
+                        cpu::aten_parallel());
+    return dx;
+  }
   const int nv = vectors_per_tile(tokens, dt, at::get_num_threads());
   at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
   at::Tensor dx_panels = panels(tokens, in_features, nv, dt);
-  cpu::active_kernels().csr_backward_input(
-      csr_view(vc, row_ptr, col_idx, out_features, in_features), dt, gc.data_ptr(), tokens,
+  kernels.csr_backward_input(
+      w, dt, gc.data_ptr(), tokens,
       dx.data_ptr(), dy_panels.data_ptr(), dx_panels.data_ptr(), nv, cpu::aten_parallel());
   return dx;
 }

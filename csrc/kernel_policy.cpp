@@ -87,6 +87,22 @@ void set_csr_few_tokens(int64_t tokens) {
 
 int64_t csr_few_tokens() { return g_csr_few_tokens.load(); }
 
+namespace {
+// 256: on an AMD EPYC (AVX-512, 2 threads; `python benches/csr_dx.py`: t5-small, t5-base and
+// t5-large FFN shapes and 768 x 768, density 0.5 and 0.1) the transpose took 0.67-1.14x the
+// scatter's time at 256 tokens (11 of 14 cases faster), 0.56-0.87x at 512 and 0.53-0.81x at 1024;
+// at 128 tokens 0.84-1.62x, its O(nnz) build not yet paid for. set_csr_dx_transpose_tokens changes it.
+constexpr int64_t kDefaultCsrDxTransposeTokens = 256;
+std::atomic<int64_t> g_csr_dx_transpose_tokens{kDefaultCsrDxTransposeTokens};
+}  // namespace
+
+void set_csr_dx_transpose_tokens(int64_t tokens) {
+  TORCH_CHECK_VALUE(tokens >= 0, "sparse_t5: csr_dx_transpose_tokens must be >= 0 (0: off), got ", tokens);
+  g_csr_dx_transpose_tokens.store(tokens);
+}
+
+int64_t csr_dx_transpose_tokens() { return g_csr_dx_transpose_tokens.load(); }
+
 std::string get_kernel_policy() {
   switch (static_cast<Policy>(g_policy.load())) {
     case Policy::kSparse: return "sparse";

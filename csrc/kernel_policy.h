@@ -41,13 +41,19 @@ std::string get_kernel_policy();
 // density, method 0 sparse | 1 dense | 2 mkl, the last for the CPU CSR forward only). Replaces the
 // device class's table.
 void set_method_table(const std::string& device_class, const at::Tensor& table);
-// The CPU CSR forward's few-token path (csrc/cpu/csr_kernels_impl.h, gathers across each row's
+// The CPU CSR forward's few-token path (csrc/cpu/csr_kernels_impl.h, scalar loads along each row's
 // nonzeros) serves calls of 1 to csr_few_tokens() tokens; more go to the tiled kernel. 0 turns it
 // off. Process-wide, at most kMaxCsrFewTokens; the default is the crossover measured on CPUs of this
 // project's machines (README "How the CSR kernels work").
 constexpr int64_t kMaxCsrFewTokens = 8;
 void set_csr_few_tokens(int64_t tokens);
 int64_t csr_few_tokens();
+// The CPU CSR dx = dy W (sparse method) runs as the forward over a transient Wᵀ from
+// csr_dx_transpose_tokens() tokens on, and as the scatter below that (csrc/cpu/csr_kernels_impl.h).
+// 0 turns the transpose off. Process-wide; the default is the crossover measured on this project's
+// machines (`python benches/csr_dx.py`).
+void set_csr_dx_transpose_tokens(int64_t tokens);
+int64_t csr_dx_transpose_tokens();
 // "sparse", "dense" or "mkl" for one call under the current policy; op by schema name.
 std::string choose_method_op(const std::string& device_class, const std::string& op, at::ScalarType dtype,
                              int64_t tokens, int64_t out_features, int64_t in_features, double density);

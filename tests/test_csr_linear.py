@@ -296,6 +296,15 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), (dtype, T)
         gv = (torch.ones(T, o, dtype=torch.float64).t() @ x.detach().double())[m]
         assert (layer.values.grad.double() - gv).abs().max() <= tol * gv.abs().max(), (dtype, T)
+torch.ops.sparse_t5.set_csr_dx_transpose_tokens(1)  # dx as the forward over a transient W^T
+for dtype in (torch.float32, torch.bfloat16, torch.float64):
+    w = torch.randn(40, 90, generator=g).to(dtype); m = torch.rand(40, 90, generator=g) > 0.7
+    layer = SparseLinear.from_dense(w, m)
+    x = torch.randn(70, 90, generator=g).to(dtype).requires_grad_()
+    layer(x).sum().backward()
+    gx = torch.ones(70, 40, dtype=torch.float64) @ (w * m).double()
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), ("dx transpose", dtype)
 torch.ops.sparse_t5.set_csr_few_tokens(8)  # the few-token forward: its own code per variant
 for dtype in (torch.float32, torch.bfloat16):
     for T in range(1, 9):
@@ -372,3 +381,58 @@ def test_few_token_setting_is_checked():
 
 def test_default_variant_is_the_best_supported():
     assert cpu_isa() == _supported_isas()[-1] or "SPARSE_T5_CPU_ISA" in os.environ
+
+
+@pytest.fixture(params=["scatter", "transpose"])
+def dx_path(request):
+    """The CSR dx = dy W by each of its two sparse paths, whatever the token count, then the default."""
+    ops = torch.ops.sparse_t5
+    before = ops.get_csr_dx_transpose_tokens()
+    ops.set_csr_dx_transpose_tokens(0 if request.param == "scatter" else 1)
+    yield request.param
+    ops.set_csr_dx_transpose_tokens(before)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.uint16, torch.int16, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_backward_input_paths_match_dense(dx_path, dtype, index_dtype):
+    """Both dx paths (the scatter; the forward over a transient transpose) on ragged rows, an empty
+    row, an empty column, a full row, an empty layer, 1 token, a partial tile and several tiles."""
+    skip_dtype_under_triton_interpreter(dtype)
+    ops = torch.ops.sparse_t5
+    g = torch.Generator().manual_seed(5)
+    for out_f, in_f, density in ((77, 123, 0.5), (40, 700, 0.03), (33, 50, 1.0), (16, 40, 0.0), (9, 1, 0.7)):
+        mask = torch.rand(out_f, in_f, generator=g) < density
+        mask[min(3, out_f - 1)] = False  # an empty row
+        mask[:, min(2, in_f - 1)] = False  # an empty column (an empty row of the transpose)
+        w = (torch.randn(out_f, in_f, generator=g) * mask).to(dtype)
+        rows, cols = mask.nonzero(as_tuple=True)
+        row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
+        row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+        for tokens in (1, 70, 300):
+            dy = torch.randn(tokens, out_f, generator=g).to(dtype)
+            dx = ops.csr_linear_backward_input(dy, w[rows, cols].contiguous(), row_ptr,
+                                               cols.to(index_dtype).contiguous(), out_f, in_f)
+            assert_close_rel(dx, dy.double() @ w.double(), dtype, f"{dx_path} {out_f}x{in_f} at {density}, {tokens} tokens")
+
+
+def test_backward_input_transpose_with_a_32bit_row_index(dx_path):
+    """More than 65536 outputs: the transpose's row index is int32 (uint16 below that)."""
+    g = torch.Generator().manual_seed(6)
+    out_f, in_f = 65536 + 40, 3
+    mask = torch.rand(out_f, in_f, generator=g) < 0.01
+    mask[-1] = True  # the last row, past 65535
+    w = torch.randn(out_f, in_f, generator=g) * mask
+    rows, cols = mask.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+    dy = torch.randn(5, out_f, generator=g)
+    dx = torch.ops.sparse_t5.csr_linear_backward_input(dy, w[rows, cols].contiguous(), row_ptr,
+                                                       cols.to(torch.int16).contiguous(), out_f, in_f)
+    assert_close_rel(dx, dy.double() @ w.double(), torch.float32, dx_path)
+
+
+def test_dx_transpose_setting_is_checked():
+    with pytest.raises(ValueError, match="csr_dx_transpose_tokens must be >= 0"):
+        torch.ops.sparse_t5.set_csr_dx_transpose_tokens(-1)
+    assert torch.ops.sparse_t5.get_csr_dx_transpose_tokens() >= 0

@@ -182,6 +182,72 @@ void csr_backward_input_t(const CsrView& w, const S* dy, int64_t tokens, S* dx,
   unpack_panels<S, C>(dxp, tokens, in, TILE, dx, par);
 }
 
+// ---- transpose: Wᵀ as CSR, so that dx = dy W runs as the forward over Wᵀ --------------------------
+// The scatter above (backward_input) stores every dx vector it updates: one store per FMA, and a
+// core stores at most half as many 64-byte vectors per cycle as it loads, so it took about twice the
+// forward's time (t5-base FFN at density 0.1, 512 tokens). Over Wᵀ each dx vector is summed in
+// registers and stored once. The transpose is transient (built per call, freed when the op returns,
+// 6 B per nonzero with a 16-bit row index), so the memory held across a step stays one index; its
+// O(nnz) cost pays only with several token tiles (the binding's threshold, csr_dx_transpose_tokens).
+// Rows are split into `parts` ranges of about equal nonzeros; pass 1 counts each part's columns,
+// a prefix over (column, part) gives every part its own offsets, and pass 2 scatters (row, value)
+// in parallel. Within a column, rows stay ascending.
+template <typename S, typename I, typename J>
+void csr_transpose_t(const CsrView& w, S* t_values, int32_t* t_ptr, J* t_rows, int32_t* counts,
+                     int64_t parts, const Parallel& par) {
+  const int64_t in = w.in_features, out = w.out_features;
+  const S* values = static_cast<const S*>(w.values);
+  const I* col = static_cast<const I*>(w.col_idx);
+  const int32_t* row_ptr = w.row_ptr;
+  const int64_t nnz = row_ptr[out];
+  constexpr int64_t kMaxParts = 64;
+  if (parts > kMaxParts) parts = kMaxParts;
+  if (parts < 1) parts = 1;
+  int64_t first_row[kMaxParts + 1];
+  first_row[0] = 0;
+  for (int64_t p = 1; p < parts; ++p) {  // the first row whose nonzeros start at or past p/parts of nnz
+    const int64_t target = nnz * p / parts;
+    int64_t lo = first_row[p - 1], hi = out;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (row_ptr[mid] < target) lo = mid + 1; else hi = mid;
+    }
+    first_row[p] = lo;
+  }
+  first_row[parts] = out;
+
+  auto count = [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      int32_t* cnt = counts + p * in;
+      __builtin_memset(cnt, 0, sizeof(int32_t) * in);
+      for (int64_t k = row_ptr[first_row[p]]; k < row_ptr[first_row[p + 1]]; ++k) ++cnt[col[k]];
+    }
+  };
+  parallel_run(par, parts, count);
+  int32_t run = 0;
+  for (int64_t c = 0; c < in; ++c) {
+    t_ptr[c] = run;
+    for (int64_t p = 0; p < parts; ++p) {
+      const int32_t n = counts[p * in + c];
+      counts[p * in + c] = run;
+      run += n;
+    }
+  }
+  t_ptr[in] = run;
+  auto scatter = [&](int64_t b, int64_t e) {
+    for (int64_t p = b; p < e; ++p) {
+      int32_t* next = counts + p * in;
+      for (int64_t r = first_row[p]; r < first_row[p + 1]; ++r)
+        for (int64_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {
+          const int32_t pos = next[col[k]]++;
+          t_rows[pos] = static_cast<J>(r);
+          t_values[pos] = values[k];
+        }
+    }
+  };
+  parallel_run(par, parts, scatter);
+}
+
 // ---- sddmm: dvalues at the nonzeros -------------------------------------------------------------
 // dvalues[k] = <dY[:, r], X[:, c]> over the tokens. Threads own blocks of 32 rows (no races on
 // dvalues). Per token tile, a row's dY vectors stay in registers while its nonzeros are walked in
@@ -300,6 +366,31 @@ void csr_sddmm(const CsrView& w, DType dt, const void* dy, const void* x, int64_
       static_cast<typename ComputeOf<S>::type*>(dy_panels),
       static_cast<typename ComputeOf<S>::type*>(x_panels),
       static_cast<typename ComputeOf<S>::type*>(dvalues_acc), par)))
+}
+
+// t_rows is read as uint16 when out_features <= 65536, else int32 (t_rows_16bit in the view of Wᵀ).
+void csr_transpose(const CsrView& w, DType dt, void* t_values, int32_t* t_ptr, void* t_rows, int32_t* counts,
+                   int64_t parts, const Parallel& par) {
+#define SPARSE_T5_TRANSPOSE_J(S_, I_)                                                                    \
+  if (w.out_features <= 65536)                                                                         \
+    csr_transpose_t<S_, I_, uint16_t>(w, static_cast<S_*>(t_values), t_ptr, static_cast<uint16_t*>(t_rows), \
+                                      counts, parts, par);                                             \
+  else                                                                                                 \
+    csr_transpose_t<S_, I_, int32_t>(w, static_cast<S_*>(t_values), t_ptr, static_cast<int32_t*>(t_rows), \
+                                     counts, parts, par);
+#define SPARSE_T5_TRANSPOSE_I(S_)               \
+  if (w.col_idx_is_16bit) {                     \
+    SPARSE_T5_TRANSPOSE_J(S_, uint16_t)         \
+  } else {                                      \
+    SPARSE_T5_TRANSPOSE_J(S_, int32_t)          \
+  }
+  switch (dt) {
+    case DType::kFloat32: { SPARSE_T5_TRANSPOSE_I(float) } break;
+    case DType::kFloat64: { SPARSE_T5_TRANSPOSE_I(double) } break;
+    case DType::kBFloat16: { SPARSE_T5_TRANSPOSE_I(BF16) } break;
+  }
+#undef SPARSE_T5_TRANSPOSE_I
+#undef SPARSE_T5_TRANSPOSE_J
 }
 
 void csr_forward_few_entry(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias, void* y,

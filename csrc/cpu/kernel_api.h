@@ -76,6 +76,11 @@ struct KernelTable {
   void (*csr_sddmm)(const CsrView& w, DType dt, const void* dy, const void* x, int64_t tokens,
                     void* dvalues, void* dy_panels, void* x_panels, void* dvalues_acc,
                     int vectors_per_tile, const Parallel& par);
+  // Wᵀ as CSR [in, out]: t_values [nnz] (dtype dt), t_ptr [in + 1], t_rows [nnz] (uint16 when
+  // out <= 65536, else int32; ascending within a column). counts: parts * in int32 of workspace.
+  // dx = dy W then runs as csr_forward over Wᵀ (csr_kernels_impl.h says when and why).
+  void (*csr_transpose)(const CsrView& w, DType dt, void* t_values, int32_t* t_ptr, void* t_rows,
+                        int32_t* counts, int64_t parts, const Parallel& par);
   // y[T, out] = x[T, in] @ W^T (+ bias[out]) for a 2:4 weight. vectors_per_tile is 1, 2 or 4.
   void (*semi24_forward)(const Semi24View& w, DType dt, const void* x, int64_t tokens, const void* bias,
                          void* y, void* x_panels, int vectors_per_tile, const Parallel& par);

@@ -139,6 +139,36 @@ void check_case(const KernelTable& k, const Case& c, bool idx16, std::mt19937& r
     EXPECT(rel_err(dx, dx_ref) <= tol, "backward_input %s: rel err %g", what.c_str(), rel_err(dx, dx_ref));
     EXPECT(rel_err(dv, dv_ref) <= tol, "sddmm %s: rel err %g", what.c_str(), rel_err(dv, dv_ref));
   }
+  // dx as the forward over the transient transpose (csr_transpose, then csr_forward of Wᵀ), with
+  // 1 and 3 row parts. The transpose is checked entry by entry against the dense matrix too.
+  if (c.tokens >= 1) {
+    for (int64_t parts : {1, 3}) {
+      const size_t nnz = w.values.size();
+      std::vector<T> tv(nnz + 1);
+      std::vector<int32_t> tp(c.in + 1), counts(parts * c.in + 1);
+      std::vector<uint16_t> tr(nnz + 1);  // out <= 65536 in every case here
+      k.csr_transpose(view, dt, tv.data(), tp.data(), tr.data(), counts.data(), parts, par);
+      bool ok = tp[0] == 0 && tp[c.in] == static_cast<int32_t>(nnz);
+      for (int64_t col = 0; ok && col < c.in; ++col)
+        for (int32_t q = tp[col]; ok && q < tp[col + 1]; ++q)
+          ok = (q == tp[col] || tr[q] > tr[q - 1]) &&
+               w.dense[static_cast<int64_t>(tr[q]) * c.in + col] == static_cast<double>(tv[q]);
+      EXPECT(ok, "transpose %s %s parts=%lld: wrong entries", k.name, idx16 ? "u16" : "i32",
+             static_cast<long long>(parts));
+      CsrView wt;
+      wt.values = tv.data();
+      wt.row_ptr = tp.data();
+      wt.col_idx = tr.data();
+      wt.col_idx_is_16bit = true;
+      wt.out_features = c.in;
+      wt.in_features = c.out;
+      wt.nnz = static_cast<int64_t>(nnz);
+      std::vector<T> dx(c.tokens * c.in, T(-7)), dyp(panel_elements(c.tokens, c.out, 4 * lanes_for(dt)));
+      k.csr_forward(wt, dt, dy.data(), c.tokens, nullptr, dx.data(), dyp.data(), 4, par);
+      EXPECT(rel_err(dx, dx_ref) <= tol, "backward_input by transpose %s %s T=%lld: rel err %g", k.name,
+             idx16 ? "u16" : "i32", static_cast<long long>(c.tokens), rel_err(dx, dx_ref));
+    }
+  }
   // The few-token forward (every variant has one): fp32 here (bf16: tests/test_csr_linear.py).
   if (sizeof(T) == 4 && c.tokens >= 1 && c.tokens <= 8) {
     std::vector<T> y(c.tokens * c.out, T(-7));
