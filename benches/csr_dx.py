@@ -6,19 +6,19 @@ dense `dy @ W`, on T5 layer shapes.
 Both are the sparse method of `csr_linear_backward_input` (csrc/cpu/csr_kernels_impl.h): the
 scatter stores every dx vector it updates (one store per FMA); the transpose builds Wᵀ per call
 (O(nnz), transient) and runs the forward kernel over it, which sums each dx vector in registers.
-Each round times every provider once, in the same order, on the same inputs; the table gives each
-provider's median over the rounds against dense's, and the transpose's time against the scatter's.
+The providers run alternately, call by call, on the same inputs (time_interleaved, the loop
+`sparse-t5 tune` times with); the table gives each median against dense's, and the transpose's
+time against the scatter's.
 The crossover it shows is what csrc/kernel_policy.cpp's kDefaultCsrDxTransposeTokens is set from;
 `torch.ops.sparse_t5.set_csr_dx_transpose_tokens(n)` changes it in a process.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-from csr_few_tokens import cpu_name, timed
+from bench_utils import machine_info, time_interleaved
 from sparse_t5 import SparseLinear
 from sparse_t5.kernel_policy import kernel_policy
 
@@ -30,13 +30,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.1])
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--calls", type=int, default=5, help="calls per timing")
+    p.add_argument("--rounds", type=int, default=25, help="timed calls per provider")
     a = p.parse_args(argv)
     ops = torch.ops.sparse_t5
     before = ops.get_csr_dx_transpose_tokens()
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, kernels {ops.cpu_isa()}; "
-          f"median of {a.rounds} rounds; time against dense dy @ W\n")
+    m = machine_info()
+    print(f"{m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, kernels {m['kernel_isa']}; "
+          f"median of {a.rounds} alternating calls each; time against dense dy @ W\n")
     print("| shape | density | tokens | scatter | transpose | transpose / scatter | dense |")
     print("|---|---|---|---|---|---|---|")
     try:
@@ -55,16 +55,10 @@ def main(argv=None):
                                                              out_f, in_f)
 
                     providers = {"scatter": lambda: ours(0), "transpose": lambda: ours(1), "dense": lambda: dy @ w}
-                    times = {k: [] for k in providers}
                     with torch.inference_mode(), kernel_policy("sparse"):
-                        for fn in providers.values():  # warm-up
-                            fn()
                         torch.testing.assert_close(providers["transpose"](), providers["dense"](), rtol=1e-4, atol=1e-3)
                         torch.testing.assert_close(providers["scatter"](), providers["dense"](), rtol=1e-4, atol=1e-3)
-                        for _ in range(a.rounds):
-                            for k, fn in providers.items():
-                                times[k].append(timed(fn, a.calls))
-                    med = {k: statistics.median(v) for k, v in times.items()}
+                        med = time_interleaved(providers, a.rounds)
                     print(f"| {in_f}->{out_f} | {density:g} | {tokens} | {med['scatter'] / med['dense']:.2f}x | "
                           f"{med['transpose'] / med['dense']:.2f}x | {med['transpose'] / med['scatter']:.2f} | "
                           f"{med['dense'] * 1e3:.2f} ms |", flush=True)
