@@ -97,7 +97,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
                             xbuf.defined() ? xbuf.data_ptr() : nullptr, cpu::aten_parallel());
     return y;
   }
-  const int nv = vectors_per_tile(tokens, dt, 1);
+  const int nv = csr_forward_vectors_per_tile(tokens, dt, values.size(0), out_features);
   at::Tensor x_panels = panels(tokens, in_features, nv, dt);
   kernels.csr_forward(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt,
                                     xc.data_ptr(), tokens, bc.defined() ? bc.data_ptr() : nullptr,
@@ -144,7 +144,7 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
     wt.out_features = in_features;
     wt.in_features = out_features;
     wt.nnz = nnz;
-    const int nv = vectors_per_tile(tokens, dt, 1);
+    const int nv = csr_forward_vectors_per_tile(tokens, dt, nnz, in_features);
     at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
     kernels.csr_forward(wt, dt, gc.data_ptr(), tokens, nullptr, dx.data_ptr(), dy_panels.data_ptr(), nv,
                         cpu::aten_parallel());

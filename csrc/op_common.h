@@ -73,6 +73,18 @@ inline int vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t min_tiles) {
   return 1;
 }
 
+// Tile width for the tiled CSR forward (also dX over a transient Wᵀ). With short rows (at most
+// 256 nonzeros per row on average) 2 vectors (32 fp32 tokens) beat 4: on an AMD EPYC (AVX-512,
+// 2 threads) the 2-vector tile took 0.84-0.93x of the 4-vector tile's time at in_features 512-1024
+// and density 0.05-0.2 (t5-base/t5-large FFN and attention shapes, 64-1024 tokens, fp32 and bf16),
+// and 0.93-1.04x at 2048-4096 inputs. Past ~300 nonzeros per row the wide tile wins by 3-9%
+// (density 0.5 at in_features 768-4096), so the rule keys on nonzeros per row, the quantity both
+// findings share. README "How the CSR kernels work" has the table.
+inline int csr_forward_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t nnz, int64_t rows) {
+  const int nv = vectors_per_tile(tokens, dt, 1);
+  return nv == 4 && nnz <= 256 * rows ? 2 : nv;
+}
+
 inline at::Tensor panels(int64_t tokens, int64_t features, int nv, cpu::DType dt) {
   const int64_t tile = nv * cpu::lanes_for(dt);
   return at::empty({cpu::panel_elements(tokens, features, tile)},

@@ -32,6 +32,7 @@ SHAPES = [
     ((40,), 1, 33),         # a single input column
     ((40,), 50, 1),         # a single output row
     ((1,), 512, 48),        # one token (generation)
+    ((70,), 600, 24),       # rows past 256 nonzeros: 64-token tiles (else 32), the last partial
 ]
 
 
@@ -284,7 +285,7 @@ from sparse_t5 import SparseLinear, cpu_isa
 assert cpu_isa() == "{isa}", cpu_isa()
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
-    for T, i, o in ((5, 123, 77), (130, 64, 40), (33, 16, 32)):
+    for T, i, o in ((5, 123, 77), (130, 64, 40), (33, 16, 32), (70, 600, 24)):  # the last: 64-token tiles
         w = torch.randn(o, i, generator=g).to(dtype); m = torch.rand(o, i, generator=g) > 0.5
         layer = SparseLinear.from_dense(w, m, bias=torch.randn(o, generator=g).to(dtype))
         x = torch.randn(T, i, generator=g).to(dtype).requires_grad_()
@@ -298,13 +299,14 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         assert (layer.values.grad.double() - gv).abs().max() <= tol * gv.abs().max(), (dtype, T)
 torch.ops.sparse_t5.set_csr_dx_transpose_tokens(1)  # dx as the forward over a transient W^T
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
-    w = torch.randn(40, 90, generator=g).to(dtype); m = torch.rand(40, 90, generator=g) > 0.7
-    layer = SparseLinear.from_dense(w, m)
-    x = torch.randn(70, 90, generator=g).to(dtype).requires_grad_()
-    layer(x).sum().backward()
-    gx = torch.ones(70, 40, dtype=torch.float64) @ (w * m).double()
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), ("dx transpose", dtype)
+    for o, i in ((40, 90), (1200, 20)):  # W^T rows of ~12 nonzeros (32-token tiles) and ~360 (64)
+        w = torch.randn(o, i, generator=g).to(dtype); m = torch.rand(o, i, generator=g) > 0.7
+        layer = SparseLinear.from_dense(w, m)
+        x = torch.randn(70, i, generator=g).to(dtype).requires_grad_()
+        layer(x).sum().backward()
+        gx = torch.ones(70, o, dtype=torch.float64) @ (w * m).double()
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), ("dx transpose", dtype, o)
 torch.ops.sparse_t5.set_csr_few_tokens(8)  # the few-token forward: its own code per variant
 for dtype in (torch.float32, torch.bfloat16):
     for T in range(1, 9):
