@@ -89,9 +89,11 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def local_bytes(t: torch.Tensor) -> int:
-    """Bytes of `t` held by this rank: its shard if FSDP2 sharded it (a DTensor), else all of it."""
-    t = t.to_local() if hasattr(t, "to_local") else t
-    return t.numel() * t.element_size()
+    """Bytes of `t` held by this rank: its shard if FSDP2 sharded it (a DTensor), else all of it; a
+    quantized optimizer state counts its codes and scales, not its logical size."""
+    from .optim import tensor_bytes
+
+    return tensor_bytes(t.to_local() if hasattr(t, "to_local") else t)
 
 
 def local_state_bytes(model, optimizer=None, sparse_layers_only: bool = False) -> int:
@@ -156,6 +158,8 @@ def full_optimizer_state(model, optimizer) -> dict:
     the shards to rank 0; the other ranks get {})."""
     if not is_sharded(model):
         return optimizer.state_dict()
+    if hasattr(optimizer, "full_state_dict"):  # the low-bit optimizers: shard-local blocks (sparse_t5/optim.py)
+        return optimizer.full_state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     by_name = get_optimizer_state_dict(model, optimizer,
@@ -172,6 +176,9 @@ def load_full_optimizer_state(model, optimizer, state: dict) -> None:
     `optimizer`; on a sharded model each rank keeps its shard of every moment. Collective when sharded."""
     if not is_sharded(model):
         optimizer.load_state_dict(state)
+        return
+    if hasattr(optimizer, "load_full_state_dict"):
+        optimizer.load_full_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -18,6 +18,17 @@ of 256, so torchao's AdamW8bit holds about as many bytes of moments per kept wei
   moments do to recovery. Norm weights of d_model >= block_size are quantized too.
 Everything else is torchao's: its quantization, its update, its state subclasses.
 
+Under FSDP2 a parameter is a DTensor and each rank holds a shard of it (torch.chunk's split of the
+first dimension). Each rank keeps its shard's moments in the same layout as above, over the shard:
+its own block-aligned prefix and tail, as plain local tensors, updated in place through to_local()
+(the storage FSDP2 all-gathers from). So each rank holds about 1/world of the moments, plus one
+tail per shard. torchao's own sharding quantizes a shard only when its length is a multiple of the
+block size. A shard's blocks do not line up with the whole parameter's, so a checkpoint is not the
+ranks' codes side by side: `full_state_dict()` dequantizes each shard's moments, all-gathers them
+and quantizes them again over the whole parameter (one process's layout, which resumes anywhere), and
+`load_full_state_dict()` does the reverse on each rank. Each crossing rounds every value once more,
+by at most half a code gap of its block (tests/test_distributed.py bounds it).
+
 bf16 weights without an fp32 copy need their updates rounded stochastically (`bf16_stochastic_round`,
 torchao's `_fp32_to_bf16_sr`), or an update smaller than half a bf16 ulp is lost. `master_weights`
 keeps an fp32 copy instead (4 B per weight more). The DSI trainer's choice and its measurement: README,
@@ -107,13 +118,7 @@ def low_bit_adamw(name: str) -> type:
             return head if head >= max(self.min_quantized_size, self.block_size) else 0
 
         def _init_state(self, p: torch.Tensor, state: dict) -> None:
-            from torch.distributed.tensor import DTensor
-
-            if isinstance(p, DTensor):
-                raise TypeError(f"sparse_t5's {name} keeps a block-aligned prefix of each parameter and does not "
-                                "shard it: with FSDP2 (a DTensor parameter) use --optim adamw, or torchao's own "
-                                f"{base.__name__}, which shards but keeps full-precision moments for lengths "
-                                f"that are not a multiple of {self.block_size}")
+            p = _local(p)  # under FSDP2, this rank's shard: its own prefix and tail (the module's docstring)
             if not p.is_floating_point():
                 raise TypeError(f"{name} updates floating-point parameters only, got one of dtype {p.dtype} "
                                 f"(shape {tuple(p.shape)})")
@@ -155,11 +160,12 @@ def low_bit_adamw(name: str) -> type:
                         if not state:
                             self._init_state(p, state)
                         state["step"] += 1
-                        if not p.is_contiguous():
+                        local = _local(p)
+                        if not local.is_contiguous():
                             raise RuntimeError(f"{name} needs contiguous parameters, got one of shape {tuple(p.shape)} "
-                                               f"and strides {p.stride()}")
-                        target = state["master"] if self.master_weights else p.detach().view(-1)
-                        grad = p.grad.reshape(-1)
+                                               f"and strides {local.stride()}")
+                        target = state["master"] if self.master_weights else local.detach().view(-1)
+                        grad = _local(p.grad).reshape(-1)
                         sr = self.bf16_stochastic_round and p.dtype == torch.bfloat16 and not self.master_weights
                         args = (group["lr"], group["betas"][0], group["betas"][1], group["weight_decay"],
                                 group["eps"], self.is_adamw, sr)
@@ -167,12 +173,12 @@ def low_bit_adamw(name: str) -> type:
                         if head:
                             update(target[:head], grad[:head], state["step"], state["exp_avg"],
                                    state["exp_avg_sq"], None, *args)
-                        if head < p.numel():  # a short parameter, or the tail: eager, a few hundred values
+                        if head < local.numel():  # a short parameter, or the tail: eager, a few hundred values
                             single_param_adam(target[head:], grad[head:], state["step"],
                                               state.get("exp_avg_tail", state["exp_avg"]),
                                               state.get("exp_avg_sq_tail", state["exp_avg_sq"]), None, *args)
                         if self.master_weights:
-                            p.detach().reshape(-1).copy_(target)  # round to nearest into the bf16 weight
+                            local.detach().reshape(-1).copy_(target)  # round to nearest into the bf16 weight
             return loss
 
         def remap_state(self, old: torch.Tensor, new: torch.Tensor, kept: torch.Tensor) -> None:
@@ -181,24 +187,86 @@ def low_bit_adamw(name: str) -> type:
             state = self.state.pop(old, None)
             if not state:
                 return
-            fresh = {}
-            self._init_state(new, fresh)
-            fresh["step"] = state["step"]
+            moments = {key: m[kept] for key, m in _whole_moments(state).items()}
+            self.state[new] = self._state_from_moments(new, moments, state["step"])
+
+        def _state_from_moments(self, p: torch.Tensor, moments: dict, step: torch.Tensor) -> dict:
+            """A state for `p` (or its shard) in its own layout, holding `moments` (whole, fp32, as
+            _whole_moments gives them)."""
+            state = {}
+            self._init_state(p, state)
+            state["step"] = step.clone()
             for key in ("exp_avg", "exp_avg_sq"):
-                whole = _dequantized(state[key])
-                if key + "_tail" in state:
-                    whole = torch.cat([whole, state[key + "_tail"].float()])
-                whole = whole[kept]
-                head = fresh[key].numel() if _is_quantized(fresh[key]) else 0
+                whole = moments[key]
+                if whole.numel() != _local(p).numel():
+                    raise ValueError(f"optimizer state {key!r} holds {whole.numel()} values for a parameter "
+                                     f"(or shard) of {_local(p).numel()}: the state is not this model's")
+                head = state[key].numel() if _is_quantized(state[key]) else 0
                 if head:
-                    fresh[key].copy_(whole[:head].to(new.dtype))
-                    if key + "_tail" in fresh:
-                        fresh[key + "_tail"].copy_(whole[head:])
+                    state[key].copy_(whole[:head].to(_local(p).dtype))
+                    if key + "_tail" in state:
+                        state[key + "_tail"].copy_(whole[head:])
                 else:
-                    fresh[key].copy_(whole)
-            if "master" in state:
-                fresh["master"] = state["master"][kept].clone()
-            self.state[new] = fresh
+                    state[key].copy_(whole)
+            if "master" in moments:  # without master_weights, load_state_dict refuses it with a clear message
+                state["master"] = moments["master"].float().clone()
+            return state
+
+        def full_state_dict(self) -> dict:
+            """state_dict() in one process's layout, from a run whose parameters are FSDP2 shards
+            (DTensors). Each rank quantizes its own shard in its own blocks, which do not line up with
+            the whole parameter's, so every moment is dequantized, all-gathered and quantized again
+            over the whole parameter: a sharded run's checkpoint then resumes in one process (or on
+            another number of ranks) and the reverse. That second quantization moves a value by at most
+            half a code step of its block (tests/test_distributed.py bounds it). Collective: call on
+            every rank; rank 0 gets the state on the CPU, the others {}."""
+            from torch.distributed.tensor import DTensor
+
+            rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+            packed = self.state_dict()  # its param_groups (hyperparameters, parameter numbering); state is local
+            params = [p for group in self.param_groups for p in group["params"]]
+            whole = {}
+            for i, p in enumerate(params):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                moments = _whole_moments(state)
+                if isinstance(p, DTensor):  # uneven shards: from_local with the whole shape pads and trims
+                    moments = {key: DTensor.from_local(m.reshape(_local(p).shape), p.device_mesh, p.placements,
+                                                       run_check=False, shape=p.shape, stride=p.stride())
+                               .full_tensor().reshape(-1) for key, m in moments.items()}
+                if rank0:
+                    like = torch.empty(p.shape, dtype=p.dtype)
+                    whole[i] = self._state_from_moments(like, {k: m.cpu() for k, m in moments.items()},
+                                                        state["step"].cpu())
+            return {"state": whole, "param_groups": packed["param_groups"]} if rank0 else {}
+
+        def load_full_state_dict(self, state_dict: dict) -> None:
+            """Load a state in one process's layout (state_dict(), or full_state_dict() of a sharded
+            run) into this optimizer, whose parameters may be FSDP2 shards: each rank dequantizes the
+            whole moments, keeps its shard's and quantizes them in its own blocks. Every rank passes
+            the whole state; no communication."""
+            from torch.distributed.tensor import DTensor, Replicate
+
+            params = [p for group in self.param_groups for p in group["params"]]
+            local = {}
+            for i, state in state_dict["state"].items():
+                p = params[i]
+                if not isinstance(p, DTensor):
+                    local[i] = state
+                    continue
+                mesh = p.device_mesh
+                moments = {}
+                for key, m in _whole_moments(state).items():
+                    if m.numel() != p.numel():
+                        raise ValueError(f"optimizer state {key!r} of parameter {i} holds {m.numel()} values, the "
+                                         f"parameter {p.numel()} (shape {tuple(p.shape)}): the state is not this model's")
+                    # Replicate -> the parameter's placements is a local slice, the same chunks FSDP2 cut
+                    moments[key] = (DTensor.from_local(m.to(_local(p).device).reshape(p.shape), mesh,
+                                                       [Replicate()] * mesh.ndim, run_check=False)
+                                    .redistribute(mesh, p.placements).to_local().reshape(-1))
+                local[i] = self._state_from_moments(p, moments, state["step"])
+            self.load_state_dict({"state": local, "param_groups": state_dict["param_groups"]})
 
     BlockAlignedAdamW.__name__ = BlockAlignedAdamW.__qualname__ = {"adamw8bit": "AdamW8bit",
                                                                    "adamw4bit": "AdamW4bit"}[name]
@@ -208,6 +276,26 @@ def low_bit_adamw(name: str) -> type:
 @functools.cache
 def _compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter or gradient (a DTensor; under no_grad, the tensor FSDP2
+    all-gathers from, so updating it updates the parameter), or `t` itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _whole_moments(state: dict) -> dict[str, torch.Tensor]:
+    """A low-bit state's moments as flat fp32 vectors (prefix dequantized, tail appended), and its
+    master copy if it keeps one."""
+    moments = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        whole = _dequantized(state[key])
+        if key + "_tail" in state:
+            whole = torch.cat([whole, state[key + "_tail"].float().reshape(-1)])
+        moments[key] = whole
+    if "master" in state:
+        moments["master"] = state["master"].float().reshape(-1)
+    return moments
 
 
 def _is_quantized(t: torch.Tensor) -> bool:

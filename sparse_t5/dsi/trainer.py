@@ -123,9 +123,6 @@ class TrainConfig:
         if self.master_weights and (self.optim == "adamw" or self.precision != "bf16"):
             raise ValueError("master_weights keeps an fp32 copy of bf16 weights for a low-bit optimizer: it needs "
                              f"precision='bf16' and optim adamw8bit or adamw4bit, got {self.precision!r} and {self.optim!r}")
-        if self.optim != "adamw" and self.parallel == "fsdp":
-            raise ValueError(f"optim={self.optim!r} does not shard its quantized moments with FSDP2 (parallel='fsdp'); "
-                             "use optim='adamw' with FSDP, or DDP with the low-bit optimizer")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 0:
             raise ValueError("batch_size and grad_accum must be >= 1 and epochs >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
