@@ -13,7 +13,6 @@ from; `torch.ops.sparse_t5.set_csr_few_tokens(n)` changes it in a process.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 import warnings
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_t5 import SparseLinear
-from sparse_t5.kernel_policy import kernel_policy
+from sparse_t5.kernel_policy import cpu_model, kernel_policy
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 SHAPES = [(768, 3072), (3072, 768)]  # t5-base FFN wi and wo: (in, out)
@@ -35,14 +34,6 @@ def timed(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -51,11 +42,13 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=20, help="calls per timing")
     a = p.parse_args(argv)
     ops = torch.ops.sparse_t5
-    before = ops.get_csr_few_tokens()
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, kernels {ops.cpu_isa()}; "
+    before, before_kernel = ops.get_csr_few_tokens(), ops.get_csr_few_tokens_kernel()
+    gather = ops.cpu_isa() == "avx512"  # the gather kernel is AVX-512's
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, kernels {ops.cpu_isa()}; "
           f"median of {a.rounds} rounds; time against dense F.linear\n")
-    print("| shape | density | tokens | few-token path | tiled kernel | MKL CSR | bytes limit | dense |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | density | tokens | few-token path (scalar) | few-token path (gather) | tiled kernel | MKL CSR | "
+          "bytes limit | dense |")
+    print("|---|---|---|---|---|---|---|---|---|")
     try:
         for in_f, out_f in SHAPES:
             for density in a.densities:
@@ -67,28 +60,34 @@ def main(argv=None):
                 for tokens in a.tokens:
                     x = torch.randn(tokens, in_f, generator=g)
 
-                    def ours(few):
+                    def ours(few, kernel="scalar"):
                         ops.set_csr_few_tokens(few)
+                        ops.set_csr_few_tokens_kernel(kernel)
                         return ops.csr_linear(x, layer.values, layer.row_ptr, layer.col_idx, out_f, in_f, None)
 
                     providers = {"few": lambda: ours(min(8, tokens)), "tiled": lambda: ours(0),
                                  "mkl": lambda: torch.sparse.mm(csr, x.t()), "dense": lambda: F.linear(x, w)}
+                    if gather:
+                        providers["gather"] = lambda: ours(min(8, tokens), "gather")
                     times = {k: [] for k in providers}
                     with torch.inference_mode(), kernel_policy("sparse"):
                         for fn in providers.values():  # warm-up, and the results agree
                             fn()
-                        torch.testing.assert_close(providers["few"](), providers["dense"](), rtol=1e-4, atol=1e-3)
+                        for k in ("few", "gather")[:1 + gather]:
+                            torch.testing.assert_close(providers[k](), providers["dense"](), rtol=1e-4, atol=1e-3)
                         for _ in range(a.rounds):
                             for k, fn in providers.items():
                                 times[k].append(timed(fn, a.calls))
                     med = {k: statistics.median(v) for k, v in times.items()}
                     limit = 6 * layer.nnz / (4 * out_f * in_f) if layer.col_idx.element_size() == 2 else \
                         8 * layer.nnz / (4 * out_f * in_f)
-                    print(f"| {in_f}->{out_f} | {density:g} | {tokens} | {med['few'] / med['dense']:.2f}x | "
+                    g_cell = f"{med['gather'] / med['dense']:.2f}x" if gather else "-"
+                    print(f"| {in_f}->{out_f} | {density:g} | {tokens} | {med['few'] / med['dense']:.2f}x | {g_cell} | "
                           f"{med['tiled'] / med['dense']:.2f}x | {med['mkl'] / med['dense']:.2f}x | {limit:.2f}x | "
                           f"{med['dense'] * 1e6:.0f} us |", flush=True)
     finally:
         ops.set_csr_few_tokens(before)
+        ops.set_csr_few_tokens_kernel(before_kernel)
 
 
 if __name__ == "__main__":

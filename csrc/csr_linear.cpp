@@ -92,7 +92,9 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
   const auto& kernels = cpu::active_kernels();
   if (tokens <= csr_few_tokens() && dt != cpu::DType::kFloat64) {
     at::Tensor xbuf = dt == cpu::DType::kFloat32 ? at::Tensor() : at::empty({tokens * in_features}, at::kFloat);
-    kernels.csr_forward_few(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt, xc.data_ptr(), tokens,
+    const auto few = csr_few_tokens_gather() && kernels.csr_forward_few_gather ? kernels.csr_forward_few_gather
+                                                                                : kernels.csr_forward_few;
+    few(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt, xc.data_ptr(), tokens,
                             bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(),
                             xbuf.defined() ? xbuf.data_ptr() : nullptr, cpu::aten_parallel());
     return y;

@@ -88,6 +88,20 @@ void set_csr_few_tokens(int64_t tokens) {
 int64_t csr_few_tokens() { return g_csr_few_tokens.load(); }
 
 namespace {
+std::atomic<bool> g_csr_few_tokens_gather{false};
+}  // namespace
+
+void set_csr_few_tokens_kernel(const std::string& kernel) {
+  TORCH_CHECK_VALUE(kernel == "scalar" || kernel == "gather",
+                    "sparse_t5: the CSR few-token kernel must be 'scalar' or 'gather', got '", kernel, "'");
+  g_csr_few_tokens_gather.store(kernel == "gather");
+}
+
+std::string csr_few_tokens_kernel() { return g_csr_few_tokens_gather.load() ? "gather" : "scalar"; }
+
+bool csr_few_tokens_gather() { return g_csr_few_tokens_gather.load(); }
+
+namespace {
 // 256: on an AMD EPYC (AVX-512, 2 threads; `python benches/csr_dx.py`: t5-small, t5-base and
 // t5-large FFN shapes and 768 x 768, density 0.5 and 0.1) the transpose took 0.67-1.14x the
 // scatter's time at 256 tokens (11 of 14 cases faster), 0.56-0.87x at 512 and 0.53-0.81x at 1024;

@@ -48,6 +48,13 @@ void set_method_table(const std::string& device_class, const at::Tensor& table);
 constexpr int64_t kMaxCsrFewTokens = 8;
 void set_csr_few_tokens(int64_t tokens);
 int64_t csr_few_tokens();
+// Which few-token kernel serves those calls: "scalar" (a row walk with scalar loads, every ISA; the
+// default) or "gather" (AVX-512 hardware gathers; where the active ISA has none, the scalar walk
+// runs). Which wins depends on the CPU (csrc/cpu/csr_kernels_impl.h); `sparse-t5 tune` measures it
+// and the tuned table sets it.
+void set_csr_few_tokens_kernel(const std::string& kernel);
+std::string csr_few_tokens_kernel();
+bool csr_few_tokens_gather();
 // The CPU CSR dx = dy W (sparse method) runs as the forward over a transient Wᵀ from
 // csr_dx_transpose_tokens() tokens on, and as the scatter below that (csrc/cpu/csr_kernels_impl.h).
 // 0 turns the transpose off. Process-wide; the default is the crossover measured on this project's

@@ -47,6 +47,8 @@ TORCH_LIBRARY(sparse_t5, m) {
   // Token counts up to which the CPU CSR forward takes its few-token path; 0: off.
   m.def("set_csr_few_tokens(int tokens) -> ()", &sparse_t5::set_csr_few_tokens);
   m.def("get_csr_few_tokens() -> int", &sparse_t5::csr_few_tokens);
+  m.def("set_csr_few_tokens_kernel(str kernel) -> ()", &sparse_t5::set_csr_few_tokens_kernel);
+  m.def("get_csr_few_tokens_kernel() -> str", &sparse_t5::csr_few_tokens_kernel);
   // Token counts from which the CPU CSR dx runs as the forward over a transient transpose; 0: off.
   m.def("set_csr_dx_transpose_tokens(int tokens) -> ()", &sparse_t5::set_csr_dx_transpose_tokens);
   m.def("get_csr_dx_transpose_tokens() -> int", &sparse_t5::csr_dx_transpose_tokens);

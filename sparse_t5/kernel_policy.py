@@ -23,6 +23,10 @@ The policy, process-wide like ``torch.backends`` flags:
 - ``"sparse"`` / ``"dense"``: force one method for every call;
 - ``"mkl"``: MKL for every CPU CSR forward in fp32/fp64, sparse for every other call.
 
+A CPU table also names the CSR few-token kernel (``set_csr_few_tokens_kernel``: "scalar" or
+"gather"), which ``sparse-t5 tune`` measures at 1 to ``get_csr_few_tokens()`` tokens; a table
+without one (the committed table) takes "scalar".
+
 Which table (``table_info()`` says, and the ``sparse_t5`` logger once at import): on CPU, the table
 ``sparse-t5 tune`` measured on this machine, when the user cache holds one for this machine's key
 (CPU model, kernel ISA, torch's thread count, torch version); otherwise the committed table
@@ -96,6 +100,20 @@ def get_csr_few_tokens() -> int:
     return _ops.get_csr_few_tokens()
 
 
+CSR_FEW_TOKENS_KERNELS = ("scalar", "gather")
+
+
+def set_csr_few_tokens_kernel(kernel: str) -> None:
+    """Which kernel serves the few-token path: "scalar" (a row walk with scalar loads; the default) or
+    "gather" (AVX-512 hardware gathers; elsewhere the scalar walk runs). Which is faster depends on
+    the CPU (csrc/cpu/csr_kernels_impl.h): `sparse-t5 tune` measures it and the tuned table sets it."""
+    _ops.set_csr_few_tokens_kernel(str(kernel))
+
+
+def get_csr_few_tokens_kernel() -> str:
+    return _ops.get_csr_few_tokens_kernel()
+
+
 def choose_method(device_class: str, op: str, dtype: torch.dtype, tokens: int, out_features: int, in_features: int,
                   density: float) -> str:
     """"sparse" or "dense": what a call with these figures runs now (the C++ lookup itself)."""
@@ -160,6 +178,9 @@ def read_table(path: str, key: dict | None = None) -> dict:
         if not isinstance(table, dict) or not isinstance(table.get("rows"), list) or not table["rows"]:
             raise ValueError("no rows")
         table_rows(table)
+        if table.get("csr_few_tokens_kernel", "scalar") not in CSR_FEW_TOKENS_KERNELS:
+            raise ValueError(f"csr_few_tokens_kernel {table['csr_few_tokens_kernel']!r} is not one of "
+                             f"{', '.join(CSR_FEW_TOKENS_KERNELS)}")
     except (OSError, ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise KernelTableError(f"kernel method table {path} is not a table sparse-t5 wrote ({err}); delete it "
                                "and run `sparse-t5 tune` again") from err
@@ -203,6 +224,9 @@ def select_table(device_class: str = "cpu", committed: str | None = None) -> dic
         rows = []
     info["rows"] = len(rows)
     _ops.set_method_table(device_class, table_rows({"rows": rows}))
+    if device_class == "cpu":  # the few-token kernel this machine measured faster (a committed table: scalar)
+        info["csr_few_tokens_kernel"] = (tuned or base or {}).get("csr_few_tokens_kernel", "scalar")
+        set_csr_few_tokens_kernel(info["csr_few_tokens_kernel"])
     _TABLE_INFO[device_class] = info
     if device_class == "cpu" or info["source"] != "none":
         where = {"tuned": "tuned on this machine", "committed": "committed, measured on "
@@ -228,6 +252,9 @@ def load_table(device_class: str, path: str) -> dict:
     _TABLE_INFO[device_class] = {"device_class": device_class, "source": "file", "path": path,
                                  "measured_on": table.get("machine"), "rows": len(table["rows"]),
                                  "completed_from_committed": []}
+    if device_class == "cpu":
+        _TABLE_INFO[device_class]["csr_few_tokens_kernel"] = table.get("csr_few_tokens_kernel", "scalar")
+        set_csr_few_tokens_kernel(_TABLE_INFO[device_class]["csr_few_tokens_kernel"])
     return dict(_TABLE_INFO[device_class])
 
 

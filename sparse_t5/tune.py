@@ -26,7 +26,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .kernel_policy import kernel_policy, load_table, machine_key, select_table, tuned_table_path
+from .kernel_policy import (get_csr_few_tokens, get_csr_few_tokens_kernel, kernel_policy, load_table, machine_key,
+                            select_table, set_csr_few_tokens_kernel, tuned_table_path)
 from .checkpoint import atomic_write
 from .layers import SparseLinear
 
@@ -163,6 +164,40 @@ def measure(device: str, dtypes, shapes, tokens_list, densities, rounds: int, re
     return rows
 
 
+def measure_few_tokens_kernel(shapes, densities, rounds: int = 20) -> dict:
+    """Which CSR few-token kernel ("scalar" or "gather") serves decoding faster here: both run
+    alternately on every shape and density at 1 to get_csr_few_tokens() tokens (fp32, the sparse
+    method), and the kernel with the smaller sum of medians wins (a decode step's sparse time is
+    the sum over its layers). Which wins is the CPU's (csrc/cpu/csr_kernels_impl.h), so one pick
+    serves every shape. Without a 16-lane gather (an ISA but AVX-512) the answer is "scalar"."""
+    from .ops import cpu_isa
+
+    if cpu_isa() != "avx512" or get_csr_few_tokens() == 0:
+        return {"kernel": "scalar", "ms": {}}
+    previous = get_csr_few_tokens_kernel()
+    totals = {"scalar": 0.0, "gather": 0.0}
+    torch.manual_seed(0)
+    try:
+        with kernel_policy("sparse"), torch.no_grad():
+            for out, in_ in shapes:
+                for density in densities:
+                    sl, _ = layer("csr", out, in_, density, torch.float32, "cpu")
+                    for tokens in range(1, get_csr_few_tokens() + 1):
+                        x = torch.randn(tokens, in_)
+                        a = (x, sl.values, sl.row_ptr, sl.col_idx, sl.out_features, sl.in_features)
+
+                        def run(kernel, a=a):
+                            set_csr_few_tokens_kernel(kernel)
+                            ops.csr_linear(*a)
+
+                        t = time_interleaved({k: (lambda k=k: run(k)) for k in totals}, rounds)
+                        for k in totals:
+                            totals[k] += t[k]
+    finally:
+        set_csr_few_tokens_kernel(previous)
+    return {"kernel": min(totals, key=totals.get), "ms": {k: round(v * 1e3, 4) for k, v in totals.items()}}
+
+
 def write_table(path: str, table: dict) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
@@ -184,11 +219,19 @@ def tune(shapes=None, tokens=TUNE_TOKENS, densities=CSR_DENSITIES, dtypes=(torch
     if not tokens or any(int(t) < 1 for t in tokens):
         raise ValueError(f"token counts must be >= 1, got {tokens}")
     t0 = time.perf_counter()
-    rows = measure("cpu", dtypes, shapes, [int(t) for t in tokens], densities, rounds, log=log)
+    # The few-token kernel first: the rows below then time the sparse method with the one chosen.
+    few = measure_few_tokens_kernel(shapes, densities)
+    previous = get_csr_few_tokens_kernel()
+    set_csr_few_tokens_kernel(few["kernel"])
+    try:
+        rows = measure("cpu", dtypes, shapes, [int(t) for t in tokens], densities, rounds, log=log)
+    finally:
+        set_csr_few_tokens_kernel(previous)
     key = machine_key()
     table = {"device_class": "cpu", "key": key, "machine": {**key, "cores": os.cpu_count()},
              "seconds": round(time.perf_counter() - t0, 1), "rule": "per call: the method of the nearest row (same "
-             "op and dtype; distance in log2 tokens, log2 out*in, log2 density)", "rows": rows}
+             "op and dtype; distance in log2 tokens, log2 out*in, log2 density)",
+             "csr_few_tokens_kernel": few["kernel"], "csr_few_tokens_kernel_ms": few["ms"], "rows": rows}
     default = tuned_table_path(key)
     write_table(path or default, table)
     if path is None or os.path.abspath(path) == os.path.abspath(default):
@@ -210,6 +253,8 @@ def summary(info: dict) -> str:
                      f"torch {key['torch']}")
     if "seconds" in info:
         lines.append(f"  measured now in {info['seconds']} s")
+    if info.get("csr_few_tokens_kernel"):
+        lines.append(f"  CSR few-token kernel: {info['csr_few_tokens_kernel']}")
     if info.get("completed_from_committed"):
         lines.append("  from the committed table: " + ", ".join(info["completed_from_committed"]))
     if info.get("refused"):

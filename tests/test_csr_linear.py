@@ -308,7 +308,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
         assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), ("dx transpose", dtype, o)
 torch.ops.sparse_t5.set_csr_few_tokens(8)  # the few-token forward: its own code per variant
-for dtype in (torch.float32, torch.bfloat16):
+for kernel, dtype in [(k, d) for k in ("scalar", "gather") for d in (torch.float32, torch.bfloat16)]:
+    torch.ops.sparse_t5.set_csr_few_tokens_kernel(kernel)  # gather: AVX-512's own, the scalar walk elsewhere
     for T in range(1, 9):
         w = torch.randn(70, 100, generator=g).to(dtype); m = torch.rand(70, 100, generator=g) > 0.6
         layer = SparseLinear.from_dense(w, m)
@@ -316,7 +317,7 @@ for dtype in (torch.float32, torch.bfloat16):
         ref = F.linear(x.double(), (w * m).double())
         tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
         with torch.no_grad():
-            assert (layer(x).double() - ref).abs().max() <= tol * ref.abs().max(), ("few", dtype, T)
+            assert (layer(x).double() - ref).abs().max() <= tol * ref.abs().max(), ("few", kernel, dtype, T)
 print("ok")
 """
 
@@ -341,25 +342,33 @@ def test_every_kernel_variant(isa):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 
-@pytest.fixture
-def few_token_path():
-    """The CSR forward's few-token path for every call of 1-8 tokens, then the default."""
+@pytest.fixture(params=["scalar", "gather"])
+def few_token_path(request):
+    """The CSR forward's few-token path for every call of 1-8 tokens, by each of its kernels, then
+    the defaults."""
     ops = torch.ops.sparse_t5
-    before = ops.get_csr_few_tokens()
+    if request.param == "gather" and cpu_isa() != "avx512":
+        pytest.skip(f"the gather few-token kernel is AVX-512's; this CPU runs {cpu_isa()} "
+                    "(test_every_kernel_variant checks the scalar fallback)")
+    before, kernel = ops.get_csr_few_tokens(), ops.get_csr_few_tokens_kernel()
     ops.set_csr_few_tokens(8)
-    yield
+    ops.set_csr_few_tokens_kernel(request.param)
+    yield request.param
     ops.set_csr_few_tokens(before)
+    ops.set_csr_few_tokens_kernel(kernel)
 
 
 @pytest.mark.parametrize("index_dtype", [torch.uint16, torch.int16, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", range(1, 10))
 def test_few_token_forward_matches_dense(few_token_path, tokens, dtype, index_dtype):
-    """1-8 tokens take the few-token path (9 the tiled kernel): ragged rows (unrolled by 4, with
-    a remainder), empty rows, a full row, an empty layer, uint16, int16 and int32 column indices."""
+    """1-8 tokens take the few-token path (9 the tiled kernel), by either kernel: ragged rows (the
+    scalar walk unrolls by 4, the gather takes 32 then 16 with a masked remainder), empty rows, a full
+    row, an empty layer, uint16, int16 and int32 column indices."""
     ops = torch.ops.sparse_t5
     g = torch.Generator().manual_seed(tokens)
-    for out_f, in_f, density in ((77, 123, 0.5), (40, 700, 0.03), (33, 50, 1.0), (16, 40, 0.0), (9, 1, 0.7)):
+    for out_f, in_f, density in ((77, 123, 0.5), (40, 700, 0.03), (33, 50, 1.0), (16, 40, 0.0), (9, 1, 0.7),
+                                 (12, 1000, 0.2)):  # rows of ~200: several 32-wide steps, then a tail
         mask = torch.rand(out_f, in_f, generator=g) < density
         mask[min(3, out_f - 1)] = False  # an empty row
         w = (torch.randn(out_f, in_f, generator=g) * mask).to(dtype)
@@ -379,6 +388,9 @@ def test_few_token_setting_is_checked():
         with pytest.raises(ValueError, match="few-token path takes 0 to 8 tokens"):
             ops.set_csr_few_tokens(bad)
     assert 0 <= ops.get_csr_few_tokens() <= 8
+    with pytest.raises(ValueError, match="few-token kernel must be 'scalar' or 'gather', got 'vector'"):
+        ops.set_csr_few_tokens_kernel("vector")
+    assert ops.get_csr_few_tokens_kernel() in ("scalar", "gather")
 
 
 def test_default_variant_is_the_best_supported():

@@ -10,8 +10,9 @@ import pytest
 import torch
 from transformers import T5Config
 
-from sparse_t5.kernel_policy import (TABLE_DIR, KernelTableError, choose_method, machine_key, read_table, select_table,
-                                     table_info, tuned_table_path)
+from sparse_t5.kernel_policy import (TABLE_DIR, KernelTableError, choose_method, get_csr_few_tokens_kernel, machine_key,
+                                     read_table, select_table, table_info, tuned_table_path)
+from sparse_t5.ops import cpu_isa
 from sparse_t5.tune import model_shapes, tune
 
 COMMITTED = os.path.join(TABLE_DIR, "cpu.json")
@@ -22,6 +23,7 @@ TINY = dict(shapes=[(64, 32)], tokens=(1, 16), densities=(0.25,), rounds=1)
 def user_cache(tmp_path, monkeypatch):
     """An empty user cache; afterwards the process goes back to the table its real cache selects."""
     monkeypatch.setenv("SPARSE_T5_CACHE", str(tmp_path))
+    select_table("cpu")  # as a process on a machine without a tuned table starts (whatever this one's cache holds)
     yield tmp_path
     monkeypatch.undo()
     select_table("cpu")
@@ -47,6 +49,14 @@ def test_tune_writes_a_table_that_the_auto_policy_then_uses(user_cache):
         assert row["method"] == min(methods, key=lambda m: row["ms"][m]), row
         got = choose_method("cpu", row["op"], torch.float32, row["tokens"], row["out"], row["in"], row["density"])
         assert got == row["method"], row
+    # the few-token kernel this machine measured faster, installed with the table
+    few = table["csr_few_tokens_kernel"]
+    if cpu_isa() == "avx512":
+        assert set(table["csr_few_tokens_kernel_ms"]) == {"scalar", "gather"}
+        assert few == min(table["csr_few_tokens_kernel_ms"], key=table["csr_few_tokens_kernel_ms"].get)
+    else:
+        assert few == "scalar"
+    assert info["csr_few_tokens_kernel"] == get_csr_few_tokens_kernel() == few
     # a new process on this machine picks it up, and says so in its log
     code = ("import logging; logging.basicConfig(level=logging.INFO); import sparse_t5; "
             "from sparse_t5.kernel_policy import table_info; print(table_info()['source'])")
@@ -96,6 +106,7 @@ def test_a_tuned_table_missing_ops_takes_them_from_the_committed_one(user_cache)
     (json.dumps({"rows": [_row(op="conv2d")]}), "malformed kernel table row"),
     (json.dumps({"rows": [{"op": "csr_linear"}]}), "not a table sparse-t5 wrote"),
     (json.dumps([1, 2]), "no rows"),
+    (json.dumps({"rows": [_row()], "csr_few_tokens_kernel": "vector"}), "csr_few_tokens_kernel 'vector' is not one of"),
 ])
 def test_a_corrupt_tuned_table_is_refused_naming_the_file(user_cache, content, message):
     path = tuned_table_path()
@@ -114,6 +125,16 @@ def test_a_corrupt_tuned_table_is_refused_naming_the_file(user_cache, content, m
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "committed", out.stderr[-2000:]
     assert out.stderr.count(path) == 1
+
+
+def test_the_table_sets_the_few_token_kernel_and_the_committed_one_takes_scalar(user_cache):
+    path = tuned_table_path()
+    os.makedirs(os.path.dirname(path))
+    json.dump({"key": machine_key(), "rows": [_row()], "csr_few_tokens_kernel": "gather"}, open(path, "w"))
+    assert select_table("cpu")["csr_few_tokens_kernel"] == get_csr_few_tokens_kernel() == "gather"
+    os.remove(path)
+    info = select_table("cpu")
+    assert info["source"] == "committed" and info["csr_few_tokens_kernel"] == get_csr_few_tokens_kernel() == "scalar"
 
 
 def test_a_table_tuned_on_another_machine_is_refused(user_cache):

@@ -68,6 +68,10 @@ struct KernelTable {
   // fp32 and bf16. xbuf: tokens * in floats (bf16 input is converted into it).
   void (*csr_forward_few)(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias,
                           void* y, void* xbuf, const Parallel& par);
+  // The same with hardware gathers across each row's nonzeros (csr_kernels_impl.h says when it wins);
+  // nullptr where the ISA variant has no 16-lane gather (all but AVX-512).
+  void (*csr_forward_few_gather)(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias,
+                                 void* y, void* xbuf, const Parallel& par);
   // dx[T, in] = dy[T, out] @ W.  Each thread owns whole token tiles of dx: no atomics.
   void (*csr_backward_input)(const CsrView& w, DType dt, const void* dy, int64_t tokens, void* dx,
                              void* dy_panels, void* dx_panels, int vectors_per_tile,

@@ -12,7 +12,12 @@ namespace cpu {
 
 const KernelTable& SPARSE_T5_TABLE_FN() {
   static const KernelTable table = {SPARSE_T5_ISA_NAME, &SPARSE_T5_ISA_NS::csr_forward,
-                                    &SPARSE_T5_ISA_NS::csr_forward_few_entry,
+                                    &SPARSE_T5_ISA_NS::csr_forward_few_dispatch<false>,
+#if defined(SPARSE_T5_HAS_GATHER512)
+                                    &SPARSE_T5_ISA_NS::csr_forward_few_dispatch<true>,
+#else
+                                    nullptr,
+#endif
                                     &SPARSE_T5_ISA_NS::csr_backward_input, &SPARSE_T5_ISA_NS::csr_sddmm,
                                     &SPARSE_T5_ISA_NS::csr_transpose,
                                     &SPARSE_T5_ISA_NS::semi24_forward, &SPARSE_T5_ISA_NS::semi24_backward_input,

@@ -14,6 +14,8 @@
 #define SPARSE_T5_24_ROWS 8
 // Two-source permutes are one instruction (vpermt2ps): enables the few-token 2:4 forward.
 #define SPARSE_T5_HAS_PERMUTE2 1
+// 16-lane gathers (vgatherdps zmm): the gather few-token CSR forward (csr_kernels_impl.h).
+#define SPARSE_T5_HAS_GATHER512 1
 #include <immintrin.h>
 #include "kernel_table_impl.h"
 #pragma GCC pop_options

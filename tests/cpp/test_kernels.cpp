@@ -175,6 +175,12 @@ void check_case(const KernelTable& k, const Case& c, bool idx16, std::mt19937& r
     k.csr_forward_few(view, dt, x.data(), c.tokens, bias.data(), y.data(), nullptr, par);
     EXPECT(rel_err(y, y_ref) <= tol, "forward_few %s %s T=%lld: rel err %g", k.name, idx16 ? "u16" : "i32",
            static_cast<long long>(c.tokens), rel_err(y, y_ref));
+    if (k.csr_forward_few_gather) {  // AVX-512's gather kernel (the others have none)
+      std::vector<T> yg(c.tokens * c.out, T(-7));
+      k.csr_forward_few_gather(view, dt, x.data(), c.tokens, bias.data(), yg.data(), nullptr, par);
+      EXPECT(rel_err(yg, y_ref) <= tol, "forward_few_gather %s %s T=%lld: rel err %g", k.name,
+             idx16 ? "u16" : "i32", static_cast<long long>(c.tokens), rel_err(yg, y_ref));
+    }
   }
 }
 
