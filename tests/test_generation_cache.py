@@ -34,7 +34,7 @@ CONFIGS = {
 SPARSITY = {"dense": None, "csr_0.6": dict(sparsity=0.6), "2:4": dict(format="2:4")}
 
 
-def make_model(name, sparse, seed=0):
+def make_model(name, sparse, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     # initializer_factor 4: random init at HF's scale gives near-uniform logits and one id repeated;
     # larger weights make the next id depend on the prefix, which is what a lost cache would change.
@@ -43,7 +43,7 @@ def make_model(name, sparse, seed=0):
     model = SparseT5ForConditionalGeneration(config).eval()
     if SPARSITY[sparse]:
         model.sparsify(**SPARSITY[sparse])
-    return model
+    return model.to(dtype)
 
 
 def inputs(seed=1, b=3, src=9):
@@ -82,13 +82,18 @@ MODES = {
 }
 
 
-# |cached - full recompute| <= TOL x max|full recompute|. Large random weights give logits in the
-# hundreds, where fp32's different summation orders (cached keys vs one whole prefix, then a
-# log-softmax and centring) differ by a median 8e-7, p99 4e-5 and at most 1.15e-4 of the scale (1,074
-# comparisons of test_cached_generation_equals_uncached, transformers 4.49 and 5.24 alike). A lost past
-# moves the scores by 0.75-0.97 of it (every config x greedy, beam, trie beam, CSR 0.6), and 4.49's
-# dropped encoder mask (see prepare_inputs_for_generation) by 0.7.
-TOL = 1e-3
+# |cached - full recompute| <= TOL x max|full recompute|, in float64. The cached and uncached decoders
+# sum in different orders (cached keys vs one whole prefix; one token per call vs whole sequences, which
+# the kernel policy may send to different methods). Large random weights (initializer_factor 4) make
+# this model ill-conditioned: in fp32, step 1 of trie_processor_beam / v1_relu_tied / CSR 0.6 differs
+# from a float64 run of the same model by 3e-4 (dense method) to 1.3e-3 (CSR method) of the scale,
+# though every method's single layer is within 1e-7 of float64 (measured on an Intel Xeon, AVX-512).
+# So in fp32 cached vs uncached agree to 1e-3 only when both paths round alike: a tuned method table
+# that picks one method at 1 token and another at 24 gave 1.5e-3. In float64 every policy and table
+# gives at most 2.5e-7 (median 8e-8, the 105 cases; the floor is the attention softmax and norm
+# variance, which run in fp32 as in HF), while a lost past moves the scores by 0.06-1 of the scale
+# (median 0.9), and 4.49's dropped encoder mask by 0.7.
+TOL = 1e-5
 
 
 def assert_close_to_scale(a, b, tol=TOL, what=""):
@@ -134,7 +139,7 @@ def centred(scores, allowed):
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cached_generation_equals_uncached(config, sparse, mode):
-    model = make_model(config, sparse)
+    model = make_model(config, sparse, dtype=torch.float64)  # float64: see TOL
     (cached, steps), (uncached, _) = generate(model, True, mode), generate(model, False, mode)
     seqs = cached.sequences
     if mode.startswith("trie"):  # every returned hypothesis is a whole docid from the trie (or padding)
