@@ -194,6 +194,38 @@ def test_the_cache_is_used_not_just_accepted():
     assert (cut - full).abs().max() > 0.01 * full.abs().max()  # without its past the step differs: the check bites
 
 
+def test_generate_builds_its_cache_without_the_layout_and_restores_the_config(monkeypatch):
+    """transformers builds generate's cache from a deep copy of the config; ours hands it the config
+    without the sparsity layout (copying a t5-base layout's ~170 nested dicts cost 4-6 ms a generate
+    call) and with the decoder's depth, and generate leaves the config as it found it: the same layout
+    object and the encoder's depth, also when building the cache fails."""
+    from transformers.generation.utils import GenerationMixin
+
+    model = make_model("deeper_decoder", "csr_0.6")
+    layout, depth = model.config.sparse_t5, model.config.num_layers
+    assert layout["layers"] and depth != model.config.num_decoder_layers
+    seen = []
+    original = GenerationMixin._prepare_cache_for_generation
+
+    def spy(self, *args, **kwargs):
+        seen.append((getattr(self.config, "sparse_t5", None), self.config.num_layers))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "_prepare_cache_for_generation", spy)
+    ids, mask = inputs()
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    assert seen == [(None, model.config.num_decoder_layers)]
+    assert model.config.sparse_t5 is layout and model.config.num_layers == depth
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("cache construction failed")
+
+    monkeypatch.setattr(GenerationMixin, "_prepare_cache_for_generation", fail)
+    with pytest.raises(RuntimeError, match="cache construction failed"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3)
+    assert model.config.sparse_t5 is layout and model.config.num_layers == depth
+
+
 def test_unknown_keywords_raise_and_the_two_cache_names_are_one_argument():
     model = make_model("v1_relu_tied", "dense")
     ids, mask = inputs()
