@@ -2,8 +2,9 @@
 csr_sddmm, semi24_linear, semi24_linear_backward_input, semi24_sddmm, forward and backward.
 
 - Well-formed inputs of random shapes (0 rows, 0 columns, 0 tokens, 1 token, ragged tiles, 1-D and
-  3-D activations), int16 and int32 indices, fp32 / fp64 / bf16, under every kernel method, each
-  against the dense masked reference in fp64 (and the autograd path for fp32/fp64).
+  3-D activations), int16 and int32 indices, fp32 / fp64 / bf16, under every kernel method and
+  both few-token kernels of the CSR forward, each against the dense masked reference in fp64 (and
+  the autograd path for fp32/fp64).
 - Malformed inputs of every kind that reached the kernels before (row_ptr entries raised, columns
   reversed or swapped, duplicated) and of the kinds that already raised (out-of-range or negative
   columns, wrong dtypes, shapes, lengths, devices' layouts, mismatched activations). The oracle for
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import json
 import math
 import os
@@ -28,7 +30,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparse_t5 import kernel_policy
+from sparse_t5 import cpu_isa, kernel_policy
 from sparse_t5.formats import CSRWeight, Semi24Weight, validate_csr, validate_semi24
 from sparse_t5.ops import csr_linear, semi24_linear
 
@@ -64,6 +66,19 @@ atexit.register(_write_stats)
 
 RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 METHODS = ["auto", "sparse", "dense", "mkl"]
+# The CSR forward's few-token kernels (1-3 tokens by default): the scalar walk every ISA has, and
+# AVX-512's gather kernel, which `sparse-t5 tune` picks where it is faster.
+FEW_TOKEN_KERNELS = ["scalar", "gather"] if cpu_isa() == "avx512" else ["scalar"]
+
+
+@contextlib.contextmanager
+def few_token_kernel(kernel: str):
+    previous = ops.get_csr_few_tokens_kernel()
+    ops.set_csr_few_tokens_kernel(kernel)
+    try:
+        yield
+    finally:
+        ops.set_csr_few_tokens_kernel(previous)
 
 
 def assert_close(actual, expected, dtype, what):
@@ -155,10 +170,11 @@ def run_csr(values, row_ptr, col_idx, shape, x, dy, bias, method, malformed: boo
 
 
 @FUZZ
-@given(p=problem(semi24=False), method=st.sampled_from(METHODS))
-def test_csr_ops_match_dense_on_well_formed_input(p, method):
+@given(p=problem(semi24=False), method=st.sampled_from(METHODS), few=st.sampled_from(FEW_TOKEN_KERNELS))
+def test_csr_ops_match_dense_on_well_formed_input(p, method, few):
     c, x, dy, bias = p
-    run_csr(c.values, c.row_ptr, c.col_idx, c.shape, x, dy, bias, method, malformed=False)
+    with few_token_kernel(few):
+        run_csr(c.values, c.row_ptr, c.col_idx, c.shape, x, dy, bias, method, malformed=False)
 
 
 def mutate_csr_structure(data, c):
