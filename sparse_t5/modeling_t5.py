@@ -180,6 +180,10 @@ class T5Attention(nn.Module):
                 key = self._split_heads(self.k(key_value_states))
                 value = self._split_heads(self.v(key_value_states))
                 if cross_cache is not None:
+                    # Stored contiguous: every later step's attention reads them, and a strided
+                    # [batch, heads, source, d_kv] view of the [batch, source, heads, d_kv] projection
+                    # made those reads slower (HF's beam search hides it: its first reorder copies them).
+                    key, value = key.contiguous(), value.contiguous()
                     key, value = cross_cache.update(key, value, self.layer_idx, {"cache_position": cache_position})
                     is_updated[self.layer_idx] = True
         dropout = self.dropout if self.training else 0.0
@@ -315,6 +319,9 @@ class T5Stack(nn.Module):
         head_masks = _per_layer_head_mask(head_mask, len(self.block), dtype)
         cross_head_masks = _per_layer_head_mask(cross_attn_head_mask, len(self.block), dtype)
         cross_cache = (cache.cross_attention_cache, cache.is_updated) if cache is not None else None
+        if cross_cache is not None and encoder_hidden_states is not None and \
+                not all(cache.is_updated.get(i, False) for i in range(len(self.block))):
+            cache.__dict__.pop(_CROSS_ROWS, None)  # this forward writes the cross cache: beam search's record is stale
         hidden_states = self.dropout(inputs_embeds)
         all_hidden, all_self, all_cross = [], [], []
         for i, block in enumerate(self.block):
@@ -419,6 +426,58 @@ def _one_cache(cache, past_key_values):
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
     return cache if cache is not None else past_key_values
+
+
+# Beam search's cross-attention cache (SparseT5ForConditionalGeneration._reorder_cache): which rows hold
+# the same keys and values, kept on the EncoderDecoderCache as (run id per row, the tensors it holds
+# for). The decoder stack drops it whenever it writes the cross cache (a new sequence, or a reset static
+# cache refilled in place), so it is never read against other contents.
+_CROSS_ROWS = "_sparse_t5_cross_rows"
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _cross_tensors(cache: EncoderDecoderCache) -> list:
+    """The keys and values of every cross-attention layer the cache holds."""
+    return [t for layer in sorted(l for l, done in cache.is_updated.items() if done)
+            for t in hf_compat.cached_kv(cache.cross_attention_cache, layer)]
+
+
+def _identity(tensors: list) -> tuple:
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+
+
+def _cross_row_runs(tensors: list):
+    """Run ids of consecutive rows that are bitwise equal in every tensor (beam search repeats each input's
+    encoder row over its beams, next to each other), or None where the rows cannot be compared. Bits, not
+    values: -0.0 and 0.0, or two NaNs, count as different, as they would after a copy."""
+    if not tensors or any(t is None or t.dim() == 0 for t in tensors):
+        return None
+    rows = tensors[0].shape[0]
+    if any(t.shape[0] != rows for t in tensors):
+        return None
+    same = torch.ones(max(rows - 1, 0), dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        row_bytes = t[:1].numel() * t.element_size()
+        word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)  # the widest word a row divides into
+        bits = t.reshape(rows, -1).view(torch.uint8).view(_BITS[word])
+        same &= (bits[1:] == bits[:-1]).all(dim=1)
+    return torch.cat([same.new_zeros(min(rows, 1), dtype=torch.long), (~same).cumsum(0)]), _identity(tensors)
+
+
+def _reorder_cross_cache(cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> None:
+    """Reorder the cross-attention cache by beam_idx, or leave it where that would not change a bit: every
+    row then takes a row of its own run."""
+    record = getattr(cache, _CROSS_ROWS, None)
+    if record is None or record[1] != _identity(_cross_tensors(cache)):
+        record = _cross_row_runs(_cross_tensors(cache))
+    runs = record[0] if record is not None else None
+    idx = beam_idx.to(runs.device) if runs is not None else None
+    if runs is not None and idx.shape == runs.shape and torch.equal(runs.index_select(0, idx), runs):
+        setattr(cache, _CROSS_ROWS, record)
+        return
+    cache.cross_attention_cache.reorder_cache(beam_idx)
+    moved = runs is not None and idx.shape == runs.shape
+    setattr(cache, _CROSS_ROWS, (runs.index_select(0, idx), _identity(_cross_tensors(cache))) if moved else None)
 
 
 def _per_layer_head_mask(head_mask, num_layers: int, dtype):
@@ -647,6 +706,26 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
             config.num_layers = encoder_depth
             if layout is not None:
                 config.__dict__[LAYOUT_KEY] = layout
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        """Beam search's reorder of the cache after each step (generate calls it from transformers 4.54
+        on; 4.49-4.53 call the cache's own reorder_cache, which copies both parts, as HF's T5 does).
+
+        The self-attention cache is reordered. The cross-attention cache is copied only where that
+        changes it: beam search gives every beam of an input the same encoder row, so its cross keys
+        and values are the same in every beam, and a reorder among one input's beams leaves them as
+        they are. HF copies them anyway, every step: at t5-base, batch 32, beam 10, source 32, that
+        is 24 tensors of 31 MB a step, 70-120 ms (benches/serving.py; README "Serving a pruned model").
+        Which rows are equal is checked, bitwise, on the cache itself (_reorder_cross_cache), so the
+        skip is exact whatever generate or the caller hands in."""
+        if isinstance(past_key_values, (tuple, list)):  # the legacy format (transformers 4.x)
+            return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past_key_values)
+        if not isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values.reorder_cache(beam_idx)
+            return past_key_values
+        past_key_values.self_attention_cache.reorder_cache(beam_idx)
+        _reorder_cross_cache(past_key_values, beam_idx)
+        return past_key_values
 
     def prepare_decoder_input_ids_from_labels(self, labels):
         return self._shift_right(labels)

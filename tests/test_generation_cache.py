@@ -226,6 +226,122 @@ def test_generate_builds_its_cache_without_the_layout_and_restores_the_config(mo
     assert model.config.sparse_t5 is layout and model.config.num_layers == depth
 
 
+def cached_after_one_step(model, encoder_rows, beams=2):
+    """The EncoderDecoderCache of one cached decoder step over encoder_rows' inputs, each repeated over
+    `beams` consecutive rows, as beam search expands them."""
+    ids = torch.randint(2, VOCAB, (encoder_rows, 9), generator=torch.Generator().manual_seed(5))
+    out = model(input_ids=ids.repeat_interleave(beams, 0), decoder_input_ids=torch.zeros(encoder_rows * beams, 1, dtype=torch.long),
+                use_cache=True)
+    return getattr(out, hf_compat.CACHE_NAME)
+
+
+def cross_kv(cache):
+    return [t for layer in range(len(cache.is_updated)) for t in hf_compat.cached_kv(cache.cross_attention_cache, layer)]
+
+
+def test_beam_reorder_copies_the_cross_cache_only_where_a_row_changes():
+    """Beam search reorders the cache every step. The cross-attention keys and values of one input's
+    beams are the same, so a reorder among them leaves that cache as it is and ours does not copy it
+    (24 tensors of 31 MB a step at t5-base, batch 32, beam 10); the self-attention cache is reordered
+    as HF does. Where a row would change (another input's row, or bits that differ, -0.0 against 0.0)
+    the cross cache is copied exactly as index_select would."""
+    model = make_model("v11_gated_untied", "csr_0.6")
+    with torch.no_grad():
+        cache = cached_after_one_step(model, encoder_rows=3)  # rows 0-1, 2-3, 4-5 share an input
+        cross = cross_kv(cache)
+        assert len(cross) == 2 * model.config.num_decoder_layers
+        self_before = [t.clone() for layer in range(len(cache.is_updated))
+                       for t in hf_compat.cached_kv(cache.self_attention_cache, layer)]
+        within = torch.tensor([1, 0, 2, 2, 5, 4])
+        assert model._reorder_cache(cache, within) is cache
+        assert all(a is b for a, b in zip(cross_kv(cache), cross)), "a reorder among beams copied the cross cache"
+        self_after = [t for layer in range(len(cache.is_updated)) for t in hf_compat.cached_kv(cache.self_attention_cache, layer)]
+        for a, b in zip(self_after, self_before):
+            assert torch.equal(a, b.index_select(0, within))
+
+        across = torch.tensor([2, 3, 0, 1, 4, 4])  # rows 0-3 take another input's row
+        before = [t.clone() for t in cross]
+        model._reorder_cache(cache, across)
+        for a, b in zip(cross_kv(cache), before):
+            assert torch.equal(a, b.index_select(0, across))
+        model._reorder_cache(cache, torch.tensor([1, 0, 3, 2, 5, 4]))  # the runs moved with the rows
+        for a, b in zip(cross_kv(cache), before):
+            assert torch.equal(a, b.index_select(0, across))
+        swapped = torch.tensor([4, 4, 2, 3, 0, 1])
+        model._reorder_cache(cache, swapped)  # now rows 0-1 hold input 2's row and 4-5 input 0's
+        for a, b in zip(cross_kv(cache), before):
+            assert torch.equal(a, b.index_select(0, across).index_select(0, swapped))
+
+        # Equal values, other bits: 0.0 and -0.0 in two beams of one input are not the same row.
+        cache = cached_after_one_step(model, encoder_rows=1)
+        key = hf_compat.cached_kv(cache.cross_attention_cache, 0)[0]
+        key[0].view(-1)[0], key[1].view(-1)[0] = 0.0, -0.0
+        model._reorder_cache(cache, torch.tensor([1, 0]))
+        moved = hf_compat.cached_kv(cache.cross_attention_cache, 0)[0]
+        assert torch.signbit(moved[0].view(-1)[0]) and not torch.signbit(moved[1].view(-1)[0])
+
+
+def test_the_cross_row_record_is_dropped_when_the_decoder_rewrites_the_cross_cache():
+    """What _reorder_cache knows of the cross rows holds only for the tensors it was computed on: a
+    forward that writes the cross cache again (a new sequence, or a static cache reset and refilled in
+    place, at the same address) drops it."""
+    from sparse_t5.modeling_t5 import _CROSS_ROWS
+    from transformers.cache_utils import DynamicCache
+
+    model = make_model("v11_gated_untied", "csr_0.6")
+    with torch.no_grad():
+        cache = cached_after_one_step(model, encoder_rows=2)
+        model._reorder_cache(cache, torch.tensor([1, 0, 3, 2]))
+        assert getattr(cache, _CROSS_ROWS, None) is not None
+        model(input_ids=torch.randint(2, VOCAB, (4, 9)), decoder_input_ids=torch.zeros(4, 1, dtype=torch.long),
+              use_cache=True, **{hf_compat.CACHE_NAME: cache})  # cross cache filled: nothing written
+        assert getattr(cache, _CROSS_ROWS, None) is not None
+        cache.cross_attention_cache = DynamicCache()
+        for layer in cache.is_updated:
+            cache.is_updated[layer] = False
+        model(input_ids=torch.randint(2, VOCAB, (4, 9)), decoder_input_ids=torch.zeros(4, 1, dtype=torch.long),
+              use_cache=True, **{hf_compat.CACHE_NAME: cache})
+        assert getattr(cache, _CROSS_ROWS, None) is None
+
+
+def test_beam_search_runs_the_same_without_copying_the_cross_cache(monkeypatch):
+    """Through generate: the beams, their scores and every step's scores are bitwise those of the run
+    that copies the cross cache at every step as HF does, and (from transformers 4.54, whose generate
+    calls the model's _reorder_cache) the cross cache is never copied. 4.49-4.53's generate calls the
+    cache's own reorder_cache: both parts are copied, as HF's T5 does."""
+    from packaging.version import Version
+    import sparse_t5.modeling_t5 as modeling
+
+    model = make_model("v11_gated_untied", "csr_0.6")
+    ids, mask = inputs()
+    kw = dict(max_new_tokens=6, num_beams=4, suppress_tokens=[0, 1], output_scores=True, return_dict_in_generate=True)
+    copies = []  # cross-cache copies of the HF-style run
+    original = modeling._reorder_cross_cache
+    with torch.no_grad():
+        monkeypatch.setattr(modeling, "_reorder_cross_cache",
+                            lambda cache, idx: (copies.append(1), cache.cross_attention_cache.reorder_cache(idx)))
+        copied = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        monkeypatch.setattr(modeling, "_reorder_cross_cache", original)
+        cross_copies = []  # every DynamicCache reorder of our run: the self-attention cache's, and any cross copy
+        from transformers.cache_utils import DynamicCache
+        plain = DynamicCache.reorder_cache
+
+        def count(self, idx):
+            cross_copies.append(self)
+            return plain(self, idx)
+
+        monkeypatch.setattr(DynamicCache, "reorder_cache", count)
+        ours = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(ours.sequences, copied.sequences)
+    assert torch.equal(ours.sequences_scores, copied.sequences_scores)
+    assert all(torch.equal(a, b) for a, b in zip(ours.scores, copied.scores))
+    steps = len(ours.scores)  # one reorder after every step
+    if Version(transformers.__version__) >= Version("4.54"):
+        assert len(copies) == steps and len(cross_copies) == steps, (len(copies), len(cross_copies))  # self-attention only
+    else:
+        assert len(copies) == 0 and len(cross_copies) == 2 * steps, (len(copies), len(cross_copies))
+
+
 def test_unknown_keywords_raise_and_the_two_cache_names_are_one_argument():
     model = make_model("v1_relu_tied", "dense")
     ids, mask = inputs()
