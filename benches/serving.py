@@ -18,6 +18,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from sparse_t5 import SparseT5ForConditionalGeneration
+from sparse_t5.modeling_t5 import LMHead
 
 SHAPES = {
     "t5-small": dict(d_model=512, d_ff=2048, num_heads=8, d_kv=64, num_layers=6),
@@ -62,15 +63,19 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--source", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--lm-head-op", choices=["on", "off"], default="on",
+                   help="off: our lm_head runs F.linear at every token count (LMHead.few_tokens = {}), to compare")
     p.add_argument("--csr-few-tokens", type=int, default=None,
                    help="calls of up to this many tokens take the CSR few-token path (default: the built-in; 0: off)")
     a = p.parse_args(argv)
     if a.csr_few_tokens is not None:
         torch.ops.sparse_t5.set_csr_few_tokens(a.csr_few_tokens)
+    if a.lm_head_op == "off":
+        LMHead.few_tokens = {}
     models = build(a.shape, a.variants)
     print(f"{a.shape}, random weights, source {a.source}, {a.new_tokens} new tokens, inference mode, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, kernels {torch.ops.sparse_t5.cpu_isa()}, "
-          f"CSR few-token path up to {torch.ops.sparse_t5.get_csr_few_tokens()} tokens; "
+          f"CSR few-token path up to {torch.ops.sparse_t5.get_csr_few_tokens()} tokens, lm_head few-token op {a.lm_head_op}; "
           f"median of {a.rounds} rounds; time against HF dense\n")
     print("| batch | run | HF dense | " + " | ".join(a.variants) + " |")
     print("|---|---|---|" + "---|" * len(a.variants))

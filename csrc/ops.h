@@ -17,6 +17,9 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
 at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, int64_t out_features, int64_t in_features);
 
+// y = x W^T for a dense W and 1-16 tokens (dense_few_tokens.cpp).
+at::Tensor dense_linear_few_tokens_cpu(const at::Tensor& x, const at::Tensor& weight);
+
 // 2:4 ops (semi24_linear.cpp).
 at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
                              const std::optional<at::Tensor>& bias);

@@ -33,6 +33,9 @@ TORCH_LIBRARY(sparse_t5, m) {
   m.def("semi24_linear_backward_input(Tensor grad_out, Tensor values, Tensor meta) -> Tensor");
   // dvalues[r, j] = sum over tokens of grad_out[t, r] * x[t, col(r, j)], shaped like values.
   m.def("semi24_sddmm(Tensor grad_out, Tensor x, Tensor meta) -> Tensor");
+  // y[..., out] = x[..., in] @ W^T for a dense W and at most 16 tokens, W read once (the lm_head at
+  // decoding steps; CPU, no autograd: csrc/dense_few_tokens.cpp).
+  m.def("dense_linear_few_tokens(Tensor x, Tensor weight) -> Tensor");
   // Name of the CPU kernel variant in use: baseline | avx2 | avx512 (SPARSE_T5_CPU_ISA overrides).
   m.def("cpu_isa() -> str", &sparse_t5::cpu_isa);
   // Whether the O(nnz) structure checks run once per structure (default) or on every call

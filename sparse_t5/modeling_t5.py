@@ -32,6 +32,7 @@ from .configuration_t5 import SparseT5Config, register_auto_classes
 from .sparsify import LAYOUT_KEY
 from .devices import placement
 from .layers import SparseLinear, weight_dtype
+from .ops.dense_few_tokens import MAX_TOKENS as _FEW_MAX_TOKENS, dense_linear_few_tokens
 
 
 def lm_head_is_tied(config: T5Config) -> bool:
@@ -606,6 +607,32 @@ def _tied_names_are_not_missing(model, incompatible_keys):
         incompatible_keys.missing_keys.remove(name)
 
 
+class LMHead(nn.Linear):
+    """T5's lm_head: an nn.Linear (the same parameter, state dict and hooks) whose forward takes
+    sparse_t5's dense few-token op at decoding steps (one token per beam) where it measured faster than
+    the vendor GEMM: on CPU, with no bias and no gradient, for the token counts in `few_tokens`. The
+    lm_head is not pruned, so it is the largest layer a sparse model's decode step reads. MKL's GEMM
+    packs the whole fp32 weight for calls of a few tokens, a copy of 98.7 MB per call at t5-base: 6.9
+    ms at 4 tokens and 14.2 ms at 10, where the op, which reads the weight once, took 3.4 and 3.9 ms
+    (0.28-0.83x of F.linear at 2-16 tokens; 1 token is F.linear's GEMV, already at memory
+    bandwidth). In bf16 the vendor GEMM (oneDNN, AMX on that Intel Xeon) was the faster from 8 tokens,
+    so bf16 takes the op at 1-4 tokens only (0.51-0.73x). Measured by benches/lm_head_few_tokens.py;
+    kernel: csrc/cpu/dense_kernels_impl.h. Everything else (training, other devices and dtypes,
+    DTensor weights) is F.linear."""
+
+    # dtype -> the inclusive range of token counts that take the op; {} turns it off (benches compare)
+    few_tokens = {torch.float32: (2, _FEW_MAX_TOKENS), torch.bfloat16: (1, 4)}
+
+    def forward(self, x):
+        w = self.weight
+        lo, hi = self.few_tokens.get(w.dtype, (0, -1))
+        if (lo * x.shape[-1] <= x.numel() <= hi * x.shape[-1] and self.bias is None and x.device.type == "cpu"
+                and x.dtype == w.dtype and type(w) is nn.Parameter
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            return dense_linear_few_tokens(x, w)
+        return F.linear(x, w, self.bias)
+
+
 class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, SparseT5PreTrainedModel, GenerationMixin):
     """T5 encoder-decoder LM whose attention / feed-forward Linears can be sparse.
 
@@ -630,7 +657,7 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         decoder_config.is_encoder_decoder = False
         decoder_config.num_layers = config.num_decoder_layers
         self.decoder = T5Stack(decoder_config, self.shared)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         # Whether lm_head shares the embedding matrix: T5 v1's config says so; an untied config
         # can still share it when its checkpoint has no lm_head.weight (from_pretrained).
         self.lm_head_shared = lm_head_is_tied(config)

@@ -2,9 +2,6 @@
 
 Kernel: csrc/cpu/semi24_kernels_impl.h. Binding: csrc/semi24_linear.cpp. Python: sparse_t5/ops/semi24_linear.py.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -175,10 +172,6 @@ print("ok")
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_every_kernel_variant(isa):
-    from test_csr_linear import _supported_isas
+    from test_csr_linear import check_kernel_variant
 
-    if isa not in _supported_isas():
-        pytest.skip(f"this CPU has no {isa}")
-    out = subprocess.run([sys.executable, "-c", _VARIANT_CHECK.format(isa=isa)],
-                         env=dict(os.environ, SPARSE_T5_CPU_ISA=isa), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+    check_kernel_variant(isa, _VARIANT_CHECK)

@@ -58,6 +58,9 @@ inline int64_t panel_elements(int64_t tokens, int64_t features, int64_t tile) {
   return (tokens + tile - 1) / tile * tile * features;
 }
 
+// Most tokens the dense few-token forward takes: a row's per-token sums fill one fp32 vector.
+constexpr int64_t kDenseFewMaxTokens = 16;
+
 // One table of entry points per instruction set.
 struct KernelTable {
   const char* name;
@@ -96,6 +99,11 @@ struct KernelTable {
   void (*semi24_sddmm)(const Semi24View& w, DType dt, const void* dy, const void* x, int64_t tokens,
                        void* dvalues, void* dy_panels, void* x_panels, void* dvalues_acc, int vectors_per_tile,
                        const Parallel& par);
+  // y[T, out] = x[T, in] @ W^T for a dense W [out, in] row-major and 1 <= T <= kDenseFewMaxTokens,
+  // fp32 or bf16 (dense_kernels_impl.h: the lm_head at decoding steps). xbuf: tokens * in floats
+  // (bf16 input is converted into it).
+  void (*dense_forward_few)(const void* w, DType dt, const void* x, int64_t tokens, int64_t out, int64_t in,
+                            void* y, void* xbuf, const Parallel& par);
 };
 
 const KernelTable& baseline_kernels();

@@ -2,6 +2,7 @@
 #pragma once
 #include "csr_kernels_impl.h"
 #include "semi24_kernels_impl.h"
+#include "dense_kernels_impl.h"
 
 #if !defined(SPARSE_T5_ISA_NAME) || !defined(SPARSE_T5_TABLE_FN)
 #error "define SPARSE_T5_ISA_NAME and SPARSE_T5_TABLE_FN (see kernels_<isa>.cpp)"
@@ -21,7 +22,7 @@ const KernelTable& SPARSE_T5_TABLE_FN() {
                                     &SPARSE_T5_ISA_NS::csr_backward_input, &SPARSE_T5_ISA_NS::csr_sddmm,
                                     &SPARSE_T5_ISA_NS::csr_transpose,
                                     &SPARSE_T5_ISA_NS::semi24_forward, &SPARSE_T5_ISA_NS::semi24_backward_input,
-                                    &SPARSE_T5_ISA_NS::semi24_sddmm};
+                                    &SPARSE_T5_ISA_NS::semi24_sddmm, &SPARSE_T5_ISA_NS::dense_forward_few};
   return table;
 }
 

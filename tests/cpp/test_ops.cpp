@@ -176,6 +176,31 @@ int main() {
                   "semi24 x");
   }
 
+  // Dense few-token forward (the lm_head at decoding steps): every token count against at::linear, with
+  // a row length that leaves a scalar tail, in fp32 and bf16; bad input raises.
+  {
+    using sparse_t5::dense_linear_few_tokens_cpu;
+    for (at::ScalarType dt : {at::kFloat, at::kBFloat16}) {
+      const at::Tensor w = at::randn({37, 53}).to(dt);
+      for (int64_t t = 1; t <= 16; ++t) {
+        const at::Tensor xt = at::randn({t, 53}).to(dt);
+        const double tol = dt == at::kFloat ? 1e-4 : 3e-2;
+        expect(at::allclose(dense_linear_few_tokens_cpu(xt, w).to(at::kFloat), at::linear(xt.to(at::kFloat), w.to(at::kFloat)),
+                            tol, tol),
+               "dense few-token forward, " + std::to_string(t) + " tokens");
+      }
+    }
+    const at::Tensor w = at::randn({8, 16});
+    expect_throws([&] { dense_linear_few_tokens_cpu(at::randn({17, 16}), w); }, "at most 16 tokens", "dense few: 17 tokens");
+    expect_throws([&] { dense_linear_few_tokens_cpu(at::randn({2, 15}), w); }, "features in its last dimension",
+                  "dense few: x width");
+    expect_throws([&] { dense_linear_few_tokens_cpu(at::randn({2, 16}), at::randn({16})); }, "must be 2-D",
+                  "dense few: 1-D weight");
+    expect_throws([&] { dense_linear_few_tokens_cpu(at::randn({2, 16}).to(at::kDouble), w.to(at::kDouble)); },
+                  "float32 or bfloat16", "dense few: fp64");
+    expect(dense_linear_few_tokens_cpu(at::randn({0, 16}), w).size(0) == 0, "dense few: no tokens");
+  }
+
   std::printf("csr ops: %d failures\n", g_failures);
   return g_failures == 0 ? 0 : 1;
 }
