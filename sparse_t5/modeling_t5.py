@@ -181,10 +181,12 @@ class T5Attention(nn.Module):
                 key = self._split_heads(self.k(key_value_states))
                 value = self._split_heads(self.v(key_value_states))
                 if cross_cache is not None:
-                    # Stored contiguous: every later step's attention reads them, and a strided
-                    # [batch, heads, source, d_kv] view of the [batch, source, heads, d_kv] projection
-                    # made those reads slower (HF's beam search hides it: its first reorder copies them).
-                    key, value = key.contiguous(), value.contiguous()
+                    if not self.training:
+                        # Stored contiguous for decoding: every later step's attention reads them, and a
+                        # strided [batch, heads, source, d_kv] view of the [batch, source, heads, d_kv]
+                        # projection made those reads slower (HF's beam search hides it: its first
+                        # reorder copies them). Training keeps the view: one forward reads it once.
+                        key, value = key.contiguous(), value.contiguous()
                     key, value = cross_cache.update(key, value, self.layer_idx, {"cache_position": cache_position})
                     is_updated[self.layer_idx] = True
         dropout = self.dropout if self.training else 0.0
@@ -456,13 +458,15 @@ def _cross_row_runs(tensors: list):
     rows = tensors[0].shape[0]
     if any(t.shape[0] != rows for t in tensors):
         return None
-    same = torch.ones(max(rows - 1, 0), dtype=torch.bool, device=tensors[0].device)
+    if rows < 2:  # nothing to compare (and no [0, -1] reshape of an empty batch)
+        return torch.zeros(rows, dtype=torch.long, device=tensors[0].device), _identity(tensors)
+    same = torch.ones(rows - 1, dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
         row_bytes = t[:1].numel() * t.element_size()
         word = next(w for w in (8, 4, 2, 1) if row_bytes % w == 0)  # the widest word a row divides into
         bits = t.reshape(rows, -1).view(torch.uint8).view(_BITS[word])
         same &= (bits[1:] == bits[:-1]).all(dim=1)
-    return torch.cat([same.new_zeros(min(rows, 1), dtype=torch.long), (~same).cumsum(0)]), _identity(tensors)
+    return torch.cat([same.new_zeros(1, dtype=torch.long), (~same).cumsum(0)]), _identity(tensors)
 
 
 def _reorder_cross_cache(cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> None:
@@ -742,9 +746,11 @@ class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, Sparse
         changes it: beam search gives every beam of an input the same encoder row, so its cross keys
         and values are the same in every beam, and a reorder among one input's beams leaves them as
         they are. HF copies them anyway, every step: at t5-base, batch 32, beam 10, source 32, that
-        is 24 tensors of 31 MB a step, 70-120 ms (benches/serving.py; README "Serving a pruned model").
+        is 24 tensors of 31 MB a step, 70-120 ms (README "Beam search and the lm_head at decoding steps").
         Which rows are equal is checked, bitwise, on the cache itself (_reorder_cross_cache), so the
         skip is exact whatever generate or the caller hands in."""
+        if past_key_values is None:
+            return None
         if isinstance(past_key_values, (tuple, list)):  # the legacy format (transformers 4.x)
             return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past_key_values)
         if not isinstance(past_key_values, EncoderDecoderCache):

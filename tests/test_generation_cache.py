@@ -280,6 +280,13 @@ def test_beam_reorder_copies_the_cross_cache_only_where_a_row_changes():
         moved = hf_compat.cached_kv(cache.cross_attention_cache, 0)[0]
         assert torch.signbit(moved[0].view(-1)[0]) and not torch.signbit(moved[1].view(-1)[0])
 
+        # One row, and no cache at all: nothing to compare, nothing to reorder.
+        cache = cached_after_one_step(model, encoder_rows=1, beams=1)
+        cross = cross_kv(cache)
+        model._reorder_cache(cache, torch.tensor([0]))
+        assert all(a is b for a, b in zip(cross_kv(cache), cross))
+        assert model._reorder_cache(None, torch.tensor([0])) is None
+
 
 def test_the_cross_row_record_is_dropped_when_the_decoder_rewrites_the_cross_cache():
     """What _reorder_cache knows of the cross rows holds only for the tensors it was computed on: a
