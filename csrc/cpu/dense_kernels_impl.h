@@ -3,11 +3,12 @@
 // y[T, out] = x[T, in] W^T for a dense W and 1 <= T <= 16 tokens: the model's lm_head at decoding
 // steps (beam search decodes one token per beam, so T is the beam count). The vendor GEMM packs W
 // for such calls, a copy of the whole layer per call: on an Intel Xeon (torch 2.13.0+cpu, MKL, 2
-// threads) t5-base's lm_head (32128 x 768, 98.7 MB) took 2.5 ms at 1 token, near memory bandwidth,
-// but 8.1 ms at 8 tokens and 10.6 ms at 10 (README "Serving a pruned model"). This kernel reads W
-// once, row by row: each 16-wide chunk of a row is loaded once and multiplied into all T tokens'
-// accumulators (T + 1 loads per T FMAs, x stays in L1), and fold_lanes sums a row's T accumulators
-// into one vector of T results.
+// threads) t5-base's lm_head (32128 x 768, 98.7 MB in fp32) took 3.2 ms at 1 token, but 11.7 ms at
+// 8 tokens and 14.2 ms at 10, where this kernel took 4.4 and 3.9 ms (benches/lm_head_few_tokens.py;
+// README "Beam search and the lm_head at decoding steps"). It reads W once, row by row: each 16-wide
+// chunk of a row is loaded once and multiplied into all T tokens' accumulators (T + 1 loads per T
+// FMAs; x, T rows of `in` floats, stays in L1 up to ~10 tokens at 768 inputs), and fold_lanes sums
+// a row's T accumulators into one vector of T results.
 #pragma once
 #include "common_impl.h"
 
