@@ -472,17 +472,18 @@ def _cross_row_runs(tensors: list):
 def _reorder_cross_cache(cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> None:
     """Reorder the cross-attention cache by beam_idx, or leave it where that would not change a bit: every
     row then takes a row of its own run."""
+    tensors = _cross_tensors(cache)
     record = getattr(cache, _CROSS_ROWS, None)
-    if record is None or record[1] != _identity(_cross_tensors(cache)):
-        record = _cross_row_runs(_cross_tensors(cache))
+    if record is None or record[1] != _identity(tensors):
+        record = _cross_row_runs(tensors)
     runs = record[0] if record is not None else None
     idx = beam_idx.to(runs.device) if runs is not None else None
-    if runs is not None and idx.shape == runs.shape and torch.equal(runs.index_select(0, idx), runs):
+    comparable = runs is not None and idx.shape == runs.shape
+    if comparable and torch.equal(runs.index_select(0, idx), runs):
         setattr(cache, _CROSS_ROWS, record)
         return
     cache.cross_attention_cache.reorder_cache(beam_idx)
-    moved = runs is not None and idx.shape == runs.shape
-    setattr(cache, _CROSS_ROWS, (runs.index_select(0, idx), _identity(_cross_tensors(cache))) if moved else None)
+    setattr(cache, _CROSS_ROWS, (runs.index_select(0, idx), _identity(_cross_tensors(cache))) if comparable else None)
 
 
 def _per_layer_head_mask(head_mask, num_layers: int, dtype):
