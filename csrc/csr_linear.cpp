@@ -60,6 +60,17 @@ bool mkl_applies(at::ScalarType dtype, int64_t nnz) {
 
 }  // namespace
 
+std::tuple<int64_t, int64_t> csr_forward_tiling(int64_t tokens, at::ScalarType dtype, int64_t nnz,
+                                                int64_t out_features, int64_t in_features) {
+  TORCH_CHECK(tokens > 0 && nnz >= 0 && out_features > 0 && in_features > 0,
+              "csr_forward_tiling: tokens, out_features and in_features must be positive and nnz >= 0");
+  const cpu::DType dt = kernel_dtype(at::empty({0}, at::TensorOptions().dtype(dtype)), "dtype");
+  const int nv = csr_forward_vectors_per_tile(tokens, dt, nnz, out_features, in_features);
+  const int64_t tile = nv * cpu::lanes_for(dt);
+  const int64_t chunk = cpu::csr_forward_chunk_columns(nv, (tokens + tile - 1) / tile, nnz, out_features, in_features);
+  return {nv, (in_features + chunk - 1) / chunk};
+}
+
 at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, int64_t out_features, int64_t in_features,
                           const std::optional<at::Tensor>& bias) {
@@ -99,7 +110,7 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
                             xbuf.defined() ? xbuf.data_ptr() : nullptr, cpu::aten_parallel());
     return y;
   }
-  const int nv = csr_forward_vectors_per_tile(tokens, dt, values.size(0), out_features);
+  const int nv = csr_forward_vectors_per_tile(tokens, dt, values.size(0), out_features, in_features);
   at::Tensor x_panels = panels(tokens, in_features, nv, dt);
   kernels.csr_forward(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt,
                                     xc.data_ptr(), tokens, bc.defined() ? bc.data_ptr() : nullptr,
@@ -146,7 +157,7 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
     wt.out_features = in_features;
     wt.in_features = out_features;
     wt.nnz = nnz;
-    const int nv = csr_forward_vectors_per_tile(tokens, dt, nnz, in_features);
+    const int nv = csr_forward_vectors_per_tile(tokens, dt, nnz, in_features, out_features);
     at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
     kernels.csr_forward(wt, dt, gc.data_ptr(), tokens, nullptr, dx.data_ptr(), dy_panels.data_ptr(), nv,
                         cpu::aten_parallel());

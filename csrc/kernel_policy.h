@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <tuple>
 
 namespace sparse_t5 {
 
@@ -61,6 +62,10 @@ bool csr_few_tokens_gather();
 // machines (`python benches/csr_dx.py`).
 void set_csr_dx_transpose_tokens(int64_t tokens);
 int64_t csr_dx_transpose_tokens();
+// The tiled CSR forward's shape for one call (csrc/op_common.h, csrc/cpu/csr_kernels_impl.h):
+// (vectors per token tile, panel chunks). Tests use it to know which path a case takes.
+std::tuple<int64_t, int64_t> csr_forward_tiling(int64_t tokens, at::ScalarType dtype, int64_t nnz,
+                                                int64_t out_features, int64_t in_features);
 // "sparse", "dense" or "mkl" for one call under the current policy; op by schema name.
 std::string choose_method_op(const std::string& device_class, const std::string& op, at::ScalarType dtype,
                              int64_t tokens, int64_t out_features, int64_t in_features, double density);

@@ -80,9 +80,16 @@ inline int vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t min_tiles) {
 // and 0.93-1.04x at 2048-4096 inputs. Past ~300 nonzeros per row the wide tile wins by 3-9%
 // (density 0.5 at in_features 768-4096), so the rule keys on nonzeros per row, the quantity both
 // findings share. README "How the CSR kernels work" has the table.
-inline int csr_forward_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t nnz, int64_t rows) {
+// Denser rows at in_features <= 1024 take 2 vectors too when that tile walks the panel in chunks
+// (cpu::csr_forward_chunk_columns): on an Intel Xeon (AVX-512, 2 threads, fp32, 64-1024 tokens,
+// two runs against the 4-vector tile) that took 0.83-0.97x of the time at 768x768, 3072x768,
+// 1024x1024 and 4096x1024, density 0.4-0.7; at in_features 3072 the same took 1.02-1.09x (not
+// taken there). README "Panel chunks" has the table.
+inline int csr_forward_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t nnz, int64_t rows, int64_t in) {
   const int nv = vectors_per_tile(tokens, dt, 1);
-  return nv == 4 && nnz <= 256 * rows ? 2 : nv;
+  if (nv != 4 || nnz <= 256 * rows) return nv == 4 ? 2 : nv;
+  const int64_t tiles = (tokens + 2 * cpu::lanes_for(dt) - 1) / (2 * cpu::lanes_for(dt));
+  return in <= 1024 && cpu::csr_forward_chunk_columns(2, tiles, nnz, rows, in) < in ? 2 : 4;
 }
 
 inline at::Tensor panels(int64_t tokens, int64_t features, int nv, cpu::DType dt) {

@@ -297,6 +297,16 @@ for dtype in (torch.float32, torch.bfloat16, torch.float64):
         assert (x.grad.double() - gx).abs().max() <= tol * gx.abs().max(), (dtype, T)
         gv = (torch.ones(T, o, dtype=torch.float64).t() @ x.detach().double())[m]
         assert (layer.values.grad.double() - gv).abs().max() <= tol * gv.abs().max(), (dtype, T)
+from sparse_t5.kernel_policy import kernel_policy
+with kernel_policy("sparse"):  # the tiled forward in panel chunks (test_forward_panel_chunks_match_dense)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        w = torch.randn(300, 600, generator=g).to(dtype); m = torch.rand(300, 600, generator=g) > 0.5
+        x = torch.randn(45, 600, generator=g).to(dtype)  # 2 token tiles of 32: split (one is not)
+        with torch.no_grad():
+            y = SparseLinear.from_dense(w, m)(x)
+        ref = F.linear(x.double(), (w * m).double())
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert (y.double() - ref).abs().max() <= tol * ref.abs().max(), ("chunks", dtype)
 torch.ops.sparse_t5.set_csr_dx_transpose_tokens(1)  # dx as the forward over a transient W^T
 for dtype in (torch.float32, torch.bfloat16, torch.float64):
     for o, i in ((40, 90), (1200, 20)):  # W^T rows of ~12 nonzeros (32-token tiles) and ~360 (64)
@@ -362,6 +372,21 @@ def few_token_path(request):
     ops.set_csr_few_tokens_kernel(kernel)
 
 
+def _check_raw_forward(mask, tokens, dtype, index_dtype, g, what):
+    """The raw op on a random weight at `mask` (CSR with `index_dtype` columns) and a bias, against
+    F.linear in float64."""
+    out_f, in_f = mask.shape
+    w = (torch.randn(out_f, in_f, generator=g) * mask).to(dtype)
+    rows, cols = mask.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+    x = torch.randn(tokens, in_f, generator=g).to(dtype)
+    b = torch.randn(out_f, generator=g).to(dtype)
+    y = torch.ops.sparse_t5.csr_linear(x, w[rows, cols].contiguous(), row_ptr, cols.to(index_dtype).contiguous(),
+                                       out_f, in_f, b)
+    assert_close_rel(y, F.linear(x.double(), w.double(), b.double()), dtype, what)
+
+
 @pytest.mark.parametrize("index_dtype", [torch.uint16, torch.int16, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", range(1, 10))
@@ -369,21 +394,12 @@ def test_few_token_forward_matches_dense(few_token_path, tokens, dtype, index_dt
     """1-8 tokens take the few-token path (9 the tiled kernel), by either kernel: ragged rows (the
     scalar walk unrolls by 4, the gather takes 32 then 16 with a masked remainder), empty rows, a full
     row, an empty layer, uint16, int16 and int32 column indices."""
-    ops = torch.ops.sparse_t5
     g = torch.Generator().manual_seed(tokens)
     for out_f, in_f, density in ((77, 123, 0.5), (40, 700, 0.03), (33, 50, 1.0), (16, 40, 0.0), (9, 1, 0.7),
                                  (12, 1000, 0.2)):  # rows of ~200: several 32-wide steps, then a tail
         mask = torch.rand(out_f, in_f, generator=g) < density
         mask[min(3, out_f - 1)] = False  # an empty row
-        w = (torch.randn(out_f, in_f, generator=g) * mask).to(dtype)
-        rows, cols = mask.nonzero(as_tuple=True)
-        row_ptr = torch.zeros(out_f + 1, dtype=torch.int32)
-        row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
-        x = torch.randn(tokens, in_f, generator=g).to(dtype)
-        b = torch.randn(out_f, generator=g).to(dtype)
-        y = ops.csr_linear(x, w[rows, cols].contiguous(), row_ptr, cols.to(index_dtype).contiguous(), out_f, in_f, b)
-        ref = F.linear(x.double(), w.double(), b.double())
-        assert_close_rel(y, ref, dtype, f"{out_f}x{in_f} at {density}")
+        _check_raw_forward(mask, tokens, dtype, index_dtype, g, f"{out_f}x{in_f} at {density}")
 
 
 def test_few_token_setting_is_checked():
@@ -432,6 +448,37 @@ def test_backward_input_paths_match_dense(dx_path, dtype, index_dtype):
             dx = ops.csr_linear_backward_input(dy, w[rows, cols].contiguous(), row_ptr,
                                                cols.to(index_dtype).contiguous(), out_f, in_f)
             assert_close_rel(dx, dy.double() @ w.double(), dtype, f"{dx_path} {out_f}x{in_f} at {density}, {tokens} tokens")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.uint16, torch.int16, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_forward_panel_chunks_match_dense(dtype, index_dtype):
+    """Rows dense enough for the tiled forward to walk the panel in L1-sized chunks: a partial last
+    chunk, partial row blocks and token tiles, an empty row, a row whose nonzeros all lie past the
+    first chunk, a row with one nonzero in the last column, a full row, and a bias; then layers the
+    rule does not split, as controls. csr_forward_tiling says which path each case takes."""
+    skip_dtype_under_triton_interpreter(dtype)
+    ops = torch.ops.sparse_t5
+    g = torch.Generator().manual_seed(8)
+    # (tokens, out, in, density, split): 2-vector tiles (256-column chunks), short rows (3 chunks) and
+    # long rows (a 4-vector call narrowed to 2; 3 and 4 chunks, the last partial); then layers that
+    # are not split: too sparse, a 1-vector tile (past the few-token path's 8 tokens in fp32/bf16;
+    # one fp64 vector is 8 tokens), more than 1024 inputs (4-vector tiles), and one token tile.
+    one_vector = 6 if dtype == torch.float64 else 12
+    one_tile = 14 if dtype == torch.float64 else 30  # 2 vectors: 16 fp64 tokens, 32 fp32
+    for tokens, out_f, in_f, density, tile, split in (
+            (45, 300, 600, 0.42, 2, True), (70, 50, 700, 0.9, 2, True), (40, 40, 1000, 0.45, 2, True),
+            (45, 300, 600, 0.1, 2, False), (one_vector, 40, 1100, 0.5, 1, False), (40, 40, 1100, 0.5, 4, False),
+            (one_tile, 300, 600, 0.5, 2, False)):
+        mask = torch.rand(out_f, in_f, generator=g) < density
+        mask[3] = False  # an empty row
+        mask[5, :520] = False  # nonzeros only past the first chunk (and past the second of 256)
+        mask[6] = False
+        mask[6, in_f - 1] = True  # one nonzero, in the last column
+        mask[7] = True  # a full row
+        vectors, chunks = ops.csr_forward_tiling(tokens, dtype, int(mask.sum()), out_f, in_f)
+        assert (vectors, chunks > 1) == (tile, split), (tokens, out_f, in_f, density, vectors, chunks)
+        _check_raw_forward(mask, tokens, dtype, index_dtype, g, f"{tokens} tokens, {out_f}x{in_f} at {density}")
 
 
 def test_backward_input_transpose_with_a_32bit_row_index(dx_path):

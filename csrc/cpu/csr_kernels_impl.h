@@ -24,7 +24,26 @@ namespace cpu {
 namespace SPARSE_T5_ISA_NS {
 namespace {
 // ---- forward: y = x W^T + b -------------------------------------------------------------------
-constexpr int64_t kRowsPerBlock = 32;
+// Blocking (README "How the CSR kernels work", "Panel chunks"). A token tile's panel is in x TILE
+// floats (96-384 KB at t5-base shapes), beyond L1, and each nonzero reads TILE floats of it at a
+// random column. An item is (token tile, block of rows). With dense enough rows (the rule and its
+// figures: csr_forward_chunk_columns, kernel_api.h) the block walks the panel in chunks of
+// kPanelChunkBytes (32 KB, L1-sized): every row of the block takes its nonzeros
+// inside the chunk, then the next chunk, so a chunk is loaded from L2 once per block and read
+// rows x density times from L1. A row's cursor (where its walk stopped) carries over from one chunk
+// to the next, since columns rise within a row; the last chunk walks to the row's end, so every
+// nonzero is taken exactly once whatever its column. The block's partial sums live in `buf`
+// (kRowBlockBytes, so buf and a chunk fit in L1 together). Unsplit, a block is 32 rows.
+constexpr int64_t kRowBlockBytes = 16 * 1024;
+constexpr int64_t kMaxBlockRows = kRowBlockBytes / 64;  // a tile is at least one 64-byte vector
+
+// Rows per block: as many as kRowBlockBytes holds, halved (down to 16) while there are fewer than
+// 4 items per thread, so that few-tile calls still spread over every thread.
+inline int64_t csr_forward_block_rows(int64_t tile_bytes, int64_t out, int64_t ntiles, int threads) {
+  int64_t rows = kRowBlockBytes / tile_bytes;
+  while (rows > 16 && ntiles * ((out + rows - 1) / rows) < 4 * static_cast<int64_t>(threads)) rows /= 2;
+  return rows;
+}
 
 template <typename S, typename I, int NV>
 void csr_forward_t(const CsrView& w, const S* x, int64_t tokens, const S* bias, S* y,
@@ -33,8 +52,16 @@ void csr_forward_t(const CsrView& w, const S* x, int64_t tokens, const S* bias, 
   typedef typename Vec<C>::type V;
   constexpr int L = Vec<C>::lanes;
   constexpr int64_t TILE = NV * L;
+  constexpr int A = SPARSE_T5_ACC_SETS;
+  // buf holds an unsplit block (32 rows) and cursor a split one (kRowBlockBytes / tile bytes rows).
+  static_assert(TILE * sizeof(C) >= 64 && 32 * TILE * sizeof(C) <= kRowBlockBytes, "tile size vs buf");
   const int64_t in = w.in_features, out = w.out_features;
   const int64_t ntiles = (tokens + TILE - 1) / TILE;
+  const int64_t chunk = csr_forward_chunk_columns(NV, ntiles, w.nnz, out, in);
+  const int64_t nchunks = (in + chunk - 1) / chunk;
+  const int64_t block_rows =
+      nchunks > 1 ? csr_forward_block_rows(TILE * static_cast<int64_t>(sizeof(C)), out, ntiles, par.num_threads)
+                  : 32;
   const C zero = 0;
 
   pack_panels<S, C>(x, tokens, in, TILE, xp, par);
@@ -42,43 +69,52 @@ void csr_forward_t(const CsrView& w, const S* x, int64_t tokens, const S* bias, 
   const S* values = static_cast<const S*>(w.values);
   const I* col = static_cast<const I*>(w.col_idx);
   const int32_t* row_ptr = w.row_ptr;
-  const int64_t nrb = (out + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t nrb = (out + block_rows - 1) / block_rows;
 
   // Items run tile-major so that consecutive items of a thread reuse the same x panel.
-  // (Splitting K so a panel chunk stays in L1 was tried and measured no faster at 0.5 and slower
-  // at 0.95, where a row has ~1 nonzero per chunk.)
   auto body = [&](int64_t b, int64_t e) {
-    C buf[kRowsPerBlock * TILE];  // the row block's outputs, [row][token]
+    C buf[kRowBlockBytes / sizeof(C)];  // the row block's outputs, [row][token]
+    int32_t cursor[kMaxBlockRows];
     for (int64_t item = b; item < e; ++item) {
       const int64_t tile = item / nrb, rb = item % nrb;
       const C* panel = xp + tile * in * TILE;
       const int64_t t0 = tile * TILE;
       const int64_t valid = min_i64(TILE, tokens - t0);
-      const int64_t r0 = rb * kRowsPerBlock;
-      const int64_t nrows = min_i64(out - r0, kRowsPerBlock);
-      for (int64_t i = 0; i < nrows; ++i) {
-        // SPARSE_T5_ACC_SETS independent accumulator chains hide FMA latency (2 on AVX-512,
-        // where 4 zmm chains leave half the FMA ports idle; 1 on AVX2, where 2 would spill).
-        V acc[SPARSE_T5_ACC_SETS][NV];
-        for (int s = 0; s < SPARSE_T5_ACC_SETS; ++s)
-          for (int j = 0; j < NV; ++j) acc[s][j] = V{} + zero;
-        int64_t k = row_ptr[r0 + i];
-        const int64_t k_end = row_ptr[r0 + i + 1];
-        for (; k + SPARSE_T5_ACC_SETS <= k_end; k += SPARSE_T5_ACC_SETS) {
-          for (int s = 0; s < SPARSE_T5_ACC_SETS; ++s) {
-            const C v = load_scalar(values + k + s);
-            const C* xc = panel + static_cast<int64_t>(col[k + s]) * TILE;
-            for (int j = 0; j < NV; ++j) acc[s][j] += v * vload<V>(xc + j * L);
+      const int64_t r0 = rb * block_rows;
+      const int64_t nrows = min_i64(out - r0, block_rows);
+      for (int64_t i = 0; i < nrows; ++i) cursor[i] = row_ptr[r0 + i];
+      for (int64_t j = 0; j < nchunks; ++j) {
+        const bool last = j + 1 == nchunks;
+        const int64_t limit = (j + 1) * chunk;  // this chunk's columns are below it
+        for (int64_t i = 0; i < nrows; ++i) {
+          // A independent accumulator chains hide FMA latency (SPARSE_T5_ACC_SETS: 2 on AVX-512,
+          // where 4 zmm chains leave half the FMA ports idle; 1 on AVX2, where 2 would spill).
+          V acc[A][NV];
+          for (int s = 0; s < A; ++s)
+            for (int t = 0; t < NV; ++t) acc[s][t] = V{} + zero;
+          if (j > 0)
+            for (int t = 0; t < NV; ++t) acc[0][t] = vload<V>(buf + i * TILE + t * L);
+          int64_t k = cursor[i];
+          const int64_t k_end = row_ptr[r0 + i + 1];
+          // Groups of A nonzeros while the group's last column is inside the chunk (the last chunk
+          // takes all of the row's rest), then one by one up to the chunk's end.
+          for (; k + A <= k_end && (last || static_cast<int64_t>(col[k + A - 1]) < limit); k += A) {
+            for (int s = 0; s < A; ++s) {
+              const C v = load_scalar(values + k + s);
+              const C* xc = panel + static_cast<int64_t>(col[k + s]) * TILE;
+              for (int t = 0; t < NV; ++t) acc[s][t] += v * vload<V>(xc + t * L);
+            }
           }
+          for (; k < k_end && (last || static_cast<int64_t>(col[k]) < limit); ++k) {
+            const C v = load_scalar(values + k);
+            const C* xc = panel + static_cast<int64_t>(col[k]) * TILE;
+            for (int t = 0; t < NV; ++t) acc[0][t] += v * vload<V>(xc + t * L);
+          }
+          cursor[i] = static_cast<int32_t>(k);
+          for (int s = 1; s < A; ++s)
+            for (int t = 0; t < NV; ++t) acc[0][t] += acc[s][t];
+          for (int t = 0; t < NV; ++t) vstore(buf + i * TILE + t * L, acc[0][t]);
         }
-        for (; k < k_end; ++k) {
-          const C v = load_scalar(values + k);
-          const C* xc = panel + static_cast<int64_t>(col[k]) * TILE;
-          for (int j = 0; j < NV; ++j) acc[0][j] += v * vload<V>(xc + j * L);
-        }
-        for (int s = 1; s < SPARSE_T5_ACC_SETS; ++s)
-          for (int j = 0; j < NV; ++j) acc[0][j] += acc[s][j];
-        for (int j = 0; j < NV; ++j) vstore(buf + i * TILE + j * L, acc[0][j]);
       }
       store_row_block<S>(buf, TILE, nrows, valid, y, out, t0, r0, bias);
     }
@@ -363,6 +399,7 @@ void csr_sddmm_t(const CsrView& w, const S* dy, const S* x, int64_t tokens, S* d
 
   const I* col = static_cast<const I*>(w.col_idx);
   const int32_t* row_ptr = w.row_ptr;
+  constexpr int64_t kRowsPerBlock = 32;
   const int64_t nrb = (out + kRowsPerBlock - 1) / kRowsPerBlock;
 
   // Tiles outermost within a claimed range of row blocks: the tile's x panel (in x TILE values,

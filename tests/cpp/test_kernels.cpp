@@ -271,6 +271,9 @@ int main() {
       {130, 48, 40, 1.0, false}, {70, 80, 64, 0.0, false}, {64, 256, 32, 0.05, true},
       {17, 1, 9, 0.7, false},    {0, 8, 8, 0.5, false},   {3, 200, 40, 0.4, true},
       {8, 37, 70, 0.9, true},
+      // Panel chunks (kernel_api.h, csr_forward_chunk_columns): 3 chunks of 256 columns at nv=2 and
+      // 6 of 128 at nv=4 (2 token tiles each), the last partial, beside empty rows; then 5 at nv=2.
+      {70, 700, 24, 0.9, true}, {40, 1028, 12, 0.5, false},
       // t5-11b's FFN output width: columns past 32767 must not read as negative (sign-extended).
       {3, 65536, 4, 0.002, true}, {20, 40000, 3, 0.003, false},
   };
