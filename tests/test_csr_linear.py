@@ -481,6 +481,14 @@ def test_forward_panel_chunks_match_dense(dtype, index_dtype):
         _check_raw_forward(mask, tokens, dtype, index_dtype, g, f"{tokens} tokens, {out_f}x{in_f} at {density}")
 
 
+def test_forward_tiling_checks_its_arguments():
+    ops = torch.ops.sparse_t5
+    with pytest.raises(RuntimeError, match="must be positive"):
+        ops.csr_forward_tiling(0, torch.float32, 10, 4, 4)
+    with pytest.raises(TypeError, match="float32, float64 or bfloat16, got Half"):
+        ops.csr_forward_tiling(8, torch.float16, 10, 4, 4)
+
+
 def test_backward_input_transpose_with_a_32bit_row_index(dx_path):
     """More than 65536 outputs: the transpose's row index is int32 (uint16 below that)."""
     g = torch.Generator().manual_seed(6)

@@ -65,9 +65,9 @@ inline int64_t panel_elements(int64_t tokens, int64_t features, int64_t tile) {
 // L1 saved. Measured split against unsplit (Intel Xeon, AVX-512, 2 threads, fp32, 2-vector tiles,
 // 3072x768 and 768x3072 at 256-1024 tokens, alternating processes): 1.2-1.9x the unsplit time at
 // density 0.05-0.1, 0.93-1.44x at 0.2, 0.87-1.16x at 0.3 (77 a chunk), 0.83-0.91x at 0.5 (128).
-// Never split: 1-vector tiles (9-16 fp32 tokens; 512-column chunks), which split took 1.07-1.34x
-// the unsplit time at in_features 768-3072 and density 0.3-0.7, and calls of one token tile (up to
-// 32 fp32 tokens at 2 vectors: decoding at batch 32), which took 1.02-1.08x at density 0.5.
+// Never split: 1-vector tiles (9-16 fp32 tokens; 512-column chunks), which split took 1.02-1.48x
+// (median 1.13x) the unsplit time at in_features 768-3072 and density 0.3-0.7, and calls of one
+// token tile (up to 32 fp32 tokens at 2 vectors: decoding at batch 32), 1.02-1.08x at density 0.5.
 constexpr int64_t kPanelChunkBytes = 32 * 1024;
 constexpr double kMinChunkNonzeros = 100;
 // Columns per chunk for `tiles` token tiles of `vectors` 64-byte vectors; `in` when not split.
