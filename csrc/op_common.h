@@ -87,7 +87,8 @@ inline int vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t min_tiles) {
 // taken there). README "Panel chunks" has the table.
 inline int csr_forward_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t nnz, int64_t rows, int64_t in) {
   const int nv = vectors_per_tile(tokens, dt, 1);
-  if (nv != 4 || nnz <= 256 * rows) return nv == 4 ? 2 : nv;
+  if (nv != 4) return nv;
+  if (nnz <= 256 * rows) return 2;
   const int64_t tiles = (tokens + 2 * cpu::lanes_for(dt) - 1) / (2 * cpu::lanes_for(dt));
   return in <= 1024 && cpu::csr_forward_chunk_columns(2, tiles, nnz, rows, in) < in ? 2 : 4;
 }
