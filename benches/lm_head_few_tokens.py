@@ -8,7 +8,7 @@ step. For such calls the vendor GEMM packs the whole weight (a copy of 98.7 MB a
 shape, dtype and token count it times both alternately in one process (median of --rounds, in
 inference mode, at torch's thread count) and prints ms per call, the weight's bytes over the time
 (GB/s: the bytes limit is the machine's read bandwidth) and op / F.linear. The model takes the op for
-2-16 tokens (sparse_t5.modeling_t5.LMHead.few_tokens).
+1-16 tokens in fp32 and 1-4 in bf16 (sparse_t5.modeling_t5.LMHead.few_tokens).
 """
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def test_lm_head_takes_the_op_for_decoding_steps_only(op_calls):
     head = modeling.LMHead(48, 70, bias=False)
     assert isinstance(head, torch.nn.Linear)
     for tokens, grad, dtype, taken in ((10, False, torch.float32, True), (2, False, torch.float32, True),
-                                       (16, False, torch.float32, True), (1, False, torch.float32, False),
+                                       (16, False, torch.float32, True), (1, False, torch.float32, True),
                                        (17, False, torch.float32, False), (10, True, torch.float32, False),
                                        (1, False, torch.bfloat16, True), (4, False, torch.bfloat16, True),
                                        (5, False, torch.bfloat16, False), (10, False, torch.float64, False)):

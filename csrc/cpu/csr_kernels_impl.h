@@ -125,16 +125,52 @@ void csr_forward_t(const CsrView& w, const S* x, int64_t tokens, const S* bias, 
 // ---- forward for a few tokens (decoding steps) ---------------------------------------------------
 // With 1 <= T <= 8 tokens (the binding's csr_few_tokens setting) a token tile is mostly padding: the
 // tiled kernel above spends one 16-lane FMA (and a 64-byte panel load) per nonzero for 1 useful lane.
-// This path walks each row's nonzeros with scalar loads: the value, its column, and for each token
-// x[t, col] from the (L1-resident) input rows, into four independent accumulators per token (one
-// FMA chain would be latency-bound). Values and indices are read once per call, as a dense GEMV
-// reads its weight once. Scalar loads, not hardware gathers: an earlier version loaded 16 columns
-// and fetched x with one vgatherdps per token per 16 nonzeros, and on an AMD EPYC (AVX-512) that
-// gather, not memory, bounded it; the scalar loop took 0.73-0.91x of its time at 1 token (fp32;
-// bf16 0.74-1.05x) and 0.47-0.82x at 2-4 (old build against new in interleaved processes, t5-base
-// FFN shapes; README "Serving a pruned model"). It needs no gather, so every ISA variant has it.
-// A row costs 2 + T loads per nonzero: past a few tokens the tiled kernel's vectors win (the
-// crossover: csrc/kernel_policy.cpp, kDefaultCsrFewTokens).
+// This path walks each row's nonzeros four at a time: one 16-byte load of four values, one 8-byte
+// load of four int16 columns (split with shifts, on the integer ports), and for each token the four
+// x[t, col] from the (L1-resident) input rows, inserted into one 4-lane vector and multiplied into
+// two accumulators per token (one FMA chain would be latency-bound). That is 2 + 4T loads per four
+// nonzeros; the earlier walk, one scalar load each of value, column and x, took 2 + T per nonzero
+// and sat at the load ports (about one nonzero a cycle on an AMD EPYC; README "Serving a pruned
+// model"). Values and indices are read once per call, as a dense GEMV reads its weight once.
+// Scalar loads, not hardware gathers: an earlier version loaded 16 columns and fetched x with one
+// vgatherdps per token per 16 nonzeros, and on an AMD EPYC (AVX-512) that gather, not memory,
+// bounded it; the scalar loop took 0.73-0.91x of its time at 1 token (fp32; bf16 0.74-1.05x) and
+// 0.47-0.82x at 2-4 (old build against new in interleaved processes, t5-base FFN shapes). It needs
+// no gather (GCC vector extensions: xmm on every ISA), so every ISA variant has it. Past a few
+// tokens the tiled kernel's vectors win (the crossover: csrc/kernel_policy.cpp, kDefaultCsrFewTokens).
+typedef float V4F __attribute__((vector_size(16)));
+
+template <typename S>
+inline V4F load4_values(const S* p) {
+  if constexpr (IsFloat<S>::value) {  // one unaligned 16-byte load
+    V4F v;
+    __builtin_memcpy(&v, p, 16);
+    return v;
+  } else {  // bf16 (the few-token path takes fp32 and bf16): one 8-byte load, widened into the high halves
+    static_assert(sizeof(S) == 2, "load4_values takes fp32 or bf16 values");
+    typedef uint16_t V4H __attribute__((vector_size(8)));
+    typedef uint32_t V4U __attribute__((vector_size(16)));
+    const V4U u = __builtin_convertvector(vload<V4H>(p), V4U) << 16;
+    V4F v;
+    __builtin_memcpy(&v, &u, 16);
+    return v;
+  }
+}
+
+template <typename I>
+inline void load4_columns(const I* p, int64_t c[4]) {
+  if constexpr (sizeof(I) == 2) {  // int16 index: one 8-byte load, split on the integer ports
+    uint64_t q;
+    __builtin_memcpy(&q, p, 8);
+    c[0] = static_cast<int64_t>(q & 0xffffu);
+    c[1] = static_cast<int64_t>((q >> 16) & 0xffffu);
+    c[2] = static_cast<int64_t>((q >> 32) & 0xffffu);
+    c[3] = static_cast<int64_t>(q >> 48);
+  } else {
+    for (int u = 0; u < 4; ++u) c[u] = static_cast<int64_t>(p[u]);  // int32 is >= 0
+  }
+}
+
 template <typename S, typename I, int T>
 void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, const Parallel& par) {
   const int64_t in = w.in_features, out = w.out_features;
@@ -145,28 +181,45 @@ void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, co
     for (int64_t r = b; r < e; ++r) {
       const int64_t k_end = row_ptr[r + 1];
       int64_t k = row_ptr[r];
-      float acc[T][4] = {};
-      for (; k + 4 <= k_end; k += 4) {
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) {
-          const float v = load_scalar(values + k + u);
-          const int64_t c = static_cast<int64_t>(col[k + u]);  // uint16 zero-extends; int32 is >= 0
+      V4F acc[T][2] = {};
+      for (; k + 8 <= k_end; k += 8) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const V4F v = load4_values(values + k + 4 * h);
+          int64_t c[4];
+          load4_columns(col + k + 4 * h, c);
 #pragma GCC unroll 8
-          for (int t = 0; t < T; ++t) acc[t][u] += v * x[t * in + c];
+          for (int t = 0; t < T; ++t) {
+            const float* xt = x + t * in;
+            acc[t][h] += v * V4F{xt[c[0]], xt[c[1]], xt[c[2]], xt[c[3]]};
+          }
         }
       }
+      if (k + 4 <= k_end) {
+        const V4F v = load4_values(values + k);
+        int64_t c[4];
+        load4_columns(col + k, c);
+        for (int t = 0; t < T; ++t) {
+          const float* xt = x + t * in;
+          acc[t][1] += v * V4F{xt[c[0]], xt[c[1]], xt[c[2]], xt[c[3]]};
+        }
+        k += 4;
+      }
+      float tail[T] = {};
       for (; k < k_end; ++k) {
         const float v = load_scalar(values + k);
         const int64_t c = static_cast<int64_t>(col[k]);
-        for (int t = 0; t < T; ++t) acc[t][0] += v * x[t * in + c];
+        for (int t = 0; t < T; ++t) tail[t] += v * x[t * in + c];
       }
       const float b_r = bias ? load_scalar(bias + r) : 0.f;
-      for (int t = 0; t < T; ++t) store_scalar(y + t * out + r, (acc[t][0] + acc[t][1]) + (acc[t][2] + acc[t][3]) + b_r);
+      for (int t = 0; t < T; ++t) {
+        const V4F s = acc[t][0] + acc[t][1];
+        store_scalar(y + t * out + r, ((s[0] + s[1]) + (s[2] + s[3])) + (tail[t] + b_r));
+      }
     }
   };
   parallel_run(par, out, body);
 }
-
 
 // The same with hardware gathers (AVX-512 builds): 16 values and 16 columns are loaded as vectors,
 // and for each token one vgatherdps fetches x[t, col[k..k+15]], one FMA per token per 16 nonzeros,
