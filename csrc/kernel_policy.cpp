@@ -69,11 +69,12 @@ void set_kernel_policy(const std::string& policy) {
 }
 
 namespace {
-// 3: on an AMD EPYC (AVX-512, 2 threads, t5-base FFN shapes, `benches/csr_few_tokens.py`) the
-// few-token path beat the tiled kernel at 1 and 2 tokens in all four cases (0.91-0.96x against
-// 1.56-2.09x of dense F.linear at density 0.5 and 1 token; 0.27-0.29x against 0.43-1.02x at 0.1),
-// tied or won at 3 (0.63-0.72x against 0.62-0.88x at 0.5) and lost from 4-6 on, where its 2 + T
-// scalar loads per nonzero cost more than the tiled kernel's vectors. The script measures the
+// 3: on an AMD EPYC (AVX-512, 2 threads, t5-base FFN shapes, `benches/csr_few_tokens.py`, two runs)
+// the few-token path (4 nonzeros a load, csrc/cpu/csr_kernels_impl.h) beat the tiled kernel at 2 and
+// 3 tokens in all four cases (at 3: 0.56-0.61x against 0.70-1.09x of dense F.linear at density 0.5,
+// 0.13-0.18x against 0.16-0.39x at 0.1; at 1 token 0.58-0.72x and 0.14-0.22x), tied at 4 (wins
+// on 3072->768 at 0.5, ties or loses on the other three) and lost from 5-6 on, where its 2 + 4T
+// loads per four nonzeros cost more than the tiled kernel's vectors. The script measures the
 // crossover on another CPU; set_csr_few_tokens changes it.
 constexpr int64_t kDefaultCsrFewTokens = 3;
 std::atomic<int64_t> g_csr_few_tokens{kDefaultCsrFewTokens};
