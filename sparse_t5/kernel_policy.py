@@ -104,9 +104,10 @@ CSR_FEW_TOKENS_KERNELS = ("scalar", "gather")
 
 
 def set_csr_few_tokens_kernel(kernel: str) -> None:
-    """Which kernel serves the few-token path: "scalar" (a row walk with scalar loads; the default) or
-    "gather" (AVX-512 hardware gathers; elsewhere the scalar walk runs). Which is faster depends on
-    the CPU (csrc/cpu/csr_kernels_impl.h): `sparse-t5 tune` measures it and the tuned table sets it."""
+    """Which kernel serves the few-token path: "scalar" (a row walk, four nonzeros a load, x fetched
+    with scalar loads; the default) or "gather" (AVX-512 hardware gathers; elsewhere the scalar walk
+    runs). Which is faster depends on the CPU (csrc/cpu/csr_kernels_impl.h): `sparse-t5 tune`
+    measures it and the tuned table sets it."""
     _ops.set_csr_few_tokens_kernel(str(kernel))
 
 

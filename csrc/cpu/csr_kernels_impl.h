@@ -226,7 +226,9 @@ void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, co
 // in two accumulators per token. Which of the two wins depends on the CPU, not the shape: on the
 // AMD EPYC host the gather bounded it and the scalar walk took 0.73-0.91x of its time; on an Intel
 // Xeon (AVX-512, AMX) the gather took 0.54-0.61x of the scalar walk's (a standalone C++ loop, t5-base
-// FFN shapes, density 0.5 and 0.1, 1 token). So both are built, and `sparse-t5 tune` measures which
+// FFN shapes, density 0.5 and 0.1, 1 token). Those figures are against the walk before it took four
+// nonzeros a load; on the AMD host the 4-wide walk took about two thirds of that one's time at 1
+// token, and it has not been timed against the gather on a Xeon. So both are built, and `sparse-t5 tune` measures which
 // one this machine takes (set_csr_few_tokens_kernel; csrc/kernel_policy.h).
 #if defined(SPARSE_T5_HAS_GATHER512)
 // Software prefetch distance, in nonzeros, of the values and columns ahead of the loop. A decode

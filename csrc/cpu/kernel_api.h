@@ -88,7 +88,7 @@ struct KernelTable {
   // y[T, out] = x[T, in] @ W^T (+ bias[out]).  x_panels: workspace for x.
   void (*csr_forward)(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias,
                       void* y, void* x_panels, int vectors_per_tile, const Parallel& par);
-  // The same for 1 <= T <= 8 tokens (decoding), row by row with scalar loads (csr_kernels_impl.h);
+  // The same for 1 <= T <= 8 tokens (decoding), row by row, four nonzeros a load (csr_kernels_impl.h);
   // fp32 and bf16. xbuf: tokens * in floats (bf16 input is converted into it).
   void (*csr_forward_few)(const CsrView& w, DType dt, const void* x, int64_t tokens, const void* bias,
                           void* y, void* xbuf, const Parallel& par);
