@@ -620,8 +620,9 @@ class LMHead(nn.Linear):
     packs the whole fp32 weight for calls of a few tokens, a copy of 98.7 MB per call at t5-base: 6.9
     ms at 4 tokens and 14.2 ms at 10, where the op, which reads the weight once, took 3.4 and 3.9 ms
     (0.28-0.83x of F.linear at 2-16 tokens, on an Intel Xeon). At 1 token F.linear is MKL's GEMV:
-    0.92x there (1.02x at t5-large's 32128 x 1024), but on an AMD EPYC MKL's GEMV read the weight at 7-12 GB/s (8.4-14.0 ms) where the op
-    took 2.9-5.8 ms (0.35-0.42x), so fp32 takes the op from 1 token. In bf16 the vendor GEMM (oneDNN, AMX on that Intel Xeon) was the faster from 8 tokens,
+    0.92x there (1.02x at t5-large's 32128 x 1024), but on an AMD EPYC MKL's GEMV read the weight
+    at 7-12 GB/s (8.4-14.0 ms) where the op took 2.9-5.8 ms (0.35-0.42x), so fp32 takes the op from
+    1 token. In bf16 the vendor GEMM (oneDNN, AMX on that Intel Xeon) was the faster from 8 tokens,
     so bf16 takes the op at 1-4 tokens only (0.51-0.73x). Measured by benches/lm_head_few_tokens.py;
     kernel: csrc/cpu/dense_kernels_impl.h. Everything else (training, other devices and dtypes,
     DTensor weights) is F.linear."""

@@ -392,8 +392,8 @@ def _check_raw_forward(mask, tokens, dtype, index_dtype, g, what):
 @pytest.mark.parametrize("tokens", range(1, 10))
 def test_few_token_forward_matches_dense(few_token_path, tokens, dtype, index_dtype):
     """1-8 tokens take the few-token path (9 the tiled kernel), by either kernel: ragged rows (the
-    scalar walk takes 8 nonzeros a step, then 4, then one at a time; the gather takes 32 then 16 with a masked remainder), empty rows, a full
-    row, an empty layer, uint16, int16 and int32 column indices."""
+    scalar walk takes 8 nonzeros a step, then 4, then one at a time; the gather takes 32 then 16
+    with a masked remainder), empty rows, a full row, an empty layer, uint16, int16 and int32 column indices."""
     g = torch.Generator().manual_seed(tokens)
     for out_f, in_f, density in ((77, 123, 0.5), (40, 700, 0.03), (33, 50, 1.0), (16, 40, 0.0), (9, 1, 0.7),
                                  (12, 1000, 0.2)):  # rows of ~200: several 32-wide steps, then a tail

@@ -146,7 +146,7 @@ inline V4F load4_values(const S* p) {
     V4F v;
     __builtin_memcpy(&v, p, 16);
     return v;
-  } else {  // bf16 (the few-token path takes fp32 and bf16): one 8-byte load, widened into the high halves
+  } else {  // bf16 (the few-token path takes fp32 and bf16): one 8-byte load, widened to fp32
     static_assert(sizeof(S) == 2, "load4_values takes fp32 or bf16 values");
     typedef uint16_t V4H __attribute__((vector_size(8)));
     typedef uint32_t V4U __attribute__((vector_size(16)));
@@ -171,6 +171,20 @@ inline void load4_columns(const I* p, int64_t c[4]) {
   }
 }
 
+// Four nonzeros (values[0..3] at columns col[0..3]) into accumulator chain h of every token.
+template <typename S, typename I, int T>
+__attribute__((always_inline)) inline void few_step4(const S* values, const I* col, const float* x, int64_t in,
+                                                     V4F (&acc)[T][2], int h) {
+  const V4F v = load4_values(values);
+  int64_t c[4];
+  load4_columns(col, c);
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    const float* xt = x + t * in;
+    acc[t][h] += v * V4F{xt[c[0]], xt[c[1]], xt[c[2]], xt[c[3]]};
+  }
+}
+
 template <typename S, typename I, int T>
 void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, const Parallel& par) {
   const int64_t in = w.in_features, out = w.out_features;
@@ -181,28 +195,13 @@ void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, co
     for (int64_t r = b; r < e; ++r) {
       const int64_t k_end = row_ptr[r + 1];
       int64_t k = row_ptr[r];
-      V4F acc[T][2] = {};
+      V4F acc[T][2] = {};  // two FMA chains per token
       for (; k + 8 <= k_end; k += 8) {
-#pragma GCC unroll 2
-        for (int h = 0; h < 2; ++h) {
-          const V4F v = load4_values(values + k + 4 * h);
-          int64_t c[4];
-          load4_columns(col + k + 4 * h, c);
-#pragma GCC unroll 8
-          for (int t = 0; t < T; ++t) {
-            const float* xt = x + t * in;
-            acc[t][h] += v * V4F{xt[c[0]], xt[c[1]], xt[c[2]], xt[c[3]]};
-          }
-        }
+        few_step4<S, I, T>(values + k, col + k, x, in, acc, 0);
+        few_step4<S, I, T>(values + k + 4, col + k + 4, x, in, acc, 1);
       }
       if (k + 4 <= k_end) {
-        const V4F v = load4_values(values + k);
-        int64_t c[4];
-        load4_columns(col + k, c);
-        for (int t = 0; t < T; ++t) {
-          const float* xt = x + t * in;
-          acc[t][1] += v * V4F{xt[c[0]], xt[c[1]], xt[c[2]], xt[c[3]]};
-        }
+        few_step4<S, I, T>(values + k, col + k, x, in, acc, 1);
         k += 4;
       }
       float tail[T] = {};
@@ -228,8 +227,9 @@ void csr_forward_few_t(const CsrView& w, const float* x, const S* bias, S* y, co
 // Xeon (AVX-512, AMX) the gather took 0.54-0.61x of the scalar walk's (a standalone C++ loop, t5-base
 // FFN shapes, density 0.5 and 0.1, 1 token). Those figures are against the walk before it took four
 // nonzeros a load; on the AMD host the 4-wide walk took about two thirds of that one's time at 1
-// token, and it has not been timed against the gather on a Xeon. So both are built, and `sparse-t5 tune` measures which
-// one this machine takes (set_csr_few_tokens_kernel; csrc/kernel_policy.h).
+// token, and it has not been timed against the gather on a Xeon. So both are built, and
+// `sparse-t5 tune` measures which one this machine takes (set_csr_few_tokens_kernel;
+// csrc/kernel_policy.h).
 #if defined(SPARSE_T5_HAS_GATHER512)
 // Software prefetch distance, in nonzeros, of the values and columns ahead of the loop. A decode
 // step reads each layer's index once, from L3 or DRAM, and a loop waiting on gathers leaves the
