@@ -54,7 +54,7 @@ def main(argv=None):
         info["gpu"] = torch.cuda.get_device_name()
     table = {"device_class": "cuda" if cuda else "cpu", "machine": info, "seconds": round(time.perf_counter() - t0),
              "rule": "per call: the method of the nearest row (same op and dtype; distance in log2 tokens, "
-                     "log2 out*in, log2 density)", "rows": rows}
+                     "log2 out, log2 in, log2 density)", "rows": rows}
     path = a.out or os.path.join(TABLE_DIR, f"{table['device_class']}.json")
     write_table(path, table)
     print(f"wrote {path}: {len(rows)} rows in {table['seconds']} s", file=sys.stderr)

@@ -1,7 +1,12 @@
 // The kernel policy and the measured method tables (kernel_policy.h). Tables are rows of
 // (op, dtype code, tokens, out, in, density, method) measured by benches/kernel_methods.py; a call
 // takes the method of its nearest measured row of the same op and dtype, the distance taken in
-// log2 of tokens, of out * in and of density (the axes the costs scale along). A call with no row
+// log2 of tokens, of out, of in and of density (the axes the costs scale along). Out and in are two
+// axes, not one out * in: a layer and its transpose (T5's wi 3072 x 768 and wo 768 x 3072) have the
+// same size but not the same costs, and with one size axis every wo call tied with the wi row and
+// took the verdict of whichever came first in the table, even at wo's own measured points (2:4 dW
+// at 2-16 tokens: dense, 1.06-1.41x the time of the sparse method its own row measured fastest).
+// A call with no row
 // for its op and dtype runs sparse on the CPU (the kernels every op has) and dense on CUDA (the
 // vendor GEMM, which the field's measurements put ahead at recovery densities).
 #include "kernel_policy.h"
@@ -22,7 +27,7 @@ enum class Policy { kAuto = 0, kSparse = 1, kDense = 2, kMkl = 3 };
 
 struct Row {
   int64_t op, dtype;
-  double log_tokens, log_size, log_density;
+  double log_tokens, log_out, log_in, log_density;
   Method method;
 };
 
@@ -141,8 +146,8 @@ void set_method_table(const std::string& device_class, const at::Tensor& table) 
     TORCH_CHECK_VALUE(d[0] >= 0 && d[0] <= 5 && method_ok && d[2] >= 1 && d[3] >= 1 && d[4] >= 1 && d[5] > 0 &&
                           d[5] <= 1,
                       "sparse_t5: malformed method table row ", i);
-    rows.push_back({static_cast<int64_t>(d[0]), static_cast<int64_t>(d[1]), safe_log2(d[2]), safe_log2(d[3] * d[4]),
-                    safe_log2(d[5]), static_cast<Method>(static_cast<int>(d[6]))});
+    rows.push_back({static_cast<int64_t>(d[0]), static_cast<int64_t>(d[1]), safe_log2(d[2]), safe_log2(d[3]),
+                    safe_log2(d[4]), safe_log2(d[5]), static_cast<Method>(static_cast<int>(d[6]))});
   }
   std::lock_guard<std::mutex> lock(g_tables_mutex);
   tables()[device_class] = std::move(rows);
@@ -166,7 +171,7 @@ Method choose_method(const std::string& device_class, PolicyOp op, at::ScalarTyp
     return op == PolicyOp::kCsrForward && device_class == "cpu" ? Method::kMkl : Method::kSparse;
   const Method fallback = device_class == "cpu" ? Method::kSparse : Method::kDense;
   const double lt = safe_log2(static_cast<double>(tokens)),
-               ls = safe_log2(static_cast<double>(out_features) * static_cast<double>(in_features)),
+               lo = safe_log2(static_cast<double>(out_features)), li = safe_log2(static_cast<double>(in_features)),
                ld = safe_log2(density);
   std::lock_guard<std::mutex> lock(g_tables_mutex);
   auto it = tables().find(device_class);
@@ -175,7 +180,8 @@ Method choose_method(const std::string& device_class, PolicyOp op, at::ScalarTyp
   Method method = fallback;
   for (const Row& r : it->second) {
     if (r.op != static_cast<int64_t>(op) || r.dtype != static_cast<int64_t>(dtype)) continue;
-    const double dist = std::abs(r.log_tokens - lt) + std::abs(r.log_size - ls) + std::abs(r.log_density - ld);
+    const double dist = std::abs(r.log_tokens - lt) + std::abs(r.log_out - lo) + std::abs(r.log_in - li) +
+                        std::abs(r.log_density - ld);
     if (dist < best) {
       best = dist;
       method = r.method;

@@ -19,7 +19,8 @@ exact methods (issue 15):
 The policy, process-wide like ``torch.backends`` flags:
 
 - ``"auto"`` (default): each call takes the method measured fastest for its (device class, op,
-  dtype, tokens, out x in, density), the nearest row of the device class's table;
+  dtype, tokens, out, in, density), the nearest row of the device class's table (log2 distance;
+  out and in are two axes, so a layer and its transpose take their own rows);
 - ``"sparse"`` / ``"dense"``: force one method for every call;
 - ``"mkl"``: MKL for every CPU CSR forward in fp32/fp64, sparse for every other call.
 

@@ -43,8 +43,11 @@ SHAPES = {
 CSR_DENSITIES = (0.1, 0.2, 0.5, 0.8)
 # Decode (1), small batches and the few-token path's range, training batches (256, 512): every
 # power of two, since the nearest-row rule picked the slower method between 32 and 256 tokens
-# when the grid skipped 64 and 128 (benches/auto_policy.py).
-TUNE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# when the grid skipped 64 and 128 (benches/auto_policy.py). And 3, the CSR forward's few-token
+# crossover (kDefaultCsrFewTokens, csrc/kernel_policy.cpp): the forward switches kernels between
+# 3 and 4 tokens, so a 3-token call must not take the 4-token row's verdict, which times the tiled
+# kernel (it took dense at density 0.7, 1.36-1.52x the few-token path's time, in 2 of 3 runs).
+TUNE_TOKENS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
@@ -230,7 +233,7 @@ def tune(shapes=None, tokens=TUNE_TOKENS, densities=CSR_DENSITIES, dtypes=(torch
     key = machine_key()
     table = {"device_class": "cpu", "key": key, "machine": {**key, "cores": os.cpu_count()},
              "seconds": round(time.perf_counter() - t0, 1), "rule": "per call: the method of the nearest row (same "
-             "op and dtype; distance in log2 tokens, log2 out*in, log2 density)",
+             "op and dtype; distance in log2 tokens, log2 out, log2 in, log2 density)",
              "csr_few_tokens_kernel": few["kernel"], "csr_few_tokens_kernel_ms": few["ms"], "rows": rows}
     default = tuned_table_path(key)
     write_table(path or default, table)
