@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_utils import machine_info  # noqa: E402
 
 from sparse_t5.kernel_policy import TABLE_DIR  # noqa: E402
-from sparse_t5.tune import CSR_DENSITIES, SHAPES, measure, write_table  # noqa: E402
+from sparse_t5.tune import CSR_DENSITIES, SHAPES, TABLE_RULE, measure, write_table  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,8 +53,7 @@ def main(argv=None):
     if cuda:
         info["gpu"] = torch.cuda.get_device_name()
     table = {"device_class": "cuda" if cuda else "cpu", "machine": info, "seconds": round(time.perf_counter() - t0),
-             "rule": "per call: the method of the nearest row (same op and dtype; distance in log2 tokens, "
-                     "log2 out, log2 in, log2 density)", "rows": rows}
+             "rule": TABLE_RULE, "rows": rows}
     path = a.out or os.path.join(TABLE_DIR, f"{table['device_class']}.json")
     write_table(path, table)
     print(f"wrote {path}: {len(rows)} rows in {table['seconds']} s", file=sys.stderr)

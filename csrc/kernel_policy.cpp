@@ -6,9 +6,8 @@
 // same size but not the same costs, and with one size axis every wo call tied with the wi row and
 // took the verdict of whichever came first in the table, even at wo's own measured points (2:4 dW
 // at 2-16 tokens: dense, 1.06-1.41x the time of the sparse method its own row measured fastest).
-// A call with no row
-// for its op and dtype runs sparse on the CPU (the kernels every op has) and dense on CUDA (the
-// vendor GEMM, which the field's measurements put ahead at recovery densities).
+// A call with no row for its op and dtype runs sparse on the CPU (the kernels every op has) and
+// dense on CUDA (the vendor GEMM, which the field's measurements put ahead at recovery densities).
 #include "kernel_policy.h"
 
 #include <torch/library.h>

@@ -44,15 +44,15 @@ std::string get_kernel_policy();
 void set_method_table(const std::string& device_class, const at::Tensor& table);
 // The CPU CSR forward's few-token path (csrc/cpu/csr_kernels_impl.h, a walk along each row's
 // nonzeros, four a load) serves calls of 1 to csr_few_tokens() tokens; more go to the tiled kernel.
-// 0 turns it off. Process-wide, at most kMaxCsrFewTokens; the default is the crossover measured on CPUs of this
-// project's machines (README "How the CSR kernels work").
+// 0 turns it off. Process-wide, at most kMaxCsrFewTokens; the default is the crossover measured on
+// CPUs of this project's machines (README "How the CSR kernels work").
 constexpr int64_t kMaxCsrFewTokens = 8;
 void set_csr_few_tokens(int64_t tokens);
 int64_t csr_few_tokens();
 // Which few-token kernel serves those calls: "scalar" (the row walk, x fetched with scalar loads,
 // every ISA; the default) or "gather" (AVX-512 hardware gathers; where the active ISA has none, the
-// scalar walk runs). Which wins depends on the CPU (csrc/cpu/csr_kernels_impl.h); `sparse-t5 tune` measures it
-// and the tuned table sets it.
+// scalar walk runs). Which wins depends on the CPU (csrc/cpu/csr_kernels_impl.h); `sparse-t5 tune`
+// measures it and the tuned table sets it.
 void set_csr_few_tokens_kernel(const std::string& kernel);
 std::string csr_few_tokens_kernel();
 bool csr_few_tokens_gather();

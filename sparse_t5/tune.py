@@ -48,6 +48,10 @@ CSR_DENSITIES = (0.1, 0.2, 0.5, 0.8)
 # 3 and 4 tokens, so a 3-token call must not take the 4-token row's verdict, which times the tiled
 # kernel (it took dense at density 0.7, 1.36-1.52x the few-token path's time, in 2 of 3 runs).
 TUNE_TOKENS = (1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512)
+# How csrc/kernel_policy.cpp looks a call up in a table; written into every table (tune's and
+# benches/kernel_methods.py's committed one).
+TABLE_RULE = ("per call: the method of the nearest row (same op and dtype; distance in log2 tokens, log2 out, "
+              "log2 in, log2 density)")
 
 
 def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
@@ -232,8 +236,7 @@ def tune(shapes=None, tokens=TUNE_TOKENS, densities=CSR_DENSITIES, dtypes=(torch
         set_csr_few_tokens_kernel(previous)
     key = machine_key()
     table = {"device_class": "cpu", "key": key, "machine": {**key, "cores": os.cpu_count()},
-             "seconds": round(time.perf_counter() - t0, 1), "rule": "per call: the method of the nearest row (same "
-             "op and dtype; distance in log2 tokens, log2 out, log2 in, log2 density)",
+             "seconds": round(time.perf_counter() - t0, 1), "rule": TABLE_RULE,
              "csr_few_tokens_kernel": few["kernel"], "csr_few_tokens_kernel_ms": few["ms"], "rows": rows}
     default = tuned_table_path(key)
     write_table(path or default, table)
