@@ -65,6 +65,9 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--lm-head-op", choices=["on", "off"], default="on",
                    help="off: our lm_head runs F.linear at every token count (LMHead.few_tokens = {}), to compare")
+    p.add_argument("--lm-head-slices", choices=["on", "off"], default="on",
+                   help="off: our fp32 lm_head runs one F.linear above the op's range, not F.linear over slices of "
+                        "the weight (LMHead.chunked_tokens = {}), to compare")
     p.add_argument("--csr-few-tokens", type=int, default=None,
                    help="calls of up to this many tokens take the CSR few-token path (default: the built-in; 0: off)")
     a = p.parse_args(argv)
@@ -72,10 +75,13 @@ def main(argv=None):
         torch.ops.sparse_t5.set_csr_few_tokens(a.csr_few_tokens)
     if a.lm_head_op == "off":
         LMHead.few_tokens = {}
+    if a.lm_head_slices == "off":
+        LMHead.chunked_tokens = {}
     models = build(a.shape, a.variants)
     print(f"{a.shape}, random weights, source {a.source}, {a.new_tokens} new tokens, inference mode, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, kernels {torch.ops.sparse_t5.cpu_isa()}, "
-          f"CSR few-token path up to {torch.ops.sparse_t5.get_csr_few_tokens()} tokens, lm_head few-token op {a.lm_head_op}; "
+          f"CSR few-token path up to {torch.ops.sparse_t5.get_csr_few_tokens()} tokens, lm_head few-token op {a.lm_head_op}, "
+          f"slices {a.lm_head_slices}; "
           f"median of {a.rounds} rounds; time against HF dense\n")
     print("| batch | run | HF dense | " + " | ".join(a.variants) + " |")
     print("|---|---|---|" + "---|" * len(a.variants))

@@ -625,18 +625,33 @@ class LMHead(nn.Linear):
     1 token. In bf16 the vendor GEMM (oneDNN, AMX on that Intel Xeon) was the faster from 8 tokens,
     so bf16 takes the op at 1-4 tokens only (0.51-0.73x). Measured by benches/lm_head_few_tokens.py;
     kernel: csrc/cpu/dense_kernels_impl.h. Everything else (training, other devices and dtypes,
-    DTensor weights) is F.linear."""
+    DTensor weights) is F.linear; above the op's range, fp32 inference runs F.linear over slices of
+    the weight (`chunked_tokens`, below)."""
 
     # dtype -> the inclusive range of token counts that take the op; {} turns it off (benches compare)
     few_tokens = {torch.float32: (1, _FEW_MAX_TOKENS), torch.bfloat16: (1, 4)}
+    # Above the op's range (a decoding step of a batch: 32 tokens at batch 32 greedy), fp32 F.linear
+    # runs over `vocab_chunk` rows of the weight at a time: MKL packs the weight it is given, and a
+    # 512-row slice (1.5 MB at d_model 768) is packed and read back from cache, where the whole
+    # 98.7 MB weight went out to memory and back. On an AMD EPYC, t5-base's and t5-large's
+    # 32128 x 768/1024: 0.63-0.72x of one F.linear at 32-64 tokens, 0.70-0.84x at 128-256, then the
+    # gain fades (0.89-0.98x at 320, 0.94-1.09x at 512-1024), hence the top of 256
+    # (benches/lm_head_few_tokens.py). Same inference-only conditions as the op; {} turns it off.
+    chunked_tokens = {torch.float32: (_FEW_MAX_TOKENS + 1, 256)}
+    vocab_chunk = 512
 
     def forward(self, x):
         w = self.weight
-        lo, hi = self.few_tokens.get(w.dtype, (0, -1))
-        if (lo * x.shape[-1] <= x.numel() <= hi * x.shape[-1] and self.bias is None and x.device.type == "cpu"
-                and x.dtype == w.dtype and type(w) is nn.Parameter
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            return dense_linear_few_tokens(x, w)
+        if (self.bias is None and x.device.type == "cpu" and x.dtype == w.dtype and type(w) is nn.Parameter
+                and x.shape[-1] and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            tokens = x.numel() // x.shape[-1]
+            lo, hi = self.few_tokens.get(w.dtype, (0, -1))
+            if lo <= tokens <= hi:
+                return dense_linear_few_tokens(x, w)
+            lo, hi = self.chunked_tokens.get(w.dtype, (0, -1))
+            c = self.vocab_chunk
+            if lo <= tokens <= hi and w.shape[0] > c:
+                return torch.cat([F.linear(x, w[i:i + c]) for i in range(0, w.shape[0], c)], dim=-1)
         return F.linear(x, w, self.bias)
 
 

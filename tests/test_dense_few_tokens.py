@@ -7,6 +7,8 @@ fp32 and bf16, every compiled ISA variant; bad input raises naming the problem. 
 take the op (CPU, no gradient; fp32 at 2-16 tokens, bf16 at 1-4) and that the rest, training included, keeps
 F.linear; the model's logits and beam search agree with F.linear's.
 """
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from transformers import T5Config
 import sparse_t5.modeling_t5 as modeling
 from sparse_t5 import SparseT5ForConditionalGeneration
 from sparse_t5.ops import dense_linear_few_tokens
+from sparse_t5.ops.dense_few_tokens import MAX_TOKENS
 from test_csr_linear import assert_close_rel, check_kernel_variant
 
 SHAPES = [(33, 37), (300, 768), (5, 1), (16, 16), (40, 15), (1, 50)]  # (out, in): tails, a 1-wide row
@@ -138,6 +141,47 @@ def test_lm_head_takes_the_op_for_decoding_steps_only(op_calls):
     assert len(op_calls) == before + 1, "few_tokens = {} turns the op off"
 
 
+def test_lm_head_runs_more_tokens_over_slices_of_the_weight(op_calls, monkeypatch):
+    """Above the op's range, fp32 inference runs F.linear over vocab_chunk rows at a time (the last
+    slice ragged) and concatenates: the same logits as one F.linear. Training, bf16 and calls above
+    the range take one F.linear."""
+    linear_rows = []
+
+    def counting_linear(x, w, bias=None):
+        linear_rows.append(w.shape[0])
+        return F.linear(x, w, bias)
+
+    monkeypatch.setattr(modeling, "F", types.SimpleNamespace(linear=counting_linear))
+    torch.manual_seed(0)
+    head = modeling.LMHead(48, 70, bias=False)
+    head.vocab_chunk = 16
+    lo, hi = head.chunked_tokens[torch.float32]
+    assert lo == MAX_TOKENS + 1
+    for tokens, grad, dtype, sliced in ((lo, False, torch.float32, True), (hi, False, torch.float32, True),
+                                        (40, False, torch.float32, True), (hi + 1, False, torch.float32, False),
+                                        (40, True, torch.float32, False), (40, False, torch.bfloat16, False)):
+        head = head.to(dtype)
+        x = torch.randn(2, tokens // 2, 48, dtype=dtype) if tokens % 2 == 0 else torch.randn(tokens, 48, dtype=dtype)
+        linear_rows.clear()
+        with torch.set_grad_enabled(grad):
+            y = head(x)
+        assert linear_rows == ([16, 16, 16, 16, 6] if sliced else [70]), (tokens, grad, dtype)
+        assert y.shape == (*x.shape[:-1], 70) and y.is_contiguous()
+        assert_close_rel(y, F.linear(x.double(), head.weight.double()), dtype, f"{tokens} tokens, grad {grad}, {dtype}")
+    assert not op_calls
+    head = head.float()
+    head.vocab_chunk = 70  # a weight of one slice or less: one F.linear
+    linear_rows.clear()
+    with torch.no_grad():
+        head(torch.randn(40, 48))
+    assert linear_rows == [70]
+    head.vocab_chunk, head.chunked_tokens = 16, {}
+    linear_rows.clear()
+    with torch.no_grad():
+        head(torch.randn(40, 48))
+    assert linear_rows == [70], "chunked_tokens = {} turns the slices off"
+
+
 def test_lm_head_trains_through_f_linear(op_calls):
     torch.manual_seed(0)
     head = modeling.LMHead(48, 70, bias=False)
@@ -169,3 +213,11 @@ def test_the_model_with_the_op_agrees_with_f_linear(op_calls):
     assert_close_rel(logits, ref_logits, torch.float32, "logits")
     assert torch.equal(beams.sequences, ref_beams.sequences)
     assert torch.allclose(beams.sequences_scores, ref_beams.sequences_scores, rtol=1e-5, atol=1e-5)
+    # 24 decoder tokens take the slices (64 rows, the last 44): the same logits as one F.linear
+    dec = torch.randint(2, 300, (2, 12))
+    with torch.no_grad():
+        model.lm_head.vocab_chunk = 64
+        sliced = model(input_ids=ids, decoder_input_ids=dec).logits
+        model.lm_head.chunked_tokens = {}
+        ref = model(input_ids=ids, decoder_input_ids=dec).logits
+    assert_close_rel(sliced, ref, torch.float32, "logits over slices")
