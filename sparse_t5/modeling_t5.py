@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +164,9 @@ class T5Attention(nn.Module):
     def forward(self, hidden_states, bias, key_value_states=None, cache=None, output_attentions=False,
                 head_mask=None, cache_position=None):
         """bias: [batch or 1, heads or 1, q, k] additive (relative positions + mask).
-        cache: the stack's self-attention Cache, or for cross-attention a (Cache, is_updated dict)
-        pair, both from an EncoderDecoderCache. head_mask: [heads] or [batch, heads, q, k]-broadcastable
+        cache: the stack's self-attention Cache, or for cross-attention a (Cache, is_updated dict, rows)
+        triple, from an EncoderDecoderCache; rows, when not None, is _EncoderRows (the encoder rows
+        that beam search repeated, and where). head_mask: [heads] or [batch, heads, q, k]-broadcastable
         multiplier of the attention probabilities (HF's head_mask). cache_position: the positions of
         hidden_states in the sequence, which a static cache writes at."""
         query = self._split_heads(self.q(hidden_states))
@@ -174,12 +176,16 @@ class T5Attention(nn.Module):
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx, {"cache_position": cache_position})
         else:  # cross-attention: keys/values of the encoder output are computed once per sequence
-            cross_cache, is_updated = cache if cache is not None else (None, None)
+            cross_cache, is_updated, rows = cache if cache is not None else (None, None, None)
             if cross_cache is not None and is_updated.get(self.layer_idx, False):
                 key, value = hf_compat.cached_kv(cross_cache, self.layer_idx)
             else:
+                if rows is not None:  # project each distinct encoder row once, not once per beam
+                    key_value_states = key_value_states.index_select(0, rows.first)
                 key = self._split_heads(self.k(key_value_states))
                 value = self._split_heads(self.v(key_value_states))
+                if rows is not None:  # back to one row per beam, contiguous (index_select's result is)
+                    key, value = key.index_select(0, rows.run), value.index_select(0, rows.run)
                 if cross_cache is not None:
                     if not self.training:
                         # Stored contiguous for decoding: every later step's attention reads them, and a
@@ -321,10 +327,13 @@ class T5Stack(nn.Module):
 
         head_masks = _per_layer_head_mask(head_mask, len(self.block), dtype)
         cross_head_masks = _per_layer_head_mask(cross_attn_head_mask, len(self.block), dtype)
-        cross_cache = (cache.cross_attention_cache, cache.is_updated) if cache is not None else None
-        if cross_cache is not None and encoder_hidden_states is not None and \
+        rows = None
+        if cache is not None and encoder_hidden_states is not None and \
                 not all(cache.is_updated.get(i, False) for i in range(len(self.block))):
             cache.__dict__.pop(_CROSS_ROWS, None)  # this forward writes the cross cache: beam search's record is stale
+            if not self.training:
+                rows = _EncoderRows.of(encoder_hidden_states)
+        cross_cache = (cache.cross_attention_cache, cache.is_updated, rows) if cache is not None else None
         hidden_states = self.dropout(inputs_embeds)
         all_hidden, all_self, all_cross = [], [], []
         for i, block in enumerate(self.block):
@@ -467,6 +476,29 @@ def _cross_row_runs(tensors: list):
         bits = t.reshape(rows, -1).view(torch.uint8).view(_BITS[word])
         same &= (bits[1:] == bits[:-1]).all(dim=1)
     return torch.cat([same.new_zeros(1, dtype=torch.long), (~same).cumsum(0)]), _identity(tensors)
+
+
+class _EncoderRows(NamedTuple):
+    """Beam search hands the decoder each input's encoder row repeated over its beams, next to each
+    other, and the first decoding step projects them into the cross-attention keys and values: at
+    t5-base, batch 32, beam 10, that is 24 projections of 10240 tokens where 1024 are distinct (HF
+    pays the same). With `rows`, the cross-attention projects `first` (one row per run of bitwise equal
+    rows) and gives each row its run's keys and values (`run`, the run id per row). Cost: one read of
+    the encoder states, once per sequence."""
+    first: torch.Tensor
+    run: torch.Tensor
+
+    @staticmethod
+    def of(encoder_hidden_states: torch.Tensor) -> "_EncoderRows | None":
+        """The runs of encoder_hidden_states' rows, or None where every row is its own."""
+        found = _cross_row_runs([encoder_hidden_states])
+        if found is None or encoder_hidden_states.shape[0] < 2:
+            return None
+        run = found[0]
+        starts = torch.ones_like(run, dtype=torch.bool)
+        starts[1:] = run[1:] != run[:-1]
+        first = starts.nonzero().squeeze(1)
+        return _EncoderRows(first, run) if first.numel() < run.numel() else None
 
 
 def _reorder_cross_cache(cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> None:

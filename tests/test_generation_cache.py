@@ -349,6 +349,56 @@ def test_beam_search_runs_the_same_without_copying_the_cross_cache(monkeypatch):
         assert len(copies) == 0 and len(cross_copies) == 2 * steps, (len(copies), len(cross_copies))
 
 
+def test_the_cross_projection_runs_once_per_distinct_encoder_row(monkeypatch):
+    """Beam search repeats each input's encoder row over its beams; the first decoding step projects the
+    cross-attention keys and values of each distinct row once (10x fewer tokens at beam 10) and hands
+    every beam its row's. The cache holds what projecting every row gives (to the kernels' tolerance:
+    fewer tokens may take another method), one contiguous row per beam; a batch without repeats, and
+    training, project every row; and beam search picks the same beams with and without."""
+    import sparse_t5.modeling_t5 as modeling
+
+    model = make_model("v11_gated_untied", "csr_0.6")
+    projected = []  # token rows of every cross-attention key projection
+    for block in model.decoder.block:
+        block.layer[1].EncDecAttention.k.register_forward_hook(lambda mod, inp, out: projected.append(inp[0].shape[0]))
+    layers = model.config.num_decoder_layers
+    with torch.no_grad():
+        cache = cached_after_one_step(model, encoder_rows=3, beams=4)
+        assert projected == [3] * layers
+        kv = cross_kv(cache)
+        assert all(t.shape[0] == 12 and t.is_contiguous() for t in kv)
+        monkeypatch.setattr(modeling._EncoderRows, "of", staticmethod(lambda states: None))
+        projected.clear()
+        every_row = cross_kv(cached_after_one_step(model, encoder_rows=3, beams=4))
+        assert projected == [12] * layers
+        for a, b in zip(kv, every_row):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            assert torch.equal(a[0::4], a[3::4]) and not torch.equal(a[0], a[4])
+        monkeypatch.undo()
+
+        projected.clear()
+        cached_after_one_step(model, encoder_rows=6, beams=1)  # no repeats: every row
+        assert projected == [6] * layers
+        ids, mask = inputs()
+        kw = dict(max_new_tokens=5, num_beams=4, suppress_tokens=[0, 1], output_scores=True, return_dict_in_generate=True)
+        projected.clear()
+        ours = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert projected == [ids.shape[0]] * layers, "beam search projected the cross keys once per beam"
+        monkeypatch.setattr(modeling._EncoderRows, "of", staticmethod(lambda states: None))
+        projected.clear()
+        every_row = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert projected == [4 * ids.shape[0]] * layers
+        monkeypatch.undo()
+    assert torch.equal(ours.sequences, every_row.sequences)
+    torch.testing.assert_close(ours.sequences_scores, every_row.sequences_scores, rtol=1e-5, atol=1e-5)
+
+    model.train()
+    projected.clear()
+    ids = torch.randint(2, VOCAB, (2, 9)).repeat_interleave(3, 0)
+    model(input_ids=ids, decoder_input_ids=torch.zeros(6, 1, dtype=torch.long), use_cache=True)
+    assert projected == [6] * layers, "training projects every row (its gradient flows through each)"
+
+
 def test_unknown_keywords_raise_and_the_two_cache_names_are_one_argument():
     model = make_model("v1_relu_tied", "dense")
     ids, mask = inputs()
