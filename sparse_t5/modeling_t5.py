@@ -492,7 +492,7 @@ class _EncoderRows(NamedTuple):
     def of(encoder_hidden_states: torch.Tensor) -> "_EncoderRows | None":
         """The runs of encoder_hidden_states' rows, or None where every row is its own."""
         found = _cross_row_runs([encoder_hidden_states])
-        if found is None or encoder_hidden_states.shape[0] < 2:
+        if found is None:
             return None
         run = found[0]
         starts = torch.ones_like(run, dtype=torch.bool)
@@ -681,10 +681,14 @@ class LMHead(nn.Linear):
             if lo <= tokens <= hi:
                 return dense_linear_few_tokens(x, w)
             lo, hi = self.chunked_tokens.get(w.dtype, (0, -1))
-            c = self.vocab_chunk
-            if lo <= tokens <= hi and w.shape[0] > c:
-                return torch.cat([F.linear(x, w[i:i + c]) for i in range(0, w.shape[0], c)], dim=-1)
+            if lo <= tokens <= hi and w.shape[0] > self.vocab_chunk:
+                return linear_over_row_slices(x, w, self.vocab_chunk)
         return F.linear(x, w, self.bias)
+
+
+def linear_over_row_slices(x: torch.Tensor, w: torch.Tensor, rows: int) -> torch.Tensor:
+    """F.linear(x, w) as F.linear over `rows` rows of w at a time, concatenated (LMHead.chunked_tokens)."""
+    return torch.cat([F.linear(x, w[i:i + rows]) for i in range(0, w.shape[0], rows)], dim=-1)
 
 
 class SparseT5ForConditionalGeneration(hf_compat.EncoderMaskInGeneration, SparseT5PreTrainedModel, GenerationMixin):
