@@ -61,11 +61,15 @@ bool mkl_applies(at::ScalarType dtype, int64_t nnz) {
 }  // namespace
 
 std::tuple<int64_t, int64_t> csr_forward_tiling(int64_t tokens, at::ScalarType dtype, int64_t nnz,
-                                                int64_t out_features, int64_t in_features) {
+                                                int64_t out_features, int64_t in_features,
+                                                const std::string& method) {
   TORCH_CHECK(tokens > 0 && nnz >= 0 && out_features > 0 && in_features > 0,
               "csr_forward_tiling: tokens, out_features and in_features must be positive and nnz >= 0");
+  TORCH_CHECK_VALUE(method == "sparse" || method == "sparse_narrow",
+                    "csr_forward_tiling: method must be 'sparse' or 'sparse_narrow', got '", method, "'");
   const cpu::DType dt = kernel_dtype(at::empty({0}, at::TensorOptions().dtype(dtype)), "dtype");
-  const int nv = csr_forward_vectors_per_tile(tokens, dt, nnz, out_features, in_features);
+  const int nv =
+      csr_forward_method_vectors(method == "sparse_narrow", tokens, dt, nnz, out_features, in_features);
   const int64_t tile = nv * cpu::lanes_for(dt);
   const int64_t chunk = cpu::csr_forward_chunk_columns(nv, (tokens + tile - 1) / tile, nnz, out_features, in_features);
   return {nv, (in_features + chunk - 1) / chunk};
@@ -110,7 +114,8 @@ at::Tensor csr_linear_cpu(const at::Tensor& x, const at::Tensor& values, const a
                             xbuf.defined() ? xbuf.data_ptr() : nullptr, cpu::aten_parallel());
     return y;
   }
-  const int nv = csr_forward_vectors_per_tile(tokens, dt, values.size(0), out_features, in_features);
+  const int nv = csr_forward_method_vectors(method == Method::kSparseNarrow, tokens, dt, values.size(0), out_features,
+                                            in_features);
   at::Tensor x_panels = panels(tokens, in_features, nv, dt);
   kernels.csr_forward(csr_view(vc, row_ptr, col_idx, out_features, in_features), dt,
                                     xc.data_ptr(), tokens, bc.defined() ? bc.data_ptr() : nullptr,

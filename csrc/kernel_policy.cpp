@@ -22,7 +22,7 @@
 namespace sparse_t5 {
 namespace {
 
-enum class Policy { kAuto = 0, kSparse = 1, kDense = 2, kMkl = 3 };
+enum class Policy { kAuto = 0, kSparse = 1, kDense = 2, kMkl = 3, kSparseNarrow = 4 };
 
 struct Row {
   int64_t op, dtype;
@@ -65,9 +65,11 @@ void set_kernel_policy(const std::string& policy) {
     p = Policy::kDense;
   } else if (policy == "mkl") {
     p = Policy::kMkl;
+  } else if (policy == "sparse_narrow") {
+    p = Policy::kSparseNarrow;
   } else {
-    TORCH_CHECK_VALUE(false, "sparse_t5: kernel policy must be 'auto', 'sparse', 'dense' or 'mkl', got '", policy,
-                      "'");
+    TORCH_CHECK_VALUE(false, "sparse_t5: kernel policy must be 'auto', 'sparse', 'dense', 'mkl' or 'sparse_narrow', got '",
+                      policy, "'");
   }
   g_policy.store(static_cast<int>(p));
 }
@@ -127,11 +129,12 @@ std::string get_kernel_policy() {
     case Policy::kSparse: return "sparse";
     case Policy::kDense: return "dense";
     case Policy::kMkl: return "mkl";
+    case Policy::kSparseNarrow: return "sparse_narrow";
     default: return "auto";
   }
 }
 
-// table: float64 [rows, 7] = (op, dtype code, tokens, out, in, density, method 0|1|2); the dtype code
+// table: float64 [rows, 7] = (op, dtype code, tokens, out, in, density, method 0|1|2|3); the dtype code
 // is the ScalarType's integer value (torch.float32 -> 6). Replaces the device class's table.
 void set_method_table(const std::string& device_class, const at::Tensor& table) {
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == 7, "sparse_t5: a method table must be [rows, 7], got ",
@@ -140,8 +143,9 @@ void set_method_table(const std::string& device_class, const at::Tensor& table) 
   const double* d = t.data_ptr<double>();
   std::vector<Row> rows;
   for (int64_t i = 0; i < t.size(0); ++i, d += 7) {
-    // MKL is a method of the CPU CSR forward only (op 0).
-    const bool method_ok = d[6] == 0 || d[6] == 1 || (d[6] == 2 && d[0] == 0 && device_class == "cpu");
+    // MKL and the narrow tile are methods of the CPU CSR forward only (op 0).
+    const bool method_ok =
+        d[6] == 0 || d[6] == 1 || ((d[6] == 2 || d[6] == 3) && d[0] == 0 && device_class == "cpu");
     TORCH_CHECK_VALUE(d[0] >= 0 && d[0] <= 5 && method_ok && d[2] >= 1 && d[3] >= 1 && d[4] >= 1 && d[5] > 0 &&
                           d[5] <= 1,
                       "sparse_t5: malformed method table row ", i);
@@ -157,6 +161,7 @@ std::string choose_method_op(const std::string& device_class, const std::string&
   switch (choose_method(device_class, parse_op(op), dtype, tokens, out_features, in_features, density)) {
     case Method::kDense: return "dense";
     case Method::kMkl: return "mkl";
+    case Method::kSparseNarrow: return "sparse_narrow";
     default: return "sparse";
   }
 }
@@ -168,6 +173,8 @@ Method choose_method(const std::string& device_class, PolicyOp op, at::ScalarTyp
   if (policy == Policy::kDense) return Method::kDense;
   if (policy == Policy::kMkl)
     return op == PolicyOp::kCsrForward && device_class == "cpu" ? Method::kMkl : Method::kSparse;
+  if (policy == Policy::kSparseNarrow)
+    return op == PolicyOp::kCsrForward && device_class == "cpu" ? Method::kSparseNarrow : Method::kSparse;
   const Method fallback = device_class == "cpu" ? Method::kSparse : Method::kDense;
   const double lt = safe_log2(static_cast<double>(tokens)),
                lo = safe_log2(static_cast<double>(out_features)), li = safe_log2(static_cast<double>(in_features)),

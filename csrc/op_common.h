@@ -93,6 +93,17 @@ inline int csr_forward_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t n
   return in <= 1024 && cpu::csr_forward_chunk_columns(2, tiles, nnz, rows, in) < in ? 2 : 4;
 }
 
+// The "sparse_narrow" method of the forward (kernel_policy.h): the rule's tile, at most 2 vectors.
+// Where the rule gives 4 (dense rows at in_features > 1024, or unchunked), an AMD EPYC (AVX-512,
+// 2 threads, fp32, 768x3072, alternating calls) took 0.77-0.94x of the 4-vector time with 2 at
+// density 0.5 and 512-2048 tokens, but 1.02-1.21x at 64-256 tokens and 1.16-1.34x at density 0.8:
+// not one rule, so the machine's own table chooses it per call.
+inline int csr_forward_method_vectors(bool narrow, int64_t tokens, cpu::DType dt, int64_t nnz, int64_t rows,
+                                      int64_t in) {
+  const int nv = csr_forward_vectors_per_tile(tokens, dt, nnz, rows, in);
+  return narrow && nv > 2 ? 2 : nv;
+}
+
 inline at::Tensor panels(int64_t tokens, int64_t features, int nv, cpu::DType dt) {
   const int64_t tile = nv * cpu::lanes_for(dt);
   return at::empty({cpu::panel_elements(tokens, features, tile)},

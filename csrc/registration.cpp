@@ -55,7 +55,8 @@ TORCH_LIBRARY(sparse_t5, m) {
   // Token counts from which the CPU CSR dx runs as the forward over a transient transpose; 0: off.
   m.def("set_csr_dx_transpose_tokens(int tokens) -> ()", &sparse_t5::set_csr_dx_transpose_tokens);
   m.def("get_csr_dx_transpose_tokens() -> int", &sparse_t5::csr_dx_transpose_tokens);
-  m.def("csr_forward_tiling(int tokens, ScalarType dtype, int nnz, int out_features, int in_features) -> (int, int)",
+  m.def("csr_forward_tiling(int tokens, ScalarType dtype, int nnz, int out_features, int in_features, "
+        "str method=\"sparse\") -> (int, int)",
         &sparse_t5::csr_forward_tiling);
   m.def("choose_method(str device_class, str op, ScalarType dtype, int tokens, int out_features, "
         "int in_features, float density) -> str",

@@ -14,7 +14,12 @@ exact methods (issue 15):
 - ``mkl``, a third method of the CPU CSR forward in fp32/fp64 only: torch's sparse CSR product
   (MKL's CSR GEMM) on a CSR tensor viewing the values (csrc/csr_linear.cpp). Issue 32 measured it
   ahead at 1 token on an Intel Xeon, before the few-token path; on this project's AMD EPYC it never
-  won (README "Exact methods per op"), so only a table measured where it wins chooses it.
+  won (README "Exact methods per op"), so only a table measured where it wins chooses it;
+- ``sparse_narrow``, a fourth method of the CPU CSR forward: the sparse kernels with a token tile
+  of at most 2 vectors (32 fp32 tokens) where the tile rule (csrc/op_common.h) gives 4. On an AMD
+  EPYC it took 0.77-0.94x of the wide tile's time at 768x3072, density 0.5 and 512-2048 tokens, and
+  1.02-1.34x at fewer tokens or density 0.8; the Intel Xeon kept the wide tile at in_features 3072.
+  Only a table measured on the machine (`sparse-t5 tune`) chooses it.
 
 The policy, process-wide like ``torch.backends`` flags:
 
@@ -22,7 +27,8 @@ The policy, process-wide like ``torch.backends`` flags:
   dtype, tokens, out, in, density), the nearest row of the device class's table (log2 distance;
   out and in are two axes, so a layer and its transpose take their own rows);
 - ``"sparse"`` / ``"dense"``: force one method for every call;
-- ``"mkl"``: MKL for every CPU CSR forward in fp32/fp64, sparse for every other call.
+- ``"mkl"``: MKL for every CPU CSR forward in fp32/fp64, sparse for every other call;
+- ``"sparse_narrow"``: the narrow tile for every CPU CSR forward, sparse for every other call.
 
 A CPU table also names the CSR few-token kernel (``set_csr_few_tokens_kernel``: "scalar" or
 "gather"), which ``sparse-t5 tune`` measures at 1 to ``get_csr_few_tokens()`` tokens; a table
@@ -60,8 +66,9 @@ from .user_cache import cache_dir
 
 log = logging.getLogger("sparse_t5")
 
-POLICIES = ("auto", "sparse", "dense", "mkl")
-METHODS = ("sparse", "dense", "mkl")  # a table row's method; "mkl" for the CPU CSR forward only
+POLICIES = ("auto", "sparse", "dense", "mkl", "sparse_narrow")
+METHODS = ("sparse", "dense", "mkl", "sparse_narrow")  # a table row's method (the C++ code is its index)
+CSR_FORWARD_ONLY = ("mkl", "sparse_narrow")  # methods of the CPU CSR forward only
 TABLE_DIR = os.path.join(os.path.dirname(__file__), "kernel_tables")
 OPS = ("csr_linear", "csr_linear_backward_input", "csr_sddmm", "semi24_linear", "semi24_linear_backward_input",
        "semi24_sddmm")
@@ -128,7 +135,7 @@ def table_rows(table: dict) -> torch.Tensor:
     rows = []
     for r in table["rows"]:
         if (r["op"] not in OPS or r["dtype"] not in DTYPES or r["method"] not in METHODS
-                or (r["method"] == "mkl" and r["op"] != "csr_linear")):
+                or (r["method"] in CSR_FORWARD_ONLY and r["op"] != "csr_linear")):
             raise ValueError(f"malformed kernel table row: {r}")
         rows.append([OPS.index(r["op"]), _scalar_type_code(DTYPES[r["dtype"]]), r["tokens"], r["out"], r["in"], r["density"],
                      float(METHODS.index(r["method"]))])

@@ -138,6 +138,15 @@ def _references(fmt, sl, lin, x, dtype, device, sync) -> dict:
     return fns
 
 
+def _narrow_differs(tokens: int, dtype, sl) -> bool:
+    """Whether "sparse_narrow" runs another tile than "sparse" for this CPU CSR forward call (where
+    it does not, it is the same kernel, and timing it twice would only let noise choose)."""
+    if tokens <= ops.get_csr_few_tokens():
+        return False  # the few-token path, which has no tile
+    a = (tokens, dtype, sl.nnz, sl.out_features, sl.in_features)
+    return ops.csr_forward_tiling(*a, "sparse") != ops.csr_forward_tiling(*a, "sparse_narrow")
+
+
 def measure(device: str, dtypes, shapes, tokens_list, densities, rounds: int, references: bool = False,
             log=None) -> list[dict]:
     """One table row per (dtype, shape, format and density, tokens, op): both methods' medians and
@@ -158,6 +167,8 @@ def measure(device: str, dtypes, shapes, tokens_list, densities, rounds: int, re
                             methods = ["sparse", "dense"]
                             if op == "csr_linear" and device == "cpu" and dtype in (torch.float32, torch.float64):
                                 methods.append("mkl")
+                            if op == "csr_linear" and device == "cpu" and _narrow_differs(tokens, dtype, sl):
+                                methods.append("sparse_narrow")
                             fns = {m: _forced(m, fn, sync) for m in methods}
                             if references and op.endswith("_linear"):
                                 fns.update(_references(fmt, sl, lin, x, dtype, device, sync))

@@ -16,9 +16,9 @@ from test_formats import valid_triple
 from sparse_t5.ops import cpu_isa, csr_linear
 
 # Every test here runs under each exact method of the ops (conftest.py kernel_method), MKL's CSR
-# forward included (a 2:4 call under "mkl" runs sparse).
+# forward and the narrow tile included (a call of another op under either runs sparse).
 pytestmark = pytest.mark.usefixtures("kernel_method")
-KERNEL_METHODS = ("sparse", "dense", "mkl")
+KERNEL_METHODS = ("sparse", "dense", "mkl", "sparse_narrow")
 
 # Relative tolerance per dtype, against a reference computed in fp64 from the same (rounded) inputs.
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -452,11 +452,12 @@ def test_backward_input_paths_match_dense(dx_path, dtype, index_dtype):
 
 @pytest.mark.parametrize("index_dtype", [torch.uint16, torch.int16, torch.int32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_forward_panel_chunks_match_dense(dtype, index_dtype):
+def test_forward_panel_chunks_match_dense(dtype, index_dtype, kernel_method):
     """Rows dense enough for the tiled forward to walk the panel in L1-sized chunks: a partial last
     chunk, partial row blocks and token tiles, an empty row, a row whose nonzeros all lie past the
     first chunk, a row with one nonzero in the last column, a full row, and a bias; then layers the
-    rule does not split, as controls. csr_forward_tiling says which path each case takes."""
+    rule does not split, as controls. csr_forward_tiling says which path each case takes; under
+    "sparse_narrow" the rule's 4-vector tiles run as 2-vector tiles (the 1100-input cases)."""
     skip_dtype_under_triton_interpreter(dtype)
     ops = torch.ops.sparse_t5
     g = torch.Generator().manual_seed(8)
@@ -466,9 +467,13 @@ def test_forward_panel_chunks_match_dense(dtype, index_dtype):
     # one fp64 vector is 8 tokens), more than 1024 inputs (4-vector tiles), and one token tile.
     one_vector = 6 if dtype == torch.float64 else 12
     one_tile = 14 if dtype == torch.float64 else 30  # 2 vectors: 16 fp64 tokens, 32 fp32
+    narrow = kernel_method == "sparse_narrow"
+    method = "sparse_narrow" if narrow else "sparse"
     for tokens, out_f, in_f, density, tile, split in (
             (45, 300, 600, 0.42, 2, True), (70, 50, 700, 0.9, 2, True), (40, 40, 1000, 0.45, 2, True),
-            (45, 300, 600, 0.1, 2, False), (one_vector, 40, 1100, 0.5, 1, False), (40, 40, 1100, 0.5, 4, False),
+            (45, 300, 600, 0.1, 2, False), (one_vector, 40, 1100, 0.5, 1, False),
+            (40, 40, 1100, 0.5, 2, True) if narrow else (40, 40, 1100, 0.5, 4, False),
+            (90, 40, 1100, 0.7, 2, True) if narrow else (90, 40, 1100, 0.7, 4, False),
             (one_tile, 300, 600, 0.5, 2, False)):
         mask = torch.rand(out_f, in_f, generator=g) < density
         mask[3] = False  # an empty row
@@ -476,7 +481,7 @@ def test_forward_panel_chunks_match_dense(dtype, index_dtype):
         mask[6] = False
         mask[6, in_f - 1] = True  # one nonzero, in the last column
         mask[7] = True  # a full row
-        vectors, chunks = ops.csr_forward_tiling(tokens, dtype, int(mask.sum()), out_f, in_f)
+        vectors, chunks = ops.csr_forward_tiling(tokens, dtype, int(mask.sum()), out_f, in_f, method)
         assert (vectors, chunks > 1) == (tile, split), (tokens, out_f, in_f, density, vectors, chunks)
         _check_raw_forward(mask, tokens, dtype, index_dtype, g, f"{tokens} tokens, {out_f}x{in_f} at {density}")
 
@@ -487,6 +492,8 @@ def test_forward_tiling_checks_its_arguments():
         ops.csr_forward_tiling(0, torch.float32, 10, 4, 4)
     with pytest.raises(TypeError, match="float32, float64 or bfloat16, got Half"):
         ops.csr_forward_tiling(8, torch.float16, 10, 4, 4)
+    with pytest.raises(ValueError, match="method must be 'sparse' or 'sparse_narrow', got 'dense'"):
+        ops.csr_forward_tiling(8, torch.float32, 10, 4, 4, "dense")
 
 
 def test_backward_input_transpose_with_a_32bit_row_index(dx_path):

@@ -41,11 +41,11 @@ def run_all_ops(fmt, dtype, seed=0, lead=(3, 37), out=70, in_=96):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_every_policy_gives_the_same_result(fmt, dtype):
     results = {}
-    for policy in ("sparse", "dense", "mkl", "auto"):
+    for policy in ("sparse", "dense", "mkl", "sparse_narrow", "auto"):
         with kernel_policy(policy):
             results[policy] = run_all_ops(fmt, dtype)
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
-    for policy in ("dense", "mkl", "auto"):
+    for policy in ("dense", "mkl", "sparse_narrow", "auto"):
         for name, a, b in zip(("y", "dx", "dvalues", "dbias"), results["sparse"], results[policy]):
             scale = b.double().abs().max().item()
             err = (a.double() - b.double()).abs().max().item()
@@ -134,6 +134,39 @@ def test_auto_takes_mkl_where_its_table_row_says(tmp_path):
         ops.set_method_table("cpu", torch.tensor([[2.0, 6, 8, 64, 96, 0.5, 2]], dtype=torch.float64))
 
 
+def test_auto_takes_the_narrow_tile_where_its_table_row_says(tmp_path):
+    """"sparse_narrow" (the CSR forward's 2-vector tile where the rule gives 4): chosen by its row,
+    the same result as the wide tile at a shape where the two differ, and the CPU CSR forward's only."""
+    row = dict(op="csr_linear", dtype="float32", tokens=256, out=96, **{"in": 1100}, density=0.6,
+               method="sparse_narrow")
+    path = tmp_path / "narrow.json"
+    path.write_text(json.dumps({"rows": [row]}))
+    torch.manual_seed(0)
+    layer = SparseLinear.from_dense(torch.randn(96, 1100), torch.rand(96, 1100) < 0.6)
+    x = torch.randn(256, 1100)
+    assert ops.csr_forward_tiling(256, torch.float32, layer.nnz, 96, 1100, "sparse")[0] == 4
+    assert ops.csr_forward_tiling(256, torch.float32, layer.nnz, 96, 1100, "sparse_narrow")[0] == 2
+    try:
+        load_table("cpu", str(path))
+        assert choose_method("cpu", "csr_linear", torch.float32, 256, 96, 1100, 0.6) == "sparse_narrow"
+        assert choose_method("cpu", "csr_sddmm", torch.float32, 256, 96, 1100, 0.6) == "sparse"
+        y = layer(x)
+        with kernel_policy("sparse"):
+            want = layer(x)
+        # the same products, summed in another order (the narrow tile walks the input in chunks
+        # and splits each row's sum over more accumulators): the fp32 tolerance of the policies above
+        assert not torch.equal(y, want)
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-5 * want.abs().max().item())
+    finally:
+        select_table("cpu")
+    for bad in (dict(row, op="csr_linear_backward_input"), dict(row, op="semi24_linear")):
+        path.write_text(json.dumps({"rows": [bad]}))
+        with pytest.raises(ValueError, match="malformed kernel table row"):
+            load_table("cpu", str(path))
+    with pytest.raises(ValueError, match="malformed method table row"):
+        ops.set_method_table("cuda", torch.tensor([[0.0, 6, 8, 64, 96, 0.5, 3]], dtype=torch.float64))
+
+
 def test_policy_context_manager_restores_and_rejects_bad_names():
     assert get_kernel_policy() == "auto"
     with kernel_policy("dense"):
@@ -210,7 +243,7 @@ def test_committed_cpu_table_is_loaded_and_measured():
     table = json.load(open(path))
     assert table["device_class"] == "cpu" and table["rows"]
     for row in table["rows"]:
-        faster = min(("sparse", "dense", "mkl"), key=lambda m: row["ms"].get(m, float("inf")))
+        faster = min(("sparse", "dense", "mkl", "sparse_narrow"), key=lambda m: row["ms"].get(m, float("inf")))
         assert row["method"] == faster, row
     # the loaded table answers like its rows: each row's own figures pick its own method (pinned: a
     # table `sparse-t5 tune` wrote in this user's cache would otherwise come first, tests/test_tune.py)

@@ -65,7 +65,7 @@ def _write_stats():
 atexit.register(_write_stats)
 
 RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
-METHODS = ["auto", "sparse", "dense", "mkl"]
+METHODS = ["auto", "sparse", "dense", "mkl", "sparse_narrow"]
 # The CSR forward's few-token kernels (1-3 tokens by default): the scalar walk every ISA has, and
 # AVX-512's gather kernel, which `sparse-t5 tune` picks where it is faster.
 FEW_TOKEN_KERNELS = ["scalar", "gather"] if cpu_isa() == "avx512" else ["scalar"]
