@@ -18,6 +18,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from sparse_t5 import SparseT5ForConditionalGeneration
+from sparse_t5.kernel_policy import load_table, table_info
 from sparse_t5.modeling_t5 import LMHead
 
 SHAPES = {
@@ -68,9 +69,13 @@ def main(argv=None):
     p.add_argument("--lm-head-slices", choices=["on", "off"], default="on",
                    help="off: our fp32 lm_head runs one F.linear above the op's range, not F.linear over slices of "
                         "the weight (LMHead.chunked_tokens = {}), to compare")
+    p.add_argument("--table", default=None,
+                   help="a kernel method table file the auto policy uses (default: this machine's tuned table, "
+                        "else the committed one), e.g. one `sparse-t5 tune --out` wrote")
     p.add_argument("--csr-few-tokens", type=int, default=None,
                    help="calls of up to this many tokens take the CSR few-token path (default: the built-in; 0: off)")
     a = p.parse_args(argv)
+    info = load_table("cpu", a.table) if a.table else table_info("cpu")
     if a.csr_few_tokens is not None:
         torch.ops.sparse_t5.set_csr_few_tokens(a.csr_few_tokens)
     if a.lm_head_op == "off":
@@ -81,7 +86,7 @@ def main(argv=None):
     print(f"{a.shape}, random weights, source {a.source}, {a.new_tokens} new tokens, inference mode, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, kernels {torch.ops.sparse_t5.cpu_isa()}, "
           f"CSR few-token path up to {torch.ops.sparse_t5.get_csr_few_tokens()} tokens, lm_head few-token op {a.lm_head_op}, "
-          f"slices {a.lm_head_slices}; "
+          f"slices {a.lm_head_slices}; method table {info['source']} ({info['path']}); "
           f"median of {a.rounds} rounds; time against HF dense\n")
     print("| batch | run | HF dense | " + " | ".join(a.variants) + " |")
     print("|---|---|---|" + "---|" * len(a.variants))

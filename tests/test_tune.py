@@ -13,7 +13,7 @@ from transformers import T5Config
 from sparse_t5.kernel_policy import (TABLE_DIR, KernelTableError, choose_method, get_csr_few_tokens_kernel, machine_key,
                                      read_table, select_table, table_info, tuned_table_path)
 from sparse_t5.ops import cpu_isa
-from sparse_t5.tune import model_shapes, tune
+from sparse_t5.tune import measure, model_shapes, tune
 
 COMMITTED = os.path.join(TABLE_DIR, "cpu.json")
 TINY = dict(shapes=[(64, 32)], tokens=(1, 16), densities=(0.25,), rounds=1)
@@ -68,6 +68,18 @@ def test_tune_writes_a_table_that_the_auto_policy_then_uses(user_cache):
                          timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "tuned", out.stderr[-2000:]
     assert f"tuned on this machine ({path}" in out.stderr
+
+
+def test_tune_times_the_narrow_tile_where_it_differs_from_the_rule():
+    """The CSR forward's "sparse_narrow" method is timed, and can be chosen, only at calls where its
+    tile differs from the rule's (dense rows past 1024 inputs at 64 tokens; not at 16 tokens, where
+    the rule already gives 2 vectors, nor at 3, the few-token path)."""
+    rows = measure("cpu", (torch.float32,), [(40, 1100)], [3, 16, 64], [0.6], rounds=1)
+    forward = {r["tokens"]: r for r in rows if r["op"] == "csr_linear"}
+    assert set(forward[64]["ms"]) == {"sparse", "dense", "mkl", "sparse_narrow"}
+    assert forward[64]["method"] == min(forward[64]["ms"], key=forward[64]["ms"].get)
+    assert "sparse_narrow" not in forward[16]["ms"] and "sparse_narrow" not in forward[3]["ms"]
+    assert all("sparse_narrow" not in r["ms"] for r in rows if r["op"] != "csr_linear")
 
 
 def test_without_a_tuned_table_the_committed_one_is_used(user_cache):
