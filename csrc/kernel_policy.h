@@ -71,7 +71,7 @@ int64_t csr_dx_transpose_tokens();
 std::tuple<int64_t, int64_t> csr_forward_tiling(int64_t tokens, at::ScalarType dtype, int64_t nnz,
                                                 int64_t out_features, int64_t in_features,
                                                 const std::string& method);
-// "sparse", "dense" or "mkl" for one call under the current policy; op by schema name.
+// "sparse", "dense", "mkl" or "sparse_narrow" for one call under the current policy; op by schema name.
 std::string choose_method_op(const std::string& device_class, const std::string& op, at::ScalarType dtype,
                              int64_t tokens, int64_t out_features, int64_t in_features, double density);
 

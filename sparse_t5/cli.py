@@ -241,8 +241,8 @@ def _add_tune(sub):
     from .tune import CSR_DENSITIES, SHAPES, TUNE_TOKENS
 
     tune = sub.add_parser("tune", help="measure the sparse ops' methods on this machine for the auto kernel policy",
-                          description="Measure the sparse ops' methods (our kernels, transient dense, MKL) for a "
-                                      "model's layer shapes on this CPU, and write the table the auto kernel policy "
+                          description="Measure the sparse ops' methods (our kernels, transient dense, MKL, the "
+                                      "narrow token tile) for a model's layer shapes on this CPU, and write the table the auto kernel policy "
                                       "uses here (the user cache, keyed by CPU, ISA, threads and torch).")
     what = tune.add_mutually_exclusive_group()
     what.add_argument("--model", help="a T5 checkpoint directory or hub name: its config's layer shapes")

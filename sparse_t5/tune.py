@@ -5,7 +5,8 @@
     sparse-t5 tune --show                  # which table the auto policy uses now, and why
 
 For each (op, dtype, tokens, out x in, density) the methods of sparse_t5.kernel_policy (the
-sparse kernels, transient dense, and for the CPU CSR forward in fp32/fp64 MKL) run alternately on
+sparse kernels, transient dense, and for the CPU CSR forward MKL in fp32/fp64 and the narrow token
+tile where its tile differs from the rule's) run alternately on
 the same inputs (time_interleaved) and the fastest becomes the table's row; each row keeps the medians, so the table says by how much each
 method won. `tune()` writes the CPU table to the user cache under this machine's key (CPU model,
 kernel ISA, torch threads, torch version: kernel_policy.machine_key) and installs it, so the auto
