@@ -242,8 +242,9 @@ def _add_tune(sub):
 
     tune = sub.add_parser("tune", help="measure the sparse ops' methods on this machine for the auto kernel policy",
                           description="Measure the sparse ops' methods (our kernels, transient dense, MKL, the "
-                                      "narrow token tile) for a model's layer shapes on this CPU, and write the table the auto kernel policy "
-                                      "uses here (the user cache, keyed by CPU, ISA, threads and torch).")
+                                      "narrow token tile) for a model's layer shapes on this CPU, and write the table "
+                                      "the auto kernel policy uses here (the user cache, keyed by CPU, ISA, threads "
+                                      "and torch).")
     what = tune.add_mutually_exclusive_group()
     what.add_argument("--model", help="a T5 checkpoint directory or hub name: its config's layer shapes")
     what.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="named T5 shapes (default: t5-base)")
