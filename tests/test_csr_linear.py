@@ -457,7 +457,8 @@ def test_forward_panel_chunks_match_dense(dtype, index_dtype, kernel_method):
     chunk, partial row blocks and token tiles, an empty row, a row whose nonzeros all lie past the
     first chunk, a row with one nonzero in the last column, a full row, and a bias; then layers the
     rule does not split, as controls. csr_forward_tiling says which path each case takes; under
-    "sparse_narrow" the rule's 4-vector tiles run as 2-vector tiles (the 1100-input cases)."""
+    "sparse_narrow" the rule's 4-vector tiles run as 2-vector tiles (the 1100-input cases), and so
+    does every call whose 4-vector tiles would pad 10% more token slots (`padded`)."""
     skip_dtype_under_triton_interpreter(dtype)
     ops = torch.ops.sparse_t5
     g = torch.Generator().manual_seed(8)
@@ -467,13 +468,15 @@ def test_forward_panel_chunks_match_dense(dtype, index_dtype, kernel_method):
     # one fp64 vector is 8 tokens), more than 1024 inputs (4-vector tiles), and one token tile.
     one_vector = 6 if dtype == torch.float64 else 12
     one_tile = 14 if dtype == torch.float64 else 30  # 2 vectors: 16 fp64 tokens, 32 fp32
+    padded = 42 if dtype == torch.float64 else 90  # three 2-vector tiles, where two 4-vector ones pad a third
     narrow = kernel_method == "sparse_narrow"
     method = "sparse_narrow" if narrow else "sparse"
     for tokens, out_f, in_f, density, tile, split in (
             (45, 300, 600, 0.42, 2, True), (70, 50, 700, 0.9, 2, True), (40, 40, 1000, 0.45, 2, True),
             (45, 300, 600, 0.1, 2, False), (one_vector, 40, 1100, 0.5, 1, False),
-            (40, 40, 1100, 0.5, 2, True) if narrow else (40, 40, 1100, 0.5, 4, False),
-            (90, 40, 1100, 0.7, 2, True) if narrow else (90, 40, 1100, 0.7, 4, False),
+            (64, 40, 1100, 0.5, 2, True) if narrow else (64, 40, 1100, 0.5, 4, False),
+            (128, 40, 1100, 0.7, 2, True) if narrow else (128, 40, 1100, 0.7, 4, False),
+            (padded, 40, 1100, 0.7, 2, True),
             (one_tile, 300, 600, 0.5, 2, False)):
         mask = torch.rand(out_f, in_f, generator=g) < density
         mask[3] = False  # an empty row
@@ -484,6 +487,26 @@ def test_forward_panel_chunks_match_dense(dtype, index_dtype, kernel_method):
         vectors, chunks = ops.csr_forward_tiling(tokens, dtype, int(mask.sum()), out_f, in_f, method)
         assert (vectors, chunks > 1) == (tile, split), (tokens, out_f, in_f, density, vectors, chunks)
         _check_raw_forward(mask, tokens, dtype, index_dtype, g, f"{tokens} tokens, {out_f}x{in_f} at {density}")
+
+
+def test_forward_tile_narrows_where_the_wide_one_pads():
+    """Rows long enough for 4-vector tiles take 2 vectors wherever the wide tiles would compute at least
+    10% more token slots, padding included, than the narrow ones; with no such padding they keep 4."""
+    ops = torch.ops.sparse_t5
+    nnz = 96 * 1536  # 96 x 3072 at density 0.5: 1536 nonzeros a row, past the rule's 256
+
+    def vectors(tokens, dtype=torch.float32):
+        return ops.csr_forward_tiling(tokens, dtype, nnz, 96, 3072, "sparse")[0]
+
+    # fp32 and bf16 (16 lanes): wide tiles of 64 tokens, narrow ones of 32. Wide slots / narrow slots:
+    # 1.0 at 33-64, 97-128, ...; 1.09 at 352, 1.08 at 416, 1.06 at 544 (kept wide); 1.33 at 65-96,
+    # 1.2 at 160, 1.14 at 224, 1.11 at 288 (narrowed).
+    for dtype in (torch.float32, torch.bfloat16):
+        assert [vectors(t, dtype) for t in (40, 64, 100, 128, 192, 256, 352, 416, 544, 1024)] == [4] * 10
+        assert [vectors(t, dtype) for t in (65, 96, 160, 224, 288)] == [2] * 5
+    # fp64 (8 lanes): tiles of 32 and 16 tokens
+    assert [vectors(t, torch.float64) for t in (20, 32, 64, 128)] == [4] * 4
+    assert [vectors(t, torch.float64) for t in (33, 48, 80)] == [2] * 3
 
 
 def test_forward_tiling_checks_its_arguments():
