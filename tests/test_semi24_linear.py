@@ -19,7 +19,8 @@ RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 SHAPES = [
     ((5,), 124, 77),      # awkward: one token tile, odd number of groups (124 / 4 = 31)
     ((3, 7), 64, 40),     # 3-D input
-    ((2, 70), 96, 33),    # several tiles, partial last tile, out not a multiple of the row block
+    ((2, 70), 96, 33),    # several tiles (32-token ones: 64-token tiles would pad 192 slots for 140), partial
+                          # last tile, out not a multiple of the row block
     ((1,), 512, 48),      # one token
     ((40,), 4, 9),        # a single group
     ((300,), 1028, 20),   # several L1 chunks, 257 groups, 128-token dvalues tiles with a partial last one
