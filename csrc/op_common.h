@@ -73,6 +73,20 @@ inline int vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t min_tiles) {
   return 1;
 }
 
+// The forwards' tile width (CSR and 2:4): vectors_per_tile, except that every nonzero computes a
+// whole tile, padding included, so 2 vectors are taken wherever 4-vector tiles would compute at
+// least 10% more token slots (96 fp32 tokens: 128 slots in two wide tiles against 96 in three
+// narrow ones). 10% is past the wide tile's largest measured gain at equal slots (the Xeon's 2-9%,
+// csr_forward_vectors_per_tile below). On an AMD EPYC (AVX-512, 2 threads, fp32, 3072 inputs x 768
+// outputs, density 0.1-0.7, 41 alternating calls) 2 vectors took 0.73-0.88x of the 4-vector time at
+// 96-288 tokens against 0.87-1.01x at 128, 192 and 256 tokens. README "Padding in the token tile".
+inline int forward_vectors_per_tile(int64_t tokens, cpu::DType dt) {
+  const int nv = vectors_per_tile(tokens, dt, 1);
+  const int64_t lanes = cpu::lanes_for(dt);
+  const auto slots = [tokens](int64_t tile) { return (tokens + tile - 1) / tile * tile; };
+  return nv == 4 && 10 * slots(4 * lanes) >= 11 * slots(2 * lanes) ? 2 : nv;
+}
+
 // Tile width for the tiled CSR forward (also dX over a transient Wᵀ). With short rows (at most
 // 256 nonzeros per row on average) 2 vectors (32 fp32 tokens) beat 4: on an AMD EPYC (AVX-512,
 // 2 threads) the 2-vector tile took 0.84-0.93x of the 4-vector tile's time at in_features 512-1024
@@ -85,23 +99,11 @@ inline int vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t min_tiles) {
 // two runs against the 4-vector tile) that took 0.83-0.97x of the time at 768x768, 3072x768,
 // 1024x1024 and 4096x1024, density 0.4-0.7; at in_features 3072 the same took 1.02-1.09x (not
 // taken there). README "Panel chunks" has the table.
-// Every nonzero computes a whole tile, padding included, so 2 vectors are taken wherever the
-// 4-vector tiles compute at least 10% more token slots (96 fp32 tokens: 128 slots in two wide tiles
-// against 96 in three narrow ones). 10% is past the wide tile's largest measured gain at equal slots
-// (the Xeon's 2-9% above). On an AMD EPYC (AVX-512, 2 threads, fp32, 3072 inputs x 768 outputs,
-// density 0.1-0.7, 41 alternating calls) 2 vectors took 0.73-0.88x of the 4-vector time at 96-288
-// tokens against 0.87-1.01x at 128, 192 and 256 tokens. README "Padding in the token tile".
-inline bool wide_tile_pads(int64_t tokens, int64_t lanes) {
-  const auto slots = [tokens](int64_t tile) { return (tokens + tile - 1) / tile * tile; };
-  return 10 * slots(4 * lanes) >= 11 * slots(2 * lanes);
-}
-
 inline int csr_forward_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t nnz, int64_t rows, int64_t in) {
-  const int nv = vectors_per_tile(tokens, dt, 1);
+  const int nv = forward_vectors_per_tile(tokens, dt);
   if (nv != 4) return nv;
-  const int64_t lanes = cpu::lanes_for(dt);
-  if (nnz <= 256 * rows || wide_tile_pads(tokens, lanes)) return 2;
-  const int64_t tiles = (tokens + 2 * lanes - 1) / (2 * lanes);
+  if (nnz <= 256 * rows) return 2;
+  const int64_t tiles = (tokens + 2 * cpu::lanes_for(dt) - 1) / (2 * cpu::lanes_for(dt));
   return in <= 1024 && cpu::csr_forward_chunk_columns(2, tiles, nnz, rows, in) < in ? 2 : 4;
 }
 

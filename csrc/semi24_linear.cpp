@@ -47,9 +47,7 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     return semi24_linear_dense_cpu(x, values, meta, bias);
   const at::Tensor xc = x.contiguous(), vc = values.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  // 64-token tiles from 33 tokens on (see the kernel), 32-token ones where those pad (op_common.h)
-  int nv = vectors_per_tile(tokens, dt, 1);
-  if (nv == 4 && wide_tile_pads(tokens, cpu::lanes_for(dt))) nv = 2;
+  const int nv = forward_vectors_per_tile(tokens, dt);  // 64-token tiles from 33 tokens on unless they pad
   at::Tensor x_panels = panels(tokens, in, nv, dt);
   cpu::Semi24View w{vc.data_ptr(), meta.data_ptr<uint8_t>(), out, in};
   cpu::active_kernels().semi24_forward(w, dt, xc.data_ptr(), tokens, bc.defined() ? bc.data_ptr() : nullptr,
