@@ -162,13 +162,14 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
     wt.out_features = in_features;
     wt.in_features = out_features;
     wt.nnz = nnz;
-    const int nv = csr_forward_vectors_per_tile(tokens, dt, nnz, in_features, out_features);
+    const int nv = tile_vectors_or_forced(csr_forward_vectors_per_tile(tokens, dt, nnz, in_features, out_features), 4);
     at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
     kernels.csr_forward(wt, dt, gc.data_ptr(), tokens, nullptr, dx.data_ptr(), dy_panels.data_ptr(), nv,
                         cpu::aten_parallel());
     return dx;
   }
-  const int nv = vectors_per_tile(tokens, dt, at::get_num_threads());
+  // Threads split the token tiles, so the tile that pads is the one that loads the busiest thread.
+  const int nv = tile_vectors_or_forced(padding_aware_vectors_per_tile(tokens, dt, at::get_num_threads()), 4);
   at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
   at::Tensor dx_panels = panels(tokens, in_features, nv, dt);
   kernels.csr_backward_input(
@@ -197,7 +198,8 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
 
   const at::Tensor gc = grad_out.contiguous();
   const at::Tensor xc = x.contiguous();
-  const int nv = vectors_per_tile(tokens, dt, 1);
+  // Narrower tiles repeat the lane folds, so they must save 20% of the slots (op_common.h).
+  const int nv = tile_vectors_or_forced(padding_aware_vectors_per_tile(tokens, dt, 1, 20), 4);
   at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
   at::Tensor x_panels = panels(tokens, in_features, nv, dt);
   at::Tensor acc = at::empty({nnz}, at::TensorOptions().dtype(compute_dtype(dt)));

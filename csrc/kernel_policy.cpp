@@ -124,6 +124,18 @@ void set_csr_dx_transpose_tokens(int64_t tokens) {
 
 int64_t csr_dx_transpose_tokens() { return g_csr_dx_transpose_tokens.load(); }
 
+namespace {
+std::atomic<int64_t> g_tile_vectors{0};
+}  // namespace
+
+void set_tile_vectors(int64_t vectors) {
+  TORCH_CHECK_VALUE(vectors == 0 || vectors == 1 || vectors == 2 || vectors == 4 || vectors == 8,
+                    "sparse_t5: tile_vectors must be 0 (the rules), 1, 2, 4 or 8, got ", vectors);
+  g_tile_vectors.store(vectors);
+}
+
+int64_t tile_vectors() { return g_tile_vectors.load(); }
+
 std::string get_kernel_policy() {
   switch (static_cast<Policy>(g_policy.load())) {
     case Policy::kSparse: return "sparse";

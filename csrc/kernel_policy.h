@@ -65,6 +65,12 @@ bool csr_few_tokens_gather();
 // machines (`python benches/csr_dx.py`).
 void set_csr_dx_transpose_tokens(int64_t tokens);
 int64_t csr_dx_transpose_tokens();
+// Vectors per token tile for every tiled CPU kernel (forward, dx, dW of CSR and 2:4): 0 (the
+// default) lets each op's rule choose (csrc/op_common.h); 1, 2, 4 or 8 forces that width wherever
+// the kernel has it (8: the 2:4 dW only; the others take at most 4). Process-wide; for the A/B of
+// the rules (`python benches/tile_padding.py`) and the tests that run every width.
+void set_tile_vectors(int64_t vectors);
+int64_t tile_vectors();
 // The tiled CSR forward's shape for one call (csrc/op_common.h, csrc/cpu/csr_kernels_impl.h) by
 // `method` ("sparse" or "sparse_narrow"): (vectors per token tile, panel chunks). Tests use it to
 // know which path a case takes, tune to know where the two methods differ.

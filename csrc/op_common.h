@@ -5,9 +5,11 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/kernel_api.h"
+#include "kernel_policy.h"
 
 namespace sparse_t5 {
 
@@ -73,18 +75,53 @@ inline int vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t min_tiles) {
   return 1;
 }
 
-// The forwards' tile width (CSR and 2:4): vectors_per_tile, except that every nonzero computes a
-// whole tile, padding included, so 2 vectors are taken wherever 4-vector tiles would compute at
-// least 10% more token slots (96 fp32 tokens: 128 slots in two wide tiles against 96 in three
-// narrow ones). 10% is past the wide tile's largest measured gain at equal slots (the Xeon's 2-9%,
-// csr_forward_vectors_per_tile below). On an AMD EPYC (AVX-512, 2 threads, fp32, 3072 inputs x 768
-// outputs, density 0.1-0.7, 41 alternating calls) 2 vectors took 0.73-0.88x of the 4-vector time at
-// 96-288 tokens against 0.87-1.01x at 128, 192 and 256 tokens. README "Padding in the token tile".
-inline int forward_vectors_per_tile(int64_t tokens, cpu::DType dt) {
-  const int nv = vectors_per_tile(tokens, dt, 1);
+// Token slots the busiest thread computes with tiles of `tile` tokens, padding included: all of
+// them where threads split something else (rows; (tile, input chunk) items): threads = 1; its
+// share of the tiles where threads split the tiles (the CSR dx scatter): threads = its threads.
+inline int64_t busiest_thread_slots(int64_t tokens, int64_t tile, int64_t threads) {
+  const int64_t tiles = (tokens + tile - 1) / tile;
+  return (tiles + threads - 1) / threads * tile;
+}
+
+// Every nonzero computes a whole tile, padding included, so a kernel takes half its `wide` width
+// wherever the wide tiles would have the busiest thread compute at least `excess_percent` more
+// token slots (96 fp32 tokens, 1 thread: 128 slots in two 64-token tiles against 96 in three of
+// 32, 33% more). 10% is past the wide tile's largest measured gain at equal slots (the Xeon's 2-9%
+// in the CSR forward, csr_forward_vectors_per_tile below).
+inline int narrower_where_wide_pads(int wide, int64_t tokens, cpu::DType dt, int64_t threads,
+                                    int excess_percent = 10) {
   const int64_t lanes = cpu::lanes_for(dt);
-  const auto slots = [tokens](int64_t tile) { return (tokens + tile - 1) / tile * tile; };
-  return nv == 4 && 10 * slots(4 * lanes) >= 11 * slots(2 * lanes) ? 2 : nv;
+  return 100 * busiest_thread_slots(tokens, wide * lanes, threads) >=
+                 (100 + excess_percent) * busiest_thread_slots(tokens, wide / 2 * lanes, threads)
+             ? wide / 2
+             : wide;
+}
+
+// vectors_per_tile, with 2 vectors wherever 4-vector tiles pad (narrower_where_wide_pads): the
+// forwards (CSR and 2:4), the dx kernels (the 2:4 dx; the CSR dx scatter, whose threads split the
+// tiles, with threads = its threads) and the CSR dW, which asks for 20% more slots: each of its
+// tiles ends in a lane fold per 16 nonzeros, which narrower tiles repeat. Measured on an AMD EPYC
+// (AVX-512, 2 threads, fp32, t5-base FFN and 768x768, density 0.1 and 0.5, alternating calls;
+// `python benches/tile_padding.py`; README "Padding in the token tile" and "... backward tiles"):
+//   forwards, 3072 inputs x 768 outputs, density 0.1-0.7: 2 vectors took 0.73-0.88x of the 4-vector
+//   time at 96-288 tokens against 0.87-1.01x at 128, 192 and 256;
+//   2:4 dx: 0.82-0.95x at 96, 160, 224 and 288 tokens against 1.04-1.13x at 128 and 256;
+//   CSR dx scatter, 2 threads: 0.80-0.90x at 160 tokens (busiest thread 128 slots against 96);
+//   at 224 (128 against 128) 0.98-1.23x, and at 80-96 (64 against 64) 0.73-1.21x, so the rule
+//   counts the busiest thread's slots, not all of them;
+//   CSR dW: 0.75-0.93x at 80 and 96 tokens (33% more slots), 0.84-0.98x at 160 (20%), but
+//   0.86-1.18x at 224 and 288 (14% and 11%), against 1.03-1.18x at 128.
+inline int padding_aware_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t threads,
+                                          int excess_percent = 10) {
+  const int nv = vectors_per_tile(tokens, dt, threads);
+  return nv == 4 ? narrower_where_wide_pads(4, tokens, dt, threads, excess_percent) : nv;
+}
+
+// The width a kernel runs: the rule's `nv`, or set_tile_vectors' (kernel_policy.h) where set,
+// capped at the kernel's widest instance.
+inline int tile_vectors_or_forced(int nv, int widest) {
+  const int64_t forced = tile_vectors();
+  return forced == 0 ? nv : static_cast<int>(std::min<int64_t>(forced, widest));
 }
 
 // Tile width for the tiled CSR forward (also dX over a transient Wᵀ). With short rows (at most
@@ -100,7 +137,7 @@ inline int forward_vectors_per_tile(int64_t tokens, cpu::DType dt) {
 // 1024x1024 and 4096x1024, density 0.4-0.7; at in_features 3072 the same took 1.02-1.09x (not
 // taken there). README "Panel chunks" has the table.
 inline int csr_forward_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t nnz, int64_t rows, int64_t in) {
-  const int nv = forward_vectors_per_tile(tokens, dt);
+  const int nv = padding_aware_vectors_per_tile(tokens, dt, 1);
   if (nv != 4) return nv;
   if (nnz <= 256 * rows) return 2;
   const int64_t tiles = (tokens + 2 * cpu::lanes_for(dt) - 1) / (2 * cpu::lanes_for(dt));
@@ -115,7 +152,7 @@ inline int csr_forward_vectors_per_tile(int64_t tokens, cpu::DType dt, int64_t n
 inline int csr_forward_method_vectors(bool narrow, int64_t tokens, cpu::DType dt, int64_t nnz, int64_t rows,
                                       int64_t in) {
   const int nv = csr_forward_vectors_per_tile(tokens, dt, nnz, rows, in);
-  return narrow && nv > 2 ? 2 : nv;
+  return tile_vectors_or_forced(narrow && nv > 2 ? 2 : nv, 4);
 }
 
 inline at::Tensor panels(int64_t tokens, int64_t features, int nv, cpu::DType dt) {

@@ -55,6 +55,8 @@ TORCH_LIBRARY(sparse_t5, m) {
   // Token counts from which the CPU CSR dx runs as the forward over a transient transpose; 0: off.
   m.def("set_csr_dx_transpose_tokens(int tokens) -> ()", &sparse_t5::set_csr_dx_transpose_tokens);
   m.def("get_csr_dx_transpose_tokens() -> int", &sparse_t5::csr_dx_transpose_tokens);
+  m.def("set_tile_vectors(int vectors) -> ()", &sparse_t5::set_tile_vectors);
+  m.def("get_tile_vectors() -> int", &sparse_t5::tile_vectors);
   m.def("csr_forward_tiling(int tokens, ScalarType dtype, int nnz, int out_features, int in_features, "
         "str method=\"sparse\") -> (int, int)",
         &sparse_t5::csr_forward_tiling);

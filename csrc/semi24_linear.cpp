@@ -47,7 +47,7 @@ at::Tensor semi24_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
     return semi24_linear_dense_cpu(x, values, meta, bias);
   const at::Tensor xc = x.contiguous(), vc = values.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const int nv = forward_vectors_per_tile(tokens, dt);  // 64-token tiles from 33 tokens on unless they pad
+  const int nv = tile_vectors_or_forced(padding_aware_vectors_per_tile(tokens, dt, 1), 4);
   at::Tensor x_panels = panels(tokens, in, nv, dt);
   cpu::Semi24View w{vc.data_ptr(), meta.data_ptr<uint8_t>(), out, in};
   cpu::active_kernels().semi24_forward(w, dt, xc.data_ptr(), tokens, bc.defined() ? bc.data_ptr() : nullptr,
@@ -67,8 +67,9 @@ at::Tensor semi24_linear_backward_input_cpu(const at::Tensor& grad_out, const at
       Method::kDense)
     return semi24_linear_backward_input_dense_cpu(grad_out, values, meta);
   const at::Tensor gc = grad_out.contiguous(), vc = values.contiguous();
-  // Threads split (token tile, chunk of inputs) items, so one tile of tokens still uses them all.
-  const int nv = vectors_per_tile(tokens, dt, 1);
+  // Threads split (token tile, chunk of inputs) items, so one tile of tokens still uses them all,
+  // and every padded slot counts (threads = 1).
+  const int nv = tile_vectors_or_forced(padding_aware_vectors_per_tile(tokens, dt, 1), 4);
   at::Tensor dy_panels = panels(tokens, out, nv, dt);
   at::Tensor dx_panels = panels(tokens, in, nv, dt);
   cpu::Semi24View w{vc.data_ptr(), meta.data_ptr<uint8_t>(), out, in};
@@ -95,8 +96,13 @@ at::Tensor semi24_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, con
     return semi24_sddmm_dense_cpu(grad_out, x, meta);
   const at::Tensor gc = grad_out.contiguous(), xc = x.contiguous();
   // 8 vectors (128 fp32 tokens) per tile from 256 tokens on: each tile ends in a lane reduction
-  // per kept value, which longer tiles amortise (measured 0.77-0.81x dense dW at 4, 0.86-0.87x at 8).
-  const int nv = tokens >= 256 ? 8 : vectors_per_tile(tokens, dt, 1);
+  // per kept value, which longer tiles amortise (measured 0.77-0.81x dense dW at 4, 0.86-0.87x at 8),
+  // except where 8-vector tiles pad (narrower_where_wide_pads): on an AMD EPYC (AVX-512, 2 threads,
+  // fp32, t5-base FFN and 768x768) 4 vectors took 0.81-0.93x of the 8-vector time at 288, 320 and
+  // 400 tokens, and 0.93-1.05x at 256, 384 and 512, where neither pads. Below 256, 2 vectors did
+  // not pay where 4 pad (0.98-1.08x at 96 and 160 tokens), so vectors_per_tile stands.
+  const int nv = tile_vectors_or_forced(
+      tokens >= 256 ? narrower_where_wide_pads(8, tokens, dt, 1) : vectors_per_tile(tokens, dt, 1), 8);
   at::Tensor dy_panels = panels(tokens, out, nv, dt);
   at::Tensor x_panels = panels(tokens, in, nv, dt);
   at::Tensor acc = at::empty({out * (in / 2)}, at::TensorOptions().dtype(compute_dtype(dt)));

@@ -77,6 +77,100 @@ def test_the_dense_method_over_several_ragged_panels(fmt, out, in_, lead):
         assert err <= 1e-12 * b.abs().max().item(), f"{fmt} {name}: {err:.3e}"
 
 
+@pytest.fixture(params=[0, 1, 2, 4, 8])
+def tile_vectors(request):
+    """Each width set_tile_vectors forces on the tiled CPU kernels, then 0 (the rules' own)."""
+    ops.set_tile_vectors(request.param)
+    yield request.param
+    ops.set_tile_vectors(0)
+
+
+def _csr(out, in_, density, dtype, index_dtype, g):
+    mask = torch.rand(out, in_, generator=g) < density
+    mask[min(3, out - 1)] = False  # an empty row
+    w = (torch.randn(out, in_, generator=g) * mask).to(dtype)
+    rows, cols = mask.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(out + 1, dtype=torch.int32)
+    row_ptr[1:] = torch.cumsum(mask.sum(1), 0)
+    return w, mask, w[rows, cols].contiguous(), row_ptr, cols.to(index_dtype).contiguous()
+
+
+def _close(actual, expected, dtype, what):
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    expected = expected.double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= tol * max(expected.abs().max().item(), 1e-30), f"{what}: max error {err:.3e}"
+
+
+# Token counts: where the rules narrow a padded tile (96 and 224 for the forwards and the 2:4 dx;
+# 96 and 160 for the CSR dW; 160 for the CSR dx scatter on 2 threads too; 288 and 320 for the 2:4
+# dW's 8-vector tiles), the controls where they do not (64, 256, 384), and a partial tile of each
+# width (9, 20, 40).
+TILE_TOKENS = (9, 20, 40, 64, 96, 160, 224, 256, 288, 320, 384)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("index_dtype", [torch.uint16, torch.int32])
+def test_every_tile_width_of_the_csr_ops_matches_dense(tile_vectors, dtype, index_dtype):
+    """The CSR forward, both dx paths (scatter; the forward over a transient transpose) and dW, at each
+    forced tile width and the rules' own, against the dense reference: long rows (the 4-vector
+    forward, chunked and not), short rows, an empty row, an empty layer."""
+    g = torch.Generator().manual_seed(11)
+    before = ops.get_csr_dx_transpose_tokens()
+    try:
+        with kernel_policy("sparse"):
+            for out, in_, density in ((40, 1100, 0.5), (70, 96, 0.3), (16, 40, 0.0)):
+                w, mask, values, row_ptr, cols = _csr(out, in_, density, dtype, index_dtype, g)
+                if tile_vectors:
+                    want = min(tile_vectors, 4)
+                    assert ops.csr_forward_tiling(96, dtype, values.numel(), out, in_)[0] == want
+                for tokens in TILE_TOKENS:
+                    x = torch.randn(tokens, in_, generator=g).to(dtype)
+                    dy = torch.randn(tokens, out, generator=g).to(dtype)
+                    what = f"{tile_vectors} vectors, {out}x{in_} at {density}, {tokens} tokens"
+                    _close(ops.csr_linear(x, values, row_ptr, cols, out, in_, None), x.double() @ w.double().T, dtype,
+                           "forward, " + what)
+                    for transpose_from in (0, 1):
+                        ops.set_csr_dx_transpose_tokens(transpose_from)
+                        _close(ops.csr_linear_backward_input(dy, values, row_ptr, cols, out, in_),
+                               dy.double() @ w.double(), dtype, f"dx (transpose from {transpose_from}), " + what)
+                    _close(ops.csr_sddmm(dy, x, row_ptr, cols, out, in_), (dy.double().T @ x.double())[mask], dtype,
+                           "dW, " + what)
+    finally:
+        ops.set_csr_dx_transpose_tokens(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_every_tile_width_of_the_semi24_ops_matches_dense(tile_vectors, dtype):
+    """The 2:4 forward, dx and dW at each forced tile width (8: the dW's widest; the others take 4)
+    and the rules' own, against the dense reference; 2 L1 chunks of groups and one."""
+    from sparse_t5.formats import Semi24Weight
+
+    g = torch.Generator().manual_seed(12)
+    with kernel_policy("sparse"):
+        for out, in_ in ((40, 1028), (33, 96)):
+            sw = Semi24Weight.from_dense(torch.randn(out, in_, generator=g).to(dtype))
+            w = sw.to_dense().double()
+            for tokens in TILE_TOKENS:
+                x = torch.randn(tokens, in_, generator=g).to(dtype)
+                dy = torch.randn(tokens, out, generator=g).to(dtype)
+                what = f"{tile_vectors} vectors, {out}x{in_}, {tokens} tokens"
+                _close(ops.semi24_linear(x, sw.values, sw.meta, None), x.double() @ w.T, dtype, "forward, " + what)
+                _close(ops.semi24_linear_backward_input(dy, sw.values, sw.meta), dy.double() @ w, dtype, "dx, " + what)
+                _close(ops.semi24_sddmm(dy, x, sw.meta).flatten(), (dy.double().T @ x.double())[w != 0], dtype,
+                       "dW, " + what)
+
+
+def test_tile_vectors_setting_is_checked():
+    for bad in (-1, 3, 16):
+        with pytest.raises(ValueError, match=f"tile_vectors must be 0 \\(the rules\\), 1, 2, 4 or 8, got {bad}"):
+            ops.set_tile_vectors(bad)
+    assert ops.get_tile_vectors() == 0
+
+
 def test_the_dense_method_is_the_one_that_runs():
     # A forced policy must change what runs, or the equality test above would compare a method with
     # itself. The dense method's panels are GEMMs: under the profiler they show as aten::mm.

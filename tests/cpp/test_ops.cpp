@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "kernel_policy.h"
+#include "op_common.h"
 #include "ops.h"
 
 namespace {
@@ -66,6 +67,45 @@ int main() {
     at::Tensor dW = at::matmul(dy.reshape({-1, 77}).t(), x.reshape({-1, 123}));
     expect(at::allclose(dv, dW.index({w.dense != 0}), 1e-4, 1e-4) || density == 0.0,
            "sddmm d=" + std::to_string(density));
+  }
+
+  // The tile rules (csrc/op_common.h): half the width wherever the wide tiles would have the busiest
+  // thread compute at least 10% more token slots. fp32: 16 lanes, 4 vectors = 64 tokens.
+  {
+    using sparse_t5::narrower_where_wide_pads;
+    using sparse_t5::padding_aware_vectors_per_tile;
+    const auto f32 = sparse_t5::cpu::DType::kFloat32;
+    const auto f64 = sparse_t5::cpu::DType::kFloat64;
+    // Threads split something else (1): every slot counts. 96 tokens: 128 slots against 96; 352: 384
+    // against 352 (9%, kept wide).
+    for (int64_t t : {65, 96, 160, 224, 288})
+      expect(padding_aware_vectors_per_tile(t, f32, 1) == 2, "1 thread, narrow at " + std::to_string(t));
+    for (int64_t t : {40, 64, 128, 192, 256, 352, 1024})
+      expect(padding_aware_vectors_per_tile(t, f32, 1) == 4, "1 thread, wide at " + std::to_string(t));
+    for (int64_t t : {33, 48, 80})  // fp64: 8 lanes, tiles of 32 and 16 tokens
+      expect(padding_aware_vectors_per_tile(t, f64, 1) == 2, "fp64, narrow at " + std::to_string(t));
+    // Two threads split the tiles (the CSR dx scatter): the busiest thread's share. 80 and 96 tokens:
+    // 64 slots either way; 224: 128 either way; 160 and 192: 128 against 96.
+    for (int64_t t : {80, 96, 128, 224, 256, 1024})
+      expect(padding_aware_vectors_per_tile(t, f32, 2) == 4, "2 threads, wide at " + std::to_string(t));
+    for (int64_t t : {160, 192})
+      expect(padding_aware_vectors_per_tile(t, f32, 2) == 2, "2 threads, narrow at " + std::to_string(t));
+    // The CSR dW asks for 20% more slots: 80, 96 and 160 tokens (33%, 33%, 20%), not 224 or 288.
+    for (int64_t t : {80, 96, 160})
+      expect(padding_aware_vectors_per_tile(t, f32, 1, 20) == 2, "dW, narrow at " + std::to_string(t));
+    for (int64_t t : {128, 224, 288})
+      expect(padding_aware_vectors_per_tile(t, f32, 1, 20) == 4, "dW, wide at " + std::to_string(t));
+    // The 2:4 dW's 8-vector tiles (128 tokens) from 256 tokens on: 4 where they pad.
+    for (int64_t t : {288, 320, 400})
+      expect(narrower_where_wide_pads(8, t, f32, 1) == 4, "8 vectors narrowed at " + std::to_string(t));
+    for (int64_t t : {256, 384, 512, 1024})
+      expect(narrower_where_wide_pads(8, t, f32, 1) == 8, "8 vectors kept at " + std::to_string(t));
+    // set_tile_vectors forces a width, capped at the kernel's widest; 0 gives the rule back.
+    sparse_t5::set_tile_vectors(8);
+    expect(sparse_t5::tile_vectors_or_forced(2, 4) == 4 && sparse_t5::tile_vectors_or_forced(2, 8) == 8, "forced 8");
+    sparse_t5::set_tile_vectors(0);
+    expect(sparse_t5::tile_vectors_or_forced(2, 4) == 2, "the rule");
+    expect_throws([] { sparse_t5::set_tile_vectors(3); }, "tile_vectors must be 0", "tile_vectors 3");
   }
 
   // The index types: uint16 (the default up to 65536 columns; t5-11b's 65536-wide FFN output reads
