@@ -162,7 +162,7 @@ at::Tensor csr_linear_backward_input_cpu(const at::Tensor& grad_out, const at::T
     wt.out_features = in_features;
     wt.in_features = out_features;
     wt.nnz = nnz;
-    const int nv = tile_vectors_or_forced(csr_forward_vectors_per_tile(tokens, dt, nnz, in_features, out_features), 4);
+    const int nv = csr_forward_method_vectors(false, tokens, dt, nnz, in_features, out_features);
     at::Tensor dy_panels = panels(tokens, out_features, nv, dt);
     kernels.csr_forward(wt, dt, gc.data_ptr(), tokens, nullptr, dx.data_ptr(), dy_panels.data_ptr(), nv,
                         cpu::aten_parallel());

@@ -21,6 +21,7 @@ from sparse_t5 import SparseLinear
 from sparse_t5.kernel_policy import (choose_method, get_kernel_policy, kernel_policy, load_table, select_table,
                                      set_kernel_policy)
 from sparse_t5.memory import peak_rss_bytes, reset_peak_rss
+from test_csr_linear import assert_close_rel
 
 ops = torch.ops.sparse_t5
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,16 +96,6 @@ def _csr(out, in_, density, dtype, index_dtype, g):
     return w, mask, w[rows, cols].contiguous(), row_ptr, cols.to(index_dtype).contiguous()
 
 
-def _close(actual, expected, dtype, what):
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
-    expected = expected.double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if expected.numel() == 0:
-        return
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= tol * max(expected.abs().max().item(), 1e-30), f"{what}: max error {err:.3e}"
-
-
 # Token counts: where the rules narrow a padded tile (96 and 224 for the forwards and the 2:4 dx;
 # 96 and 160 for the CSR dW; 160 for the CSR dx scatter on 2 threads too; 288 and 320 for the 2:4
 # dW's 8-vector tiles), the controls where they do not (64, 256, 384), and a partial tile of each
@@ -131,13 +122,13 @@ def test_every_tile_width_of_the_csr_ops_matches_dense(tile_vectors, dtype, inde
                     x = torch.randn(tokens, in_, generator=g).to(dtype)
                     dy = torch.randn(tokens, out, generator=g).to(dtype)
                     what = f"{tile_vectors} vectors, {out}x{in_} at {density}, {tokens} tokens"
-                    _close(ops.csr_linear(x, values, row_ptr, cols, out, in_, None), x.double() @ w.double().T, dtype,
+                    assert_close_rel(ops.csr_linear(x, values, row_ptr, cols, out, in_, None), x.double() @ w.double().T, dtype,
                            "forward, " + what)
                     for transpose_from in (0, 1):
                         ops.set_csr_dx_transpose_tokens(transpose_from)
-                        _close(ops.csr_linear_backward_input(dy, values, row_ptr, cols, out, in_),
+                        assert_close_rel(ops.csr_linear_backward_input(dy, values, row_ptr, cols, out, in_),
                                dy.double() @ w.double(), dtype, f"dx (transpose from {transpose_from}), " + what)
-                    _close(ops.csr_sddmm(dy, x, row_ptr, cols, out, in_), (dy.double().T @ x.double())[mask], dtype,
+                    assert_close_rel(ops.csr_sddmm(dy, x, row_ptr, cols, out, in_), (dy.double().T @ x.double())[mask], dtype,
                            "dW, " + what)
     finally:
         ops.set_csr_dx_transpose_tokens(before)
@@ -158,9 +149,9 @@ def test_every_tile_width_of_the_semi24_ops_matches_dense(tile_vectors, dtype):
                 x = torch.randn(tokens, in_, generator=g).to(dtype)
                 dy = torch.randn(tokens, out, generator=g).to(dtype)
                 what = f"{tile_vectors} vectors, {out}x{in_}, {tokens} tokens"
-                _close(ops.semi24_linear(x, sw.values, sw.meta, None), x.double() @ w.T, dtype, "forward, " + what)
-                _close(ops.semi24_linear_backward_input(dy, sw.values, sw.meta), dy.double() @ w, dtype, "dx, " + what)
-                _close(ops.semi24_sddmm(dy, x, sw.meta).flatten(), (dy.double().T @ x.double())[w != 0], dtype,
+                assert_close_rel(ops.semi24_linear(x, sw.values, sw.meta, None), x.double() @ w.T, dtype, "forward, " + what)
+                assert_close_rel(ops.semi24_linear_backward_input(dy, sw.values, sw.meta), dy.double() @ w, dtype, "dx, " + what)
+                assert_close_rel(ops.semi24_sddmm(dy, x, sw.meta).flatten(), (dy.double().T @ x.double())[w != 0], dtype,
                        "dW, " + what)
 
 
